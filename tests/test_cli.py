@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+import tfpar
+from tfpar import cli
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tfpar {tfpar.__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["devices"], ["server"]])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tfpar" in capsys.readouterr().out
+
+
+def test_devices_lists_what_a_strategy_would_use(capsys):
+    assert cli.main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Used by a strategy with devices=None:\n  /device:CPU:0\n  /device:CPU:1" in out
+    )
+
+
+def test_console_script_simulates_devices_in_a_fresh_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfpar", "devices", "--simulate", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert proc.stdout.rstrip().endswith(
+        "devices=None:\n  /device:CPU:0\n  /device:CPU:1\n  /device:CPU:2"
+    )
+
+
+def test_server_without_tf_config_fails_clearly(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG is not set"):
+        cli.main(["server"])

@@ -1,0 +1,324 @@
+"""A real TensorFlow cluster on one machine: one server process per task.
+
+Logical devices in one process share one inter-op thread pool, so they cannot
+show a parallel speedup. `LocalCluster` starts one `tf.distribute.Server`
+process per task on loopback, each optionally pinned to its own core with one
+TensorFlow thread, so that one task is one honest "device": parallel speedups,
+pipeline bubbles and transfer costs show up in wall time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import tensorflow as tf
+
+from tfpar.server import READY_LINE, SECURITY_WARNING
+
+logger = logging.getLogger("tfpar")
+
+_HOST = "127.0.0.1"
+
+
+class LocalCluster:
+    """Starts a TensorFlow cluster of local server processes, and stops it.
+
+    Each task (`num_workers` workers, `num_ps` parameter servers) is its own OS
+    process running `tf.distribute.Server` on a free loopback port; it receives
+    its role through `TF_CONFIG`, like a task of a real cluster, and runs
+    `tfpar server`. With `pin_cores=True` each process is pinned to one core
+    (round robin over the cores this process may use) with one intra-op and
+    one inter-op thread.
+
+    Use it as a context manager: every process it started is stopped on exit,
+    also on exceptions and Ctrl-C. Should this process die without cleaning up
+    (SIGKILL), each server notices within 0.2 s that its parent is gone and
+    exits.
+
+    Args:
+        num_workers: Number of worker tasks, an int >= 1. Defaults to 2.
+        num_ps: Number of parameter-server tasks, an int >= 0. Defaults to 0.
+        pin_cores: Pin each task to its own core with one TensorFlow thread.
+            Defaults to `True`.
+        start_timeout: Seconds to wait for every server to listen. Defaults
+            to 60.
+
+    Raises:
+        ValueError: If a count or the timeout is out of range.
+        TypeError: If a count is not an int.
+
+    Example:
+
+    ```python
+    with tfpar.LocalCluster(num_workers=2) as cluster:
+        devices = cluster.connect()
+        # ['/job:worker/replica:0/task:0/device:CPU:0',
+        #  '/job:worker/replica:0/task:1/device:CPU:0']
+        strategy = tfpar.PipelineStrategy(devices=devices)
+    ```
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        num_ps: int = 0,
+        *,
+        pin_cores: bool = True,
+        start_timeout: float = 60.0,
+    ) -> None:
+        _check_count("num_workers", num_workers, minimum=1)
+        _check_count("num_ps", num_ps, minimum=0)
+        if not start_timeout > 0:
+            raise ValueError(
+                f"Received: start_timeout={start_timeout!r} (must be > 0 seconds)."
+            )
+        self.num_workers = num_workers
+        self.num_ps = num_ps
+        self.pin_cores = pin_cores
+        self.start_timeout = start_timeout
+        self._cluster: dict[str, list[str]] = {}
+        self._processes: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
+        self._logdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def cluster_spec(self) -> tf.train.ClusterSpec:
+        """The `tf.train.ClusterSpec` of the running cluster."""
+        self._require_started()
+        return tf.train.ClusterSpec(self._cluster)
+
+    @property
+    def cluster_resolver(self) -> tf.distribute.cluster_resolver.ClusterResolver:
+        """A cluster resolver for a client (coordinator) of this cluster."""
+        return tf.distribute.cluster_resolver.SimpleClusterResolver(
+            self.cluster_spec, rpc_layer="grpc"
+        )
+
+    @property
+    def worker_devices(self) -> list[str]:
+        """The CPU device of each worker task, in task order."""
+        self._require_started()
+        return [
+            f"/job:worker/replica:0/task:{i}/device:CPU:0"
+            for i in range(self.num_workers)
+        ]
+
+    def start(self) -> LocalCluster:
+        """Starts every server process and waits until each one listens.
+
+        Returns:
+            This cluster.
+
+        Raises:
+            RuntimeError: If it is already running, or a server exits or does
+                not listen within `start_timeout` (the message holds its log).
+        """
+        if self._processes:
+            raise RuntimeError("This LocalCluster is already running.")
+        ports = _free_ports(self.num_workers + self.num_ps)
+        self._cluster = {"worker": [f"{_HOST}:{p}" for p in ports[: self.num_workers]]}
+        if self.num_ps:
+            self._cluster["ps"] = [f"{_HOST}:{p}" for p in ports[self.num_workers :]]
+        self._logdir = tempfile.TemporaryDirectory(prefix="tfpar-cluster-")
+        logger.warning(SECURITY_WARNING)
+        atexit.register(self.stop)
+        try:
+            for job, addresses in self._cluster.items():
+                for index in range(len(addresses)):
+                    self._spawn(job, index)
+            for job, index in list(self._processes):
+                self._wait_ready(job, index)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kills every server process this cluster started and waits for it.
+
+        Safe to call more than once. Servers hold no state worth saving
+        (TensorFlow cannot shut a server down cleanly anyway), so they are
+        killed, not asked to exit.
+        """
+        for process in self._processes.values():
+            _kill_and_reap(process)
+        self._processes.clear()
+        if self._logdir is not None:
+            self._logdir.cleanup()
+            self._logdir = None
+        atexit.unregister(self.stop)
+
+    def connect(self) -> list[str]:
+        """Connects this process to the cluster, for placing ops on its tasks.
+
+        Uses `tf.config.experimental_connect_to_cluster` with the local device
+        kept as the default, so only ops placed explicitly run remotely. A
+        process stays connected until it exits: after `stop()`, ops placed on
+        the cluster fail.
+
+        Returns:
+            The workers' device names (see `worker_devices`).
+        """
+        tf.config.experimental_connect_to_cluster(
+            self.cluster_resolver, make_master_device_default=False
+        )
+        return self.worker_devices
+
+    def kill(self, job: str, index: int, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to one task, to test faults (SIGKILL, SIGSTOP, ...).
+
+        Args:
+            job: `"worker"` or `"ps"`.
+            index: The task index.
+            sig: The signal. Defaults to `SIGKILL`.
+
+        Raises:
+            ValueError: If the task does not exist.
+        """
+        process = self._process(job, index)
+        process.send_signal(sig)
+        if sig == signal.SIGKILL:
+            process.wait()
+
+    def restart(self, job: str, index: int) -> None:
+        """Starts a task again on its old address (after `kill`).
+
+        Raises:
+            ValueError: If the task does not exist.
+            RuntimeError: If it does not listen within `start_timeout`.
+        """
+        _kill_and_reap(self._process(job, index))
+        self._spawn(job, index)
+        self._wait_ready(job, index)
+
+    def pid(self, job: str, index: int) -> int:
+        """Returns the process id of one task."""
+        return self._process(job, index).pid
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._processes else "stopped"
+        return (
+            f"LocalCluster(num_workers={self.num_workers}, num_ps={self.num_ps}, "
+            f"pin_cores={self.pin_cores}) [{state}] {self._cluster or ''}"
+        )
+
+    def _spawn(self, job: str, index: int) -> None:
+        assert self._logdir is not None
+        tf_config = {"cluster": self._cluster, "task": {"type": job, "index": index}}
+        command = [
+            sys.executable,
+            "-m",
+            "tfpar",
+            "server",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        if self.pin_cores:
+            command += ["--core", str(self._core_for(job, index))]
+        log = open(self._log_path(job, index), "wb")  # noqa: SIM115 (child owns it)
+        with log:
+            self._processes[(job, index)] = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TF_CONFIG": json.dumps(tf_config)},
+                # Ctrl-C reaches only this process, which then stops the servers.
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, job: str, index: int) -> None:
+        process = self._processes[(job, index)]
+        log = self._log_path(job, index)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if READY_LINE.encode() in log.read_bytes():
+                return
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"Server {job}:{index} exited with code {process.returncode} "
+                    f"before listening. Its log:\n{_tail(log)}"
+                )
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"Server {job}:{index} did not listen within start_timeout="
+            f"{self.start_timeout}s. Its log:\n{_tail(log)}"
+        )
+
+    def _core_for(self, job: str, index: int) -> int:
+        cores = sorted(os.sched_getaffinity(0))
+        position = index if job == "worker" else self.num_workers + index
+        return cores[position % len(cores)]
+
+    def _log_path(self, job: str, index: int) -> Path:
+        assert self._logdir is not None
+        return Path(self._logdir.name) / f"{job}-{index}.log"
+
+    def _process(self, job: str, index: int) -> subprocess.Popen[bytes]:
+        try:
+            return self._processes[(job, index)]
+        except KeyError:
+            raise ValueError(
+                f"No such task. Received: job={job!r}, index={index!r} "
+                f"(running: {sorted(self._processes)})."
+            ) from None
+
+    def _require_started(self) -> None:
+        if not self._cluster:
+            raise RuntimeError(
+                "The LocalCluster is not started: use it as a context manager "
+                "or call start() first."
+            )
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"`{name}` must be an int. Received: {name}={value!r} "
+            f"of type {type(value).__name__}."
+        )
+    if value < minimum:
+        raise ValueError(f"Received: {name}={value} (must be >= {minimum}).")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Asks the kernel for `count` distinct free loopback ports."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((_HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _kill_and_reap(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()  # SIGKILL also ends a SIGSTOPped process
+    process.wait(timeout=30)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

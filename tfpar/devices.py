@@ -1,0 +1,243 @@
+"""Devices: simulated logical CPUs, the default device list, device validation.
+
+TensorFlow configures its devices once per process, the first time anything
+asks for them. `simulate_devices` must therefore run before that moment; it
+detects a late call and says what to do instead of failing somewhere deep in a
+strategy constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+_LOCAL_JOBS = (None, "localhost")
+
+
+def simulate_devices(n: int) -> list[str]:
+    """Splits the host CPU into `n` logical devices in this process.
+
+    With simulated devices every tfpar strategy and callback can be developed,
+    tested and demonstrated on a machine without accelerators. The logical
+    devices share one inter-op thread pool and one allocator, so they are right
+    for correctness, placement, numerics and overhead, but they cannot show a
+    parallel speedup: for that, run one pinned process per device with
+    `tfpar.LocalCluster`.
+
+    Call it first thing, before any TensorFlow op runs or any device is listed.
+
+    Args:
+        n: Number of logical CPU devices, a positive `int`.
+
+    Returns:
+        The names of the logical CPU devices, e.g. `["/device:CPU:0",
+        "/device:CPU:1"]`.
+
+    Raises:
+        ValueError: If `n` is not an `int` or is smaller than 1.
+        RuntimeError: If TensorFlow already initialized its devices with a
+            different number of logical CPUs. Calling it again with the same
+            `n` is a no-op.
+
+    Example:
+
+    ```python
+    import tfpar
+    tfpar.simulate_devices(2)
+    strategy = tfpar.MirroredStrategy()  # replicas on CPU:0 and CPU:1
+    ```
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(
+            f"simulate_devices() needs a positive int. Received: n={n!r} "
+            "(must be an int >= 1)."
+        )
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+        )
+    except RuntimeError as err:
+        current = len(tf.config.list_logical_devices("CPU"))
+        if current == n:
+            return _names(tf.config.list_logical_devices("CPU"))
+        raise RuntimeError(
+            f"simulate_devices({n}) was called after TensorFlow initialized its "
+            f"devices with {current} logical CPU device(s); TensorFlow configures "
+            "devices only once per process. Call tfpar.simulate_devices() at the "
+            "top of your program, before any TensorFlow op runs, any device is "
+            "listed or any model is built (or run the code in a fresh process)."
+        ) from err
+    return _names(tf.config.list_logical_devices("CPU"))
+
+
+def default_devices() -> list[str]:
+    """Lists the devices a tfpar strategy uses when given `devices=None`.
+
+    Returns:
+        The names of all local logical GPUs if there is at least one, else of
+        all local logical CPUs (one unless `simulate_devices` split the host).
+
+    Example:
+
+    ```python
+    tfpar.simulate_devices(2)
+    tfpar.default_devices()  # ['/device:CPU:0', '/device:CPU:1']
+    ```
+    """
+    gpus = [d for d in tf.config.list_logical_devices("GPU") if _is_local(d.name)]
+    if gpus:
+        return _names(gpus)
+    cpus = [d for d in tf.config.list_logical_devices("CPU") if _is_local(d.name)]
+    return _names(cpus)
+
+
+def canonical_device(name: str) -> str:
+    """Returns the canonical spelling of a device name.
+
+    Local devices lose their job, replica and task (`"/gpu:0"` and
+    `"/job:localhost/replica:0/task:0/device:GPU:0"` both become
+    `"/device:GPU:0"`); remote devices keep them, with replica and task
+    defaulting to 0.
+
+    Args:
+        name: A TensorFlow device string.
+
+    Returns:
+        The canonical device string.
+
+    Raises:
+        ValueError: If `name` does not parse as a device or names no device type.
+    """
+    try:
+        spec = tf.DeviceSpec.from_string(name)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"Not a device name: {name!r} ({err}).") from err
+    if spec.device_type is None:
+        raise ValueError(
+            f"Device name {name!r} names no device type (expected e.g. "
+            "'/device:CPU:0' or '/job:worker/task:1/device:CPU:0')."
+        )
+    spec = spec.replace(
+        device_type=spec.device_type.upper(), device_index=spec.device_index or 0
+    )
+    if spec.job in _LOCAL_JOBS:
+        spec = spec.replace(job=None, replica=None, task=None)
+    else:
+        spec = spec.replace(replica=spec.replica or 0, task=spec.task or 0)
+    return spec.to_string()
+
+
+def resolve_devices(
+    devices: Sequence[str] | None, *, argument: str = "devices"
+) -> list[str]:
+    """Validates a strategy's `devices` argument and returns canonical names.
+
+    Unlike the stock strategies, a device TensorFlow does not know is an error,
+    not a silent fallback to the CPU.
+
+    Args:
+        devices: A list or tuple of device names, or `None` for
+            `default_devices()`.
+        argument: The argument's name, used in error messages.
+
+    Returns:
+        Canonical device names, in the given order.
+
+    Raises:
+        TypeError: If `devices` is a string or not a list or tuple of strings.
+        ValueError: If it is empty, names a device twice, or names a device
+            that does not exist in this process or a connected cluster.
+    """
+    if devices is None:
+        return default_devices()
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (list, tuple)):
+        raise TypeError(
+            f"`{argument}` must be a list or tuple of device names. "
+            f"Received: {argument}={devices!r} (for one device, write [{devices!r}])."
+            if isinstance(devices, str)
+            else f"`{argument}` must be a list or tuple of device names. "
+            f"Received: {argument}={devices!r} of type {type(devices).__name__}."
+        )
+    if not devices:
+        raise ValueError(
+            f"`{argument}` must name at least one device. Received: {argument}=[]. "
+            f"Available: {available_devices()}."
+        )
+    for d in devices:
+        if not isinstance(d, str):
+            raise TypeError(
+                f"`{argument}` must contain device name strings. Received: "
+                f"{d!r} of type {type(d).__name__} in {argument}={list(devices)!r}."
+            )
+    names = [canonical_device(d) for d in devices]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"`{argument}` names a device more than once. Received: "
+            f"{argument}={list(devices)!r} (duplicates: {duplicates})."
+        )
+    known = set(available_devices())
+    missing = [d for d, n in zip(devices, names, strict=True) if n not in known]
+    if missing:
+        raise ValueError(
+            f"`{argument}` names device(s) that do not exist: {missing}. "
+            f"Received: {argument}={list(devices)!r}. Available: {sorted(known)}."
+        )
+    return names
+
+
+def available_devices() -> list[str]:
+    """Lists the canonical names of every logical device TensorFlow knows.
+
+    Returns:
+        Local logical devices and, once this process is connected to a cluster
+        (`tfpar.LocalCluster.connect`), the remote ones.
+    """
+    return [canonical_device(d.name) for d in tf.config.list_logical_devices()]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    """What tfpar sees on this machine (printed by `tfpar devices`).
+
+    Attributes:
+        physical: `(name, type)` of each physical device.
+        logical: Canonical names of the logical devices.
+        default: The devices a strategy uses when given `devices=None`.
+    """
+
+    physical: tuple[tuple[str, str], ...]
+    logical: tuple[str, ...]
+    default: tuple[str, ...]
+
+    @classmethod
+    def collect(cls) -> DeviceReport:
+        """Reads the report off TensorFlow (initializes its devices)."""
+        return cls(
+            physical=tuple(
+                (d.name, d.device_type) for d in tf.config.list_physical_devices()
+            ),
+            logical=tuple(available_devices()),
+            default=tuple(default_devices()),
+        )
+
+    def format(self) -> str:
+        """Returns the report as aligned text."""
+        lines = ["Physical devices:"]
+        lines += [f"  {name}  ({kind})" for name, kind in self.physical]
+        lines.append("Logical devices:")
+        lines += [f"  {name}" for name in self.logical]
+        lines.append("Used by a strategy with devices=None:")
+        lines += [f"  {name}" for name in self.default]
+        return "\n".join(lines)
+
+
+def _is_local(name: str) -> bool:
+    return tf.DeviceSpec.from_string(name).job in _LOCAL_JOBS
+
+
+def _names(devices: Sequence[tf.config.LogicalDevice]) -> list[str]:
+    return [canonical_device(d.name) for d in devices]

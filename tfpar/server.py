@@ -1,0 +1,258 @@
+"""Running one task of a TensorFlow cluster: a `tf.distribute.Server` process.
+
+`serve` is what every tfpar server process runs, whether `tfpar.LocalCluster`
+spawned it or a user started it on another machine with `tfpar server`.
+
+Security: TensorFlow's gRPC server listens on all interfaces (`0.0.0.0:port`)
+whatever address the cluster spec names, with no authentication and no
+encryption; anyone who reaches the port can run arbitrary ops in the process
+(TensorFlow's SECURITY.md). Run clusters only on an isolated network; see
+README.md, "Isolating a cluster".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+logger = logging.getLogger("tfpar")
+
+SECURITY_WARNING = (
+    "TensorFlow's gRPC server listens on all network interfaces, without "
+    "authentication or encryption, whatever address the cluster spec names: "
+    "anyone who can reach its port can run code in it. Run tfpar clusters only "
+    "on an isolated network (firewall, network namespace or Kubernetes "
+    "NetworkPolicy; see tfpar's README, 'Isolating a cluster')."
+)
+
+READY_LINE = "tfpar-server-ready"
+
+
+def validate_cluster_spec(cluster: Mapping[str, Sequence[str]]) -> None:
+    """Checks a cluster spec dict before any server starts.
+
+    Args:
+        cluster: Job name to list of `"host:port"` addresses.
+
+    Raises:
+        ValueError: If a job has no tasks, an address has no numeric port, or
+            an address binds every interface (`0.0.0.0`, `::`, empty host).
+        TypeError: If the spec is not a mapping of job names to address lists.
+    """
+    if not isinstance(cluster, Mapping) or not cluster:
+        raise TypeError(
+            "The cluster spec must be a non-empty mapping of job name to a list "
+            f"of 'host:port' addresses. Received: {cluster!r}."
+        )
+    for job, addresses in cluster.items():
+        if isinstance(addresses, str) or not isinstance(addresses, Sequence):
+            raise TypeError(
+                f"Job {job!r} must map to a list of 'host:port' addresses. "
+                f"Received: {job}={addresses!r}."
+            )
+        if not addresses:
+            raise ValueError(f"Job {job!r} has no tasks. Received: {job}=[].")
+        for address in addresses:
+            host, sep, port = str(address).rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(
+                    f"Address {address!r} of job {job!r} has no port "
+                    "(expected 'host:port', e.g. '10.0.0.2:2222')."
+                )
+            if host.strip("[]") in ("", "0.0.0.0", "::"):
+                raise ValueError(
+                    f"Address {address!r} of job {job!r} names every network "
+                    "interface; name the host's own address instead. (TensorFlow "
+                    "listens on all interfaces anyway; tfpar refuses to make that "
+                    "the documented intent.)"
+                )
+
+
+def serve(
+    cluster: Mapping[str, Sequence[str]],
+    job_name: str,
+    task_index: int,
+    *,
+    core: int | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """Runs one cluster task until the process is killed.
+
+    Args:
+        cluster: Job name to list of `"host:port"` addresses.
+        job_name: This task's job, a key of `cluster`.
+        task_index: This task's index within its job.
+        core: If set, pins the process to this CPU core and gives TensorFlow
+            one intra-op and one inter-op thread, so the task is one honest
+            "device" on a shared machine.
+        parent_pid: If set, exits as soon as this process is no longer the
+            parent, so that no server outlives the program that started it.
+
+    Raises:
+        ValueError: If the spec is invalid or does not contain the task.
+    """
+    validate_cluster_spec(cluster)
+    if job_name not in cluster:
+        raise ValueError(
+            f"Unknown job. Received: job_name={job_name!r} "
+            f"(the cluster has {sorted(cluster)})."
+        )
+    if not 0 <= task_index < len(cluster[job_name]):
+        raise ValueError(
+            f"Unknown task. Received: task_index={task_index} (job {job_name!r} "
+            f"has tasks 0 to {len(cluster[job_name]) - 1})."
+        )
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+    if core is not None:
+        _pin_process(core)
+    import tensorflow as tf
+
+    config = None
+    if core is not None:
+        config = tf.compat.v1.ConfigProto(
+            intra_op_parallelism_threads=1, inter_op_parallelism_threads=1
+        )
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    logger.warning(SECURITY_WARNING)
+    server = tf.distribute.Server(
+        tf.train.ClusterSpec({job: list(a) for job, a in cluster.items()}),
+        job_name=job_name,
+        task_index=task_index,
+        protocol="grpc",
+        config=config,
+        start=True,
+    )
+    print(READY_LINE, flush=True)
+    server.join()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Ends this process once its parent is gone (it was killed, or crashed)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tfpar-parent-watch", daemon=True).start()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """One task's view of its cluster, as `TF_CONFIG` describes it.
+
+    Attributes:
+        cluster: Job name to the tuple of `"host:port"` addresses.
+        task_type: This task's job name.
+        task_index: This task's index within its job.
+    """
+
+    cluster: Mapping[str, tuple[str, ...]]
+    task_type: str
+    task_index: int
+
+
+def read_tf_config(value: str | None = None) -> TaskConfig:
+    """Parses and validates `TF_CONFIG`, with errors that say what is wrong.
+
+    `TF_CONFIG` is the JSON convention TensorFlow, Kubeflow's TFJob and other
+    launchers use: `{"cluster": {"worker": ["host:port", ...], "ps": [...]},
+    "task": {"type": "worker", "index": 0}}`.
+
+    Args:
+        value: The JSON text; `None` reads the `TF_CONFIG` environment variable.
+
+    Returns:
+        The parsed `TaskConfig`.
+
+    Raises:
+        ValueError: If it is unset, not JSON, lacks `cluster` or `task`, uses a
+            job type TensorFlow rejects (`master`) or Kubeflow's
+            `sparseCluster`, names a task that is not in the cluster, or has an
+            invalid address.
+
+    Example:
+
+    ```python
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": ["10.0.0.2:2222"], "ps": ["10.0.0.3:2222"]},
+        "task": {"type": "ps", "index": 0}})
+    tfpar.server.read_tf_config().task_type  # 'ps'
+    ```
+    """
+    text = os.environ.get("TF_CONFIG") if value is None else value
+    if not text:
+        raise ValueError(
+            "TF_CONFIG is not set. It must hold JSON like "
+            '{"cluster": {"worker": ["host:port"], "ps": ["host:port"]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        )
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({err}). Received: {text!r}."
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(f"TF_CONFIG must be a JSON object. Received: {text!r}.")
+    if "cluster" not in config:
+        hint = (
+            " It has 'sparseCluster' (Kubeflow's dynamic workers), which "
+            "TensorFlow reads as an empty cluster; list every task in 'cluster'."
+            if "sparseCluster" in config
+            else ""
+        )
+        raise ValueError(f"TF_CONFIG has no 'cluster' entry.{hint} Received: {text!r}.")
+    cluster = config["cluster"]
+    validate_cluster_spec(cluster)
+    if "master" in cluster:
+        raise ValueError(
+            "TF_CONFIG's cluster has a 'master' job, which TensorFlow 2 rejects; "
+            f"call it 'chief'. Received jobs: {sorted(cluster)}."
+        )
+    task = config.get("task")
+    if not isinstance(task, dict) or "type" not in task:
+        raise ValueError(
+            'TF_CONFIG needs a \'task\' entry like {"type": "worker", "index": 0}. '
+            f"Received: task={task!r}."
+        )
+    task_type, task_index = task["type"], task.get("index", 0)
+    if task_type not in cluster:
+        raise ValueError(
+            f"TF_CONFIG's task type is not a job of its cluster. Received: "
+            f"type={task_type!r} (jobs: {sorted(cluster)})."
+        )
+    if (
+        isinstance(task_index, bool)
+        or not isinstance(task_index, int)
+        or not 0 <= task_index < len(cluster[task_type])
+    ):
+        raise ValueError(
+            f"TF_CONFIG's task index does not exist. Received: index={task_index!r} "
+            f"(job {task_type!r} has tasks 0 to {len(cluster[task_type]) - 1})."
+        )
+    return TaskConfig(
+        cluster={job: tuple(addresses) for job, addresses in cluster.items()},
+        task_type=task_type,
+        task_index=task_index,
+    )
+
+
+def _pin_process(core: int) -> None:
+    """Pins every thread of this process to `core`.
+
+    `sched_setaffinity(0, ...)` changes only the calling thread on Linux, and
+    importing Python modules may already have started threads, so each one is
+    pinned; threads started later inherit the mask.
+    """
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(tid), {core})

@@ -1,0 +1,97 @@
+"""Communication counters that tfpar strategies expose to the callbacks.
+
+Every tfpar strategy has a `communication_stats()` method returning a
+`CommunicationStats` snapshot of cumulative counters. A reader (for example
+`tfpar.callbacks.CommunicationTime`) takes two snapshots and subtracts them
+with `later.since(earlier)` to get what happened in between. Cumulative
+counters make sampling cheap and lossless: nothing is dropped between two
+reads, however rarely they happen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCommunication:
+    """Cumulative counters for one device (a replica, a pipeline stage, a worker).
+
+    Attributes:
+        device: Canonical device name.
+        busy_seconds: Time the device spent computing.
+        idle_seconds: Time the device waited (for a pipeline stage: its bubble).
+        comm_seconds: Time the device spent sending or receiving.
+        bytes_sent: Bytes the device sent to other devices.
+    """
+
+    device: str
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    bytes_sent: int = 0
+
+    def since(self, earlier: DeviceCommunication) -> DeviceCommunication:
+        """Returns the counters accumulated after `earlier` was taken."""
+        return DeviceCommunication(
+            device=self.device,
+            busy_seconds=self.busy_seconds - earlier.busy_seconds,
+            idle_seconds=self.idle_seconds - earlier.idle_seconds,
+            comm_seconds=self.comm_seconds - earlier.comm_seconds,
+            bytes_sent=self.bytes_sent - earlier.bytes_sent,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunicationStats:
+    """Cumulative communication counters of a strategy since it was created.
+
+    Attributes:
+        kind: What is counted: `"allreduce"` (gradient reductions of a
+            mirrored strategy), `"pipeline"` (stage-boundary transfers) or
+            `"parameter_server"` (variable reads and updates on the PS).
+        steps: Training steps measured.
+        comm_seconds: Time spent communicating, summed over steps.
+        calls: Communication calls (reductions, transfers, RPCs).
+        bytes_logical: Bytes the model asked to move (before compression).
+        bytes_moved: Bytes actually moved (after compression).
+        devices: Per-device counters, where the strategy has them.
+    """
+
+    kind: str
+    steps: int = 0
+    comm_seconds: float = 0.0
+    calls: int = 0
+    bytes_logical: int = 0
+    bytes_moved: int = 0
+    devices: tuple[DeviceCommunication, ...] = ()
+
+    def since(self, earlier: CommunicationStats) -> CommunicationStats:
+        """Returns the counters accumulated after `earlier` was taken.
+
+        Args:
+            earlier: A snapshot from the same strategy, taken before this one.
+
+        Returns:
+            A `CommunicationStats` holding the differences.
+
+        Raises:
+            ValueError: If the snapshots are of different kinds.
+        """
+        if earlier.kind != self.kind:
+            raise ValueError(
+                f"Cannot subtract a {earlier.kind!r} snapshot from a {self.kind!r} one."
+            )
+        before = {d.device: d for d in earlier.devices}
+        return CommunicationStats(
+            kind=self.kind,
+            steps=self.steps - earlier.steps,
+            comm_seconds=self.comm_seconds - earlier.comm_seconds,
+            calls=self.calls - earlier.calls,
+            bytes_logical=self.bytes_logical - earlier.bytes_logical,
+            bytes_moved=self.bytes_moved - earlier.bytes_moved,
+            devices=tuple(
+                d.since(before[d.device]) if d.device in before else d
+                for d in self.devices
+            ),
+        )
