@@ -12,14 +12,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 import tfpar
 
 NUM_DEVICES = 2
 
 
-def build_model(keras):
+def build_model():
     model = keras.Sequential(
         [
             keras.Input((16,)),
@@ -43,12 +45,10 @@ def synthetic_data(n=2048, seed=0):
     return x, y
 
 
-def strategies(tf):
-    return {
-        "stock_mirrored": lambda: tf.distribute.MirroredStrategy(
-            tfpar.default_devices()
-        ),
-    }
+# One run folder per strategy; each entry builds its strategy once devices exist.
+STRATEGIES = {
+    "stock_mirrored": lambda: tf.distribute.MirroredStrategy(tfpar.default_devices()),
+}
 
 
 def main():
@@ -58,16 +58,13 @@ def main():
     args = parser.parse_args()
 
     tfpar.simulate_devices(NUM_DEVICES)
-    import keras
-    import tensorflow as tf
-
     print(f"tfpar {tfpar.__version__}: training on {tfpar.default_devices()}")
     x, y = synthetic_data()
-    for name, make_strategy in strategies(tf).items():
+    for name, make_strategy in STRATEGIES.items():
         keras.utils.set_random_seed(0)
         strategy = make_strategy()
         with strategy.scope():
-            model = build_model(keras)
+            model = build_model()
         history = model.fit(
             x,
             y,

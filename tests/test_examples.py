@@ -1,0 +1,39 @@
+"""The quickstart (`make demo`) runs to the end and leaves logs TensorBoard reads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+import examples.quickstart as quickstart
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_quickstart_runs_and_writes_event_files(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "quickstart.py"),
+            "--epochs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.stdout.rstrip().endswith(f"tensorboard --logdir {tmp_path}")
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == sorted(quickstart.STRATEGIES)
+    for run in runs:
+        acc = event_accumulator.EventAccumulator(
+            str(tmp_path / run / "train"), size_guidance={event_accumulator.TENSORS: 0}
+        ).Reload()
+        assert "epoch_loss" in acc.Tags()["tensors"], (run, acc.Tags())
