@@ -10,11 +10,15 @@ from tfpar._version import __version__
 from tfpar.cluster import LocalCluster
 from tfpar.devices import default_devices, simulate_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
+from tfpar.strategies.mirrored import MirroredStrategy
+from tfpar.strategies.pipeline import PipelineStrategy
 
 __all__ = [
     "CommunicationStats",
     "DeviceCommunication",
     "LocalCluster",
+    "MirroredStrategy",
+    "PipelineStrategy",
     "__version__",
     "default_devices",
     "simulate_devices",

@@ -1,0 +1,39 @@
+"""The parts of tfpar.strategies.allreduce that can be tested without training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import tensorflow as tf
+
+from tfpar.strategies.allreduce import AllReduceOptions, _buckets
+
+
+def test_buckets_pack_in_order_by_dtype_and_size() -> None:
+    tensors = [
+        tf.zeros([10]),  # 40 bytes
+        tf.zeros([5]),  # 20
+        tf.zeros([30]),  # 120: larger than the bucket, alone
+        tf.zeros([4], tf.float16),  # 8: another dtype, new bucket
+        tf.zeros([4], tf.float16),  # 8
+        tf.zeros([2], tf.int32),  # not a float: alone
+        tf.zeros([3]),  # 12
+    ]
+    assert _buckets(tensors, 64) == [[0, 1], [2], [3, 4], [5], [6]]
+    assert _buckets(tensors, None) == [[i] for i in range(7)]
+    assert _buckets(tensors, 1 << 20) == [[0, 1, 2], [3, 4], [5], [6]]
+
+
+def test_options_are_frozen_and_validated() -> None:
+    options = AllReduceOptions(compression="fp16", bucket_bytes=1024)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.compression = "bf16"  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"bucket_bytes=-1 \(must be > 0\)"):
+        AllReduceOptions(bucket_bytes=-1)
+    with pytest.raises(TypeError, match="measure='yes'"):
+        AllReduceOptions(measure="yes")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="compression='None' \\(must be one of None, 'fp16'"
+    ):
+        AllReduceOptions(compression="None")
