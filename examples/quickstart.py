@@ -48,6 +48,8 @@ def synthetic_data(n=2048, seed=0):
 # One run folder per strategy; each entry builds its strategy once devices exist.
 STRATEGIES = {
     "stock_mirrored": lambda: tf.distribute.MirroredStrategy(tfpar.default_devices()),
+    "mirrored": lambda: tfpar.MirroredStrategy(),
+    "pipeline": lambda: tfpar.PipelineStrategy(num_microbatches=4),
 }
 
 

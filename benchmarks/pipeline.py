@@ -1,0 +1,188 @@
+"""Benchmark: PipelineStrategy against the same micro-batches on one device.
+
+Two parts, each in its own process (TensorFlow configures devices once):
+
+- `logical`: 2 simulated CPUs in one process. They share one thread pool, so
+  no speedup is possible; the honest question is whether the pipeline costs
+  anything: K=2 stages against the same M micro-batches on one logical device
+  (target >= 0.95).
+- `cluster`: a `tfpar.LocalCluster` of 2 pinned worker processes. K=2 stages
+  on two workers against the same micro-batches on one worker (target >= 0.85
+  of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
+
+Configurations are timed side by side in alternating rounds; the table shows
+medians. Also reported: the measured bubble (idle / (busy + idle) from
+`communication_stats()`) next to the planned one, and the peak of
+micro-batches in flight on a stage (measured with `peak_in_flight()`, and
+planned) for 1F1B and GPipe.
+
+Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
+[--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def build_model(width: int, depth: int) -> Any:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+    return keras.Sequential([keras.Input((width,)), *layers, keras.layers.Dense(1)])
+
+
+def run_part(part: str, quick: bool) -> dict[str, Any]:
+    """Runs one part in this process and returns its results."""
+    import numpy as np
+    import tensorflow as tf
+
+    import tfpar
+    from tfpar.strategies.pipeline import PipelineStrategy
+    from tfpar.strategies.schedules import get_schedule
+
+    width, depth, batch = (256, 8, 256) if quick else (512, 8, 512)
+    steps, rounds, m, k = (4, 3, 8, 2) if quick else (20, 7, 8, 2)
+    cluster = None
+    if part == "logical":
+        devices = tfpar.simulate_devices(2)
+    else:
+        cluster = tfpar.LocalCluster(num_workers=2, pin_cores=True).start()
+        devices = cluster.connect()
+    try:
+        configs = [
+            ("pipeline K=2 1f1b", devices, m, "1f1b"),
+            ("pipeline K=2 gpipe", devices, m, "gpipe"),
+            ("same micro-batches, 1 device", devices[:1], m, "gpipe"),
+            ("unsplit batch, 1 device", devices[:1], 1, "gpipe"),
+        ]
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(batch * steps, width)).astype("float32")
+        y = rng.normal(size=(batch * steps, 1)).astype("float32")
+        runs = []
+        for name, devs, microbatches, schedule in configs:
+            strategy = PipelineStrategy(
+                devs, num_microbatches=microbatches, schedule=schedule
+            )
+            with strategy.scope():
+                model = build_model(width, depth)
+                model.compile(optimizer="sgd", loss="mse")
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace, warm up
+            runs.append({"name": name, "model": model, "strategy": strategy, "t": []})
+        stats: dict[str, Any] = {}
+        for _ in range(rounds):
+            for run in runs:
+                before = run["strategy"].communication_stats()
+                start = time.perf_counter()
+                run["model"].fit(x, y, batch_size=batch, epochs=1, verbose=0)
+                run["t"].append((time.perf_counter() - start) / steps)
+                delta = run["strategy"].communication_stats().since(before)
+                stats.setdefault(run["name"], []).append(delta)
+        base = {r["name"]: statistics.median(r["t"]) for r in runs}
+        strategies = {r["name"]: r["strategy"] for r in runs}
+        one = base["same micro-batches, 1 device"]
+        unsplit = base["unsplit batch, 1 device"]
+        rows = []
+        for name, _, _, schedule in configs:
+            busy = sum(d.busy_seconds for s in stats[name] for d in s.devices)
+            idle = sum(d.idle_seconds for s in stats[name] for d in s.devices)
+            planned = get_schedule(
+                schedule,
+                num_stages=len(_devs(configs, name)),
+                num_microbatches=_m(configs, name),
+            )
+            rows.append(
+                {
+                    "config": name,
+                    "step_ms": 1000 * base[name],
+                    "speedup_vs_same_microbatches": one / base[name],
+                    "speedup_vs_unsplit": unsplit / base[name],
+                    "bubble_measured": idle / (busy + idle) if busy + idle else 0.0,
+                    "bubble_planned": planned.bubble_fraction(),
+                    "peak_in_flight_planned": planned.peak_in_flight(),
+                    "peak_in_flight_measured": max(strategies[name].peak_in_flight()),
+                }
+            )
+        bound = k * m / (m + k - 1)
+        return {
+            "part": part,
+            "width": width,
+            "depth": depth,
+            "batch": batch,
+            "num_microbatches": m,
+            "stages": k,
+            "steps_per_round": steps,
+            "rounds": rounds,
+            "bound": bound,
+            "target": 0.95 if part == "logical" else 0.85 * bound,
+            "rows": rows,
+            "tf_version": tf.__version__,
+        }
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _devs(configs: list[tuple[str, list[str], int, str]], name: str) -> list[str]:
+    return next(c[1] for c in configs if c[0] == name)
+
+
+def _m(configs: list[tuple[str, list[str], int, str]], name: str) -> int:
+    return next(c[2] for c in configs if c[0] == name)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\n[{result['part']}] MLP {result['depth']}x{result['width']}, batch "
+        f"{result['batch']}, M={result['num_microbatches']}, K={result['stages']}; "
+        f"bound K*M/(M+K-1)={result['bound']:.2f}, target >= {result['target']:.2f} "
+        "(vs same micro-batches on 1 device)"
+    )
+    header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
+    header += f"{'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7}"
+    print(header)
+    for row in result["rows"]:
+        print(
+            f"{row['config']:32} {row['step_ms']:8.1f} "
+            f"{row['speedup_vs_same_microbatches']:9.2f} {row['speedup_vs_unsplit']:10.2f} "
+            f"{row['bubble_measured']:7.2f} {row['bubble_planned']:7.2f} "
+            f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--part", choices=["logical", "cluster", "all"], default="all")
+    parser.add_argument("--out", default="pipeline_benchmark.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_part(args.part, args.quick)))
+        return
+    parts = ["logical", "cluster"] if args.part == "all" else [args.part]
+    results = []
+    for part in parts:
+        command = [sys.executable, __file__, "--child", "--part", part]
+        command += ["--quick"] if args.quick else []
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"part {part!r} failed")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print_table(result)
+        results.append(result)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Tests for tfpar.PipelineStrategy under real `model.fit`, evaluate and predict."""
+
+import collections
+import re
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests._subprocess import run_python
+from tfpar.strategies import _compat_pipeline
+from tfpar.strategies.pipeline import PipelineStrategy
+
+DEVICES = ["/device:CPU:0", "/device:CPU:1"]
+# Same ops in a different summation order (micro-batch gradients are summed
+# per stage): float32 rounding only.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def mlp() -> keras.Model:
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [keras.Input((6,))]
+        + [keras.layers.Dense(8, activation="tanh", name=f"d{i}") for i in range(3)]
+        + [keras.layers.Dense(2, name="out")]
+    )
+
+
+def residual() -> keras.Model:
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="d0")(inputs)
+    branch = keras.layers.Dense(8, activation="tanh", name="branch")(h)
+    h = keras.layers.Add(name="add")([h, branch])
+    h = keras.layers.Dense(8, activation="tanh", name="d1")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+
+
+def data(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return (
+        rng.normal(size=(n, 6)).astype("float32"),
+        rng.normal(size=(n, 2)).astype("float32"),
+    )
+
+
+def train(strategy: tf.distribute.Strategy | None, build, **fit) -> keras.Model:  # type: ignore[no-untyped-def]
+    x, y = data()
+    scope = strategy.scope() if strategy is not None else _null()
+    with scope:
+        model = build()
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"]
+        )
+    model.history_ = model.fit(x, y, shuffle=False, verbose=0, **fit)
+    return model
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def assert_same_weights(a: keras.Model, b: keras.Model) -> None:
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_allclose(
+            wa.numpy(), wb.numpy(), rtol=RTOL, atol=ATOL, err_msg=wa.path
+        )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "recompute"), [("gpipe", False), ("1f1b", False), ("1f1b", True)]
+)
+def test_fit_matches_single_device(schedule: str, recompute: bool) -> None:
+    # Batch 10 into 4 micro-batches of 3, 3, 2, 2: the remainder is handled.
+    reference = train(None, mlp, batch_size=10, epochs=2)
+    strategy = PipelineStrategy(
+        DEVICES,
+        num_microbatches=4,
+        schedule=schedule,
+        partition=["d2"],
+        recompute=recompute,
+    )
+    model = train(strategy, mlp, batch_size=10, epochs=2)
+    assert_same_weights(reference, model)
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(
+            model.history_.history[key], reference.history_.history[key], rtol=RTOL
+        )
+
+
+def test_residual_block_inside_a_stage_and_evaluate_predict() -> None:
+    reference = train(None, residual, batch_size=8, epochs=1)
+    strategy = PipelineStrategy(
+        DEVICES, num_microbatches=2, schedule="gpipe", partition=["d1"]
+    )
+    model = train(strategy, residual, batch_size=8, epochs=1)
+    assert_same_weights(reference, model)
+    x, y = data()
+    np.testing.assert_allclose(
+        model.evaluate(x, y, batch_size=8, verbose=0),
+        reference.evaluate(x, y, batch_size=8, verbose=0),
+        rtol=RTOL,
+    )
+    np.testing.assert_allclose(
+        model.predict(x, batch_size=8, verbose=0),
+        reference.predict(x, batch_size=8, verbose=0),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
+def test_variables_and_ops_live_on_their_stage() -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=2, partition=["d2"])
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer="adam", loss="mse")
+    # Partitioning before fit (to inspect it) places the variables before the
+    # optimizer creates its slots.
+    assert strategy.partition_model(model).cut_points == ["d2"]
+    x, y = data()
+    model.fit(x, y, batch_size=8, verbose=0)
+    device = {w.path: w.value.device.split("device:")[-1] for w in model.weights}
+    assert device == {
+        **{
+            f"{model.name}/d{i}/{k}": "CPU:0"
+            for i in range(2)
+            for k in ("kernel", "bias")
+        },
+        **{
+            f"{model.name}/{n}/{k}": "CPU:1"
+            for n in ("d2", "out")
+            for k in ("kernel", "bias")
+        },
+    }
+    slots = {
+        v.name: v.value.device.split("device:")[-1]
+        for v in model.optimizer.variables
+        if v.name.endswith(("momentum", "velocity"))
+    }
+    assert len(slots) == 16
+    assert all(
+        (dev == "CPU:1") == ("_d2_" in n or "_out_" in n) for n, dev in slots.items()
+    )
+
+    @tf.function
+    def step(x: tf.Tensor, y: tf.Tensor) -> dict:
+        return strategy.run(model.train_step, args=((x, y),))
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec([8, 6]), tf.TensorSpec([8, 2])
+    ).graph
+    layer_of = re.compile(r"/(d\d|out)(_\d+)?/")
+    placed = collections.Counter(
+        (
+            match.group(1) if (match := layer_of.search(op.name)) else op.name,
+            op.device.split("device:")[-1],
+        )
+        for op in graph.get_operations()
+        if op.type == "MatMul"
+    )
+    # Forward and backward MatMuls of every layer run on its stage's device
+    # only: 2 micro-batches x (1 forward + 2 backward), minus the input
+    # gradient of the first layer, which nothing needs.
+    assert placed == {
+        ("d0", "CPU:0"): 4,
+        ("d1", "CPU:0"): 6,
+        ("d2", "CPU:1"): 6,
+        ("out", "CPU:1"): 6,
+    }
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"), [("gpipe", [4, 4]), ("1f1b", [2, 1])]
+)
+def test_schedule_is_enforced_activations_in_flight(
+    schedule: str, expected: list[int]
+) -> None:
+    # Measured from timestamps: control dependencies make every stage follow
+    # the plan, so 1F1B keeps at most K - s micro-batches alive, GPipe all M.
+    strategy = PipelineStrategy(
+        DEVICES, num_microbatches=4, schedule=schedule, partition=["d2"]
+    )
+    assert strategy.peak_in_flight() == [0, 0]
+    train(strategy, mlp, batch_size=8, epochs=1)
+    assert strategy.peak_in_flight() == expected
+    assert expected == [strategy.schedule.peak_in_flight(s) for s in range(2)]
+
+
+def test_communication_stats_per_stage() -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d2"])
+    before = strategy.communication_stats()
+    assert before.kind == "pipeline" and before.steps == 0
+    train(strategy, mlp, batch_size=8, epochs=1)
+    stats = strategy.communication_stats().since(before)
+    assert stats.steps == 5
+    assert [d.device for d in stats.devices] == DEVICES
+    # Stage 0 sends an 8-wide float32 activation per example: exact.
+    assert [d.bytes_sent for d in stats.devices] == [40 * 8 * 4, 0]
+    assert stats.bytes_moved == stats.bytes_logical == 40 * 8 * 4
+    assert stats.calls == 5 * 2 * 4 * 1
+    for d in stats.devices:
+        assert d.busy_seconds > 0 and d.idle_seconds >= 0 and d.comm_seconds >= 0
+    assert stats.comm_seconds == pytest.approx(
+        sum(d.comm_seconds for d in stats.devices)
+    )
+
+
+def test_batch_normalization_trains_per_microbatch() -> None:
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(3)
+        return keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16, name="d0"),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Activation("relu"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+
+    models = {}
+    for recompute in (False, True):
+        strategy = PipelineStrategy(
+            DEVICES, num_microbatches=2, partition=["out"], recompute=recompute
+        )
+        models[recompute] = train(strategy, build, batch_size=8, epochs=3)
+    losses = models[True].history_.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    bn = models[True].get_layer("bn")
+    assert bn.moving_mean.value.device.endswith("CPU:0")
+    assert not np.allclose(bn.moving_mean.numpy(), 0.0)
+    # Recomputing replays the forward without updating the moving statistics
+    # a second time: everything, statistics included, matches no recompute.
+    assert_same_weights(models[False], models[True])
+
+
+def test_exception_in_last_stage_reaches_fit_promptly() -> None:
+    class Fail(keras.layers.Layer):
+        def call(self, x: tf.Tensor) -> tf.Tensor:
+            return tf.debugging.check_numerics(
+                x, "non-finite activation in the last stage"
+            )
+
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4)
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="a"),
+                Fail(name="fail"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    x, y = data()
+    x[20] = np.nan
+    start = time.monotonic()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="last stage"):
+        model.fit(x, y[:, :1], batch_size=8, verbose=0, shuffle=False)
+    assert time.monotonic() - start < 60
+
+
+def test_save_and_load_without_tfpar(tmp_path: Path) -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=2, partition=["d2"])
+    model = train(strategy, mlp, batch_size=8, epochs=1)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    x, _ = data()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", model.predict(x, verbose=0))
+    run_python(
+        f"""
+        import sys
+        sys.modules["tfpar"] = None  # tfpar cannot be imported
+        import keras, numpy as np
+        model = keras.saving.load_model({str(path)!r})
+        got = model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0)
+        np.testing.assert_allclose(got, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-6)
+        """
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_microbatches": 0}, ValueError, "num_microbatches=0"),
+        (
+            {"schedule": "zb"},
+            ValueError,
+            r"schedule='zb' \(must be one of \['gpipe', '1f1b'\]",
+        ),
+        ({"partition": "even"}, ValueError, "partition='even'"),
+        (
+            {"partition": ["a", "b"]},
+            ValueError,
+            r"partition=\['a', 'b'\] with devices=",
+        ),
+        ({"partition": [3]}, TypeError, r"partition=\[3\]"),
+        ({"recompute": "yes"}, TypeError, "recompute='yes'"),
+        ({"devices": ["/device:CPU:7"]}, ValueError, "do not exist"),
+        ({"devices": "/device:CPU:0"}, TypeError, "devices="),
+    ],
+)
+def test_bad_arguments_fail_at_construction(
+    kwargs: dict, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        PipelineStrategy(**{"devices": DEVICES, **kwargs})
+
+
+def test_bad_model_fails_before_the_first_step() -> None:
+    strategy = PipelineStrategy(DEVICES, partition=["missing"])
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(
+        ValueError, match=r"'missing' is not a layer.*partition=\['missing'\]"
+    ):
+        strategy.partition_model(model)
+    x, y = data()
+    with pytest.raises(ValueError, match="'missing'"):
+        model.fit(x, y, batch_size=8, verbose=0)
+
+
+def test_jit_compile_is_refused() -> None:
+    strategy = PipelineStrategy(DEVICES, partition=["d2"])
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    with pytest.raises(ValueError, match="jit_compile=True"):
+        strategy.partition_model(model)
+
+
+def test_batch_smaller_than_num_microbatches() -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d2"])
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse")
+    x, y = data(10)
+    # 10 examples in batches of 8: the last batch has 2 < 4 examples.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_microbatches=4"):
+        model.fit(x, y, batch_size=8, verbose=0)
+
+
+def test_overridden_train_step_runs_unsplit_with_a_warning() -> None:
+    class Custom(keras.Sequential):
+        def train_step(self, data):  # type: ignore[no-untyped-def]
+            return super().train_step(data)
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(7)
+        return Custom([keras.Input((6,)), keras.layers.Dense(2, name="d0")])
+
+    reference = train(None, build, batch_size=8, epochs=1)
+    with pytest.warns(UserWarning, match="without pipelining"):
+        model = train(PipelineStrategy(DEVICES), build, batch_size=8, epochs=1)
+    assert_same_weights(reference, model)
+
+
+def test_is_a_strategy_and_one_stage_is_plain_training() -> None:
+    strategy = PipelineStrategy(["/device:CPU:0"], num_microbatches=1)
+    assert isinstance(strategy, tf.distribute.Strategy)
+    assert strategy.schedule.format() == "stage 0 | F0 B0"
+    reference = train(None, mlp, batch_size=8, epochs=1)
+    model = train(strategy, mlp, batch_size=8, epochs=1)
+    assert_same_weights(reference, model)
+
+
+def test_compat_internals_exist() -> None:
+    # Fails loudly when a TensorFlow or Keras upgrade removes what
+    # _compat_pipeline relies on.
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    assert _compat_pipeline.keras_step(model.train_step) == (model, "train")
+    assert _compat_pipeline.keras_step(model.test_step) == (model, "test")
+    assert isinstance(_compat_pipeline.loss_tracker(model), keras.metrics.Mean)
+    variable = model.get_layer("d0").kernel
+    assert isinstance(variable.value, tf.Variable) and hasattr(variable, "_value")
+    unique_id = variable.value._unique_id
+    _compat_pipeline.move_variable(variable, "/device:CPU:1")
+    assert (
+        variable.value.device.endswith("CPU:1")
+        and variable.value._unique_id == unique_id
+    )
+    assert hasattr(_compat_pipeline.OneDeviceExtended, "_call_for_each_replica")
+    assert hasattr(_compat_pipeline.OneDeviceExtended, "_update")
+
+
+def test_stages_on_cluster_workers_match_and_fail_cleanly() -> None:
+    # Stages on two worker processes of a LocalCluster (in a child process:
+    # connecting to a cluster changes this process's devices for good).
+    run_python(
+        """
+        import time
+        import keras, numpy as np, tensorflow as tf, tfpar
+        from tfpar.strategies.pipeline import PipelineStrategy
+
+        def build(extra=()):
+            keras.utils.set_random_seed(7)
+            return keras.Sequential(
+                [keras.Input((6,))]
+                + [keras.layers.Dense(8, activation="tanh", name=f"d{i}") for i in range(3)]
+                + list(extra) + [keras.layers.Dense(2, name="out")])
+
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 6)).astype("float32")
+        y = rng.normal(size=(32, 2)).astype("float32")
+        reference = build()
+        reference.compile(optimizer="sgd", loss="mse")
+        reference.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+
+        class Fail(keras.layers.Layer):
+            def call(self, h):
+                return tf.debugging.check_numerics(h, "bad value in the last stage")
+
+        with tfpar.LocalCluster(num_workers=2, pin_cores=False) as cluster:
+            devices = cluster.connect()
+            strategy = PipelineStrategy(devices, num_microbatches=2, partition=["d2"])
+            with strategy.scope():
+                model = build()
+                model.compile(optimizer="sgd", loss="mse")
+            model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+            for a, b in zip(reference.weights, model.weights, strict=True):
+                np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+            assert "task:1" in model.get_layer("out").kernel.value.device
+            assert "task:0" in model.get_layer("d0").kernel.value.device
+            assert strategy.communication_stats().devices[0].bytes_sent == 32 * 8 * 4
+
+            strategy = PipelineStrategy(devices, num_microbatches=2, partition=["d2"])
+            with strategy.scope():
+                failing = build([Fail(name="fail")])
+                failing.compile(optimizer="sgd", loss="mse")
+            x[9] = np.nan
+            start = time.monotonic()
+            try:
+                failing.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+            except tf.errors.InvalidArgumentError as err:
+                assert "last stage" in str(err), err
+            else:
+                raise AssertionError("fit did not raise")
+            assert time.monotonic() - start < 60
+        print("OK")
+        """,
+        timeout=240,
+    )

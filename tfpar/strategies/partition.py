@@ -1,0 +1,346 @@
+"""Cutting a Keras model into a chain of pipeline stages.
+
+A model can be cut before a layer when everything after the cut can be
+computed from that layer's single input tensor: then exactly one tensor (the
+activation) crosses the boundary. In a Sequential model every layer is such a
+cut point; in a functional model the layers inside a branch or a residual
+block are not (their block stays whole inside one stage).
+
+Each stage becomes a functional sub-model sharing the original layers, so it
+runs with Keras's own call logic (training flags, masks) and owns exactly its
+layers' variables. The original model is not modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One row of the partition table.
+
+    Attributes:
+        index: Stage index, from 0.
+        device: Canonical name of the device running the stage.
+        layers: Names of the stage's layers, in model order.
+        parameters: Number of weights (trainable and not) of those layers.
+        cost: Estimated forward cost: seconds per sample-batch when measured,
+            else the parameter count.
+    """
+
+    index: int
+    device: str
+    layers: tuple[str, ...]
+    parameters: int
+    cost: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """Which layers run on which device: the inspectable partition table.
+
+    Attributes:
+        stages: One `Stage` per device, in pipeline order.
+        cost_source: `"measured"` (timed forward passes), `"parameters"` (the
+            fallback when a layer's input shape is not fully known) or
+            `"explicit"` (cut points given by the user; costs still estimated).
+
+    Example:
+
+    ```python
+    print(strategy.partition_model(model).format())
+    ```
+    """
+
+    stages: tuple[Stage, ...]
+    cost_source: str
+
+    @property
+    def cut_points(self) -> list[str]:
+        """The first layer of every stage but the first."""
+        return [stage.layers[0] for stage in self.stages[1:]]
+
+    def format(self) -> str:
+        """Returns the table as aligned text."""
+        unit = "s" if self.cost_source == "measured" else "params"
+        header = ("stage", "device", "layers", "parameters", f"est. cost ({unit})")
+        rows = [header]
+        for stage in self.stages:
+            names = stage.layers
+            shown = (
+                ", ".join(names)
+                if len(names) <= 3
+                else (f"{names[0]} .. {names[-1]} ({len(names)} layers)")
+            )
+            cost = f"{stage.cost:.3g}"
+            rows.append(
+                (str(stage.index), stage.device, shown, f"{stage.parameters:,}", cost)
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        return "\n".join(
+            "  ".join(
+                cell.ljust(w) for cell, w in zip(row, widths, strict=True)
+            ).rstrip()
+            for row in rows
+        )
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Returns the model's layers in topological order, without input layers."""
+    return [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+
+
+def valid_cut_points(model: keras.Model) -> list[str]:
+    """Lists the layers before which `model` can be cut.
+
+    Args:
+        model: A built Sequential or functional Keras model.
+
+    Returns:
+        Layer names, in model order.
+
+    Raises:
+        TypeError: If `model` is a subclassed model (it has no layer graph).
+    """
+    _check_graph_model(model)
+    layers = model_layers(model)
+    return [layers[i].name for i in range(1, len(layers)) if _can_cut(model, layers, i)]
+
+
+def partition_model(
+    model: keras.Model,
+    devices: Sequence[str],
+    partition: str | Sequence[str] = "auto",
+    *,
+    sample_batch_size: int = 16,
+) -> tuple[Partition, list[keras.Model]]:
+    """Cuts `model` into `len(devices)` stages.
+
+    Args:
+        model: A built Sequential or functional Keras model.
+        devices: One device per stage.
+        partition: `"auto"` to balance the stages' estimated cost, or a list of
+            `len(devices) - 1` layer names, each the first layer of a new stage.
+        sample_batch_size: Batch size of the timed forward passes used by
+            `"auto"`.
+
+    Returns:
+        A tuple `(table, stage_models)`: the `Partition` and one functional
+        sub-model per stage, sharing the model's layers.
+
+    Raises:
+        TypeError: If `model` is a subclassed model.
+        ValueError: If the model has fewer cut points than stages need, or a
+            cut-point name is unknown, out of order or not a valid cut (the
+            message names the layer and lists the valid cut points).
+    """
+    _check_graph_model(model)
+    layers = model_layers(model)
+    names = [layer.name for layer in layers]
+    cuts = [i for i in range(1, len(layers)) if _can_cut(model, layers, i)]
+    num_stages = len(devices)
+    if isinstance(partition, str):
+        if num_stages - 1 > len(cuts):
+            raise ValueError(
+                f"Cannot cut model {model.name!r} into {num_stages} stages: it has "
+                f"{len(layers)} layer(s) and only {len(cuts)} valid cut point(s) "
+                f"({[names[i] for i in cuts]}). Received: devices={list(devices)} "
+                f"(must have at most {len(cuts) + 1} devices for this model)."
+            )
+        costs, source = _layer_costs(model, layers, cuts, sample_batch_size)
+        starts = _balance(costs, [0, *cuts], num_stages)
+    else:
+        starts = [0, *_explicit_cuts(model, names, cuts, list(partition))]
+        costs, source = _layer_costs(model, layers, cuts, sample_batch_size)
+        source = "explicit" if source == "parameters" else source
+    bounds = [*starts, len(layers)]
+    stages, stage_models = [], []
+    for s in range(num_stages):
+        group = layers[bounds[s] : bounds[s + 1]]
+        stages.append(
+            Stage(
+                index=s,
+                device=devices[s],
+                layers=tuple(layer.name for layer in group),
+                parameters=sum(layer.count_params() for layer in group),
+                cost=float(sum(costs[bounds[s] : bounds[s + 1]])),
+            )
+        )
+        stage_models.append(_sub_model(model, layers, bounds[s], bounds[s + 1], s))
+    return Partition(tuple(stages), source), stage_models
+
+
+def _check_graph_model(model: keras.Model) -> None:
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+        raise TypeError(
+            "PipelineStrategy cuts Sequential and functional models along their "
+            f"layer graph. Received: a subclassed model of type "
+            f"{type(model).__name__} (build it with keras.Sequential or "
+            "keras.Model(inputs, outputs))."
+        )
+    if not model.built or not model.outputs:
+        raise ValueError(
+            f"Model {model.name!r} must be built before it is partitioned "
+            "(give it a keras.Input)."
+        )
+
+
+def _is_functional(model: keras.Model) -> bool:
+    try:
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _boundary(layer: keras.layers.Layer) -> Any:
+    """The single tensor entering `layer`, or None when there is not one."""
+    try:
+        tensor = layer.input
+    except (AttributeError, ValueError):  # a shared layer has several inputs
+        return None
+    return tensor if isinstance(tensor, keras.KerasTensor) else None
+
+
+def _can_cut(model: keras.Model, layers: list[keras.layers.Layer], i: int) -> bool:
+    tensor = _boundary(layers[i])
+    if tensor is None:
+        return False
+    try:
+        tail = keras.Model(tensor, _outputs(model))
+    except ValueError:  # "not connected to inputs": something skips the cut
+        return False
+    return {layer.name for layer in model_layers(tail)} == {
+        layer.name for layer in layers[i:]
+    }
+
+
+def _outputs(model: keras.Model) -> Any:
+    return model.outputs[0] if len(model.outputs) == 1 else model.outputs
+
+
+def _sub_model(
+    model: keras.Model, layers: list[keras.layers.Layer], start: int, stop: int, s: int
+) -> keras.Model:
+    inputs = (
+        (model.inputs[0] if len(model.inputs) == 1 else model.inputs)
+        if start == 0
+        else layers[start].input
+    )
+    outputs = _outputs(model) if stop == len(layers) else layers[stop].input
+    return keras.Model(inputs, outputs, name=f"{model.name}_stage_{s}")
+
+
+def _explicit_cuts(
+    model: keras.Model, names: list[str], cuts: list[int], partition: list[str]
+) -> list[int]:
+    valid = [names[i] for i in cuts]
+    positions = []
+    for name in partition:
+        if name not in names:
+            raise ValueError(
+                f"Cut point {name!r} is not a layer of model {model.name!r}. "
+                f"Received: partition={partition} (must name layers among "
+                f"the valid cut points {valid})."
+            )
+        index = names.index(name)
+        if index not in cuts:
+            raise ValueError(
+                f"Cannot cut model {model.name!r} before layer {name!r}: a branch "
+                "or residual connection crosses that point (or it is the first "
+                f"layer), so more than one tensor would cross the stage boundary. "
+                f"Received: partition={partition} (valid cut points: {valid})."
+            )
+        positions.append(index)
+    if positions != sorted(set(positions)):
+        raise ValueError(
+            "Cut points must be distinct and in model order. Received: "
+            f"partition={partition} (model order: {valid})."
+        )
+    return positions
+
+
+def _layer_costs(
+    model: keras.Model,
+    layers: list[keras.layers.Layer],
+    cuts: list[int],
+    batch_size: int,
+) -> tuple[list[float], str]:
+    """Per-layer cost: timed forward passes of each cuttable segment.
+
+    A segment between two neighbouring cut points is indivisible, so it is
+    timed as a whole and its time is spread over its layers by parameter
+    count. When an input has an unknown non-batch dimension, the parameter
+    count is the cost.
+    """
+    params = [float(layer.count_params()) for layer in layers]
+    shapes = [tuple(t.shape[1:]) for t in model.inputs]
+    if any(d is None for shape in shapes for d in shape):
+        return params, "parameters"
+    bounds = [0, *cuts, len(layers)]
+    x: Any = [np.zeros((batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+    x = x[0] if len(x) == 1 else x
+    costs: list[float] = []
+    for a, b in itertools.pairwise(bounds):
+        segment = _sub_model(model, layers, a, b, a)
+        forward = tf.function(lambda t, m=segment: m(t, training=False))
+        y = forward(x)  # warm-up: traces once
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _ = [t.numpy() for t in tf.nest.flatten(forward(x))]
+            times.append(time.perf_counter() - start)
+        x = y
+        total = sorted(times)[1]
+        weight = sum(params[a:b])
+        costs += [
+            total * (params[i] / weight if weight else 1.0 / (b - a))
+            for i in range(a, b)
+        ]
+    return costs, "measured"
+
+
+def _balance(costs: list[float], starts: list[int], num_stages: int) -> list[int]:
+    """Chooses `num_stages` start indices among `starts` minimizing the largest stage.
+
+    Dynamic programming over the cuttable segments (at most a few hundred).
+    """
+    n = len(costs)
+    bounds = [*starts, n]
+    seg = [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
+    m = len(seg)
+    prefix = [0.0]
+    for c in seg:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][j]: smallest max-stage cost putting segments [0, j) in k stages.
+    best = [[inf] * (m + 1) for _ in range(num_stages + 1)]
+    choice = [[0] * (m + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for j in range(k, m + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                if value < best[k][j]:
+                    best[k][j], choice[k][j] = value, i
+    chosen, j = [], m
+    for k in range(num_stages, 0, -1):
+        i = choice[k][j]
+        chosen.append(i)
+        j = i
+    return [bounds[i] for i in reversed(chosen)]

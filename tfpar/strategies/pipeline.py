@@ -1,0 +1,344 @@
+"""`PipelineStrategy`: pipelined model parallelism for ordinary Keras models.
+
+The model is cut into a chain of stages (`partition.py`), one per device; each
+stage's variables live on its device. Every training step splits the batch
+into micro-batches (`microbatch.py`) and builds, inside Keras's own
+`tf.function`, the forward and backward pass of every (stage, micro-batch)
+pair under `tf.device` of its stage. The actions are created in the order of
+the schedule (`schedules.py`) and the actions of each stage are chained with
+control dependencies, so each device runs exactly the planned sequence while
+TensorFlow's dataflow executor overlaps the devices. Stage-boundary
+activations are the only tensors that cross devices.
+
+The host side (input pipeline, replica context, metrics) is a one-device
+strategy on this process's CPU; the pipeline replaces the body of
+Keras's train, test and predict steps for Sequential and functional models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import tree
+
+from tfpar.devices import resolve_devices
+from tfpar.stats import CommunicationStats, DeviceCommunication
+from tfpar.strategies import _compat_pipeline as compat
+from tfpar.strategies import microbatch
+from tfpar.strategies.partition import Partition, partition_model
+from tfpar.strategies.pipeline_engine import PipelineEngine, StageCounters
+from tfpar.strategies.schedules import Schedule, get_schedule, validate_schedule_name
+
+_HOST = "/device:CPU:0"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """Validated options of a `PipelineStrategy`.
+
+    Attributes:
+        devices: Canonical device names, one per stage.
+        num_microbatches: Micro-batches per batch, >= 1.
+        schedule: `"gpipe"` or `"1f1b"`.
+        partition: `"auto"` or a tuple of `len(devices) - 1` layer names.
+        recompute: Whether backward passes recompute their stage's forward.
+    """
+
+    devices: tuple[str, ...]
+    num_microbatches: int
+    schedule: str
+    partition: str | tuple[str, ...]
+    recompute: bool
+
+    def __post_init__(self) -> None:
+        microbatch.validate_num_microbatches(self.num_microbatches)
+        validate_schedule_name(self.schedule)
+        if not isinstance(self.recompute, bool):
+            raise TypeError(
+                f"`recompute` must be a bool. Received: recompute={self.recompute!r}."
+            )
+        if isinstance(self.partition, str):
+            if self.partition != "auto":
+                raise ValueError(
+                    "`partition` must be 'auto' or a list of layer names. "
+                    f"Received: partition={self.partition!r}."
+                )
+            return
+        if not all(isinstance(name, str) for name in self.partition):
+            raise TypeError(
+                "`partition` must be 'auto' or a list of layer names. "
+                f"Received: partition={list(self.partition)!r}."
+            )
+        if len(self.partition) != len(self.devices) - 1:
+            raise ValueError(
+                "`partition` must name the first layer of every stage but the "
+                f"first: {len(self.devices) - 1} name(s) for {len(self.devices)} "
+                f"device(s). Received: partition={list(self.partition)!r} with "
+                f"devices={list(self.devices)!r}."
+            )
+
+
+class PipelineStrategy(tf.distribute.Strategy):
+    """Trains a Keras model cut into stages, one per device, with micro-batches.
+
+    Wrap ordinary Keras code: build and compile the model under
+    `strategy.scope()`, then `fit`, `evaluate` and `predict` work unchanged.
+    On the first step the model is cut into `len(devices)` stages (see
+    `partition_model`), each stage's variables (and their optimizer slots) are
+    moved to its device, and every step runs micro-batches through the stages
+    following the schedule, so that the devices work at the same time.
+
+    For models without batch-dependent layers, the weights after N steps equal
+    single-device training on the whole batches up to float rounding.
+    `BatchNormalization` computes its statistics per micro-batch.
+
+    Args:
+        devices: One device per stage, local (`"/device:CPU:1"`, GPUs) or
+            remote (`"/job:worker/replica:0/task:1/device:CPU:0"` after
+            `LocalCluster.connect()`). Defaults to `None`:
+            `tfpar.default_devices()`.
+        num_microbatches: Micro-batches per batch, M >= 1. Defaults to `4`.
+            Batches that do not divide evenly get micro-batches differing by
+            one example; a batch smaller than M is an error.
+        schedule: `"1f1b"` (default; at most K micro-batches in flight per
+            stage) or `"gpipe"` (all forwards, then all backwards).
+        partition: `"auto"` (default) balances the measured forward cost of
+            the stages; or a list of `len(devices) - 1` layer names, each the
+            first layer of a new stage.
+        recompute: If `True`, a stage recomputes its forward pass during the
+            backward pass instead of keeping activations. Defaults to `False`.
+
+    Raises:
+        ValueError: For an unknown schedule, `num_microbatches < 1`, unknown
+            or repeated devices, a `partition` of the wrong length; when the
+            model is first partitioned: more stages than cut points, an
+            unknown or invalid cut-point layer (the message names it).
+        TypeError: For a `devices` or `partition` of the wrong type.
+
+    Example:
+
+    ```python
+    import tfpar
+    tfpar.simulate_devices(2)
+    import keras, numpy as np
+    from tfpar.strategies.pipeline import PipelineStrategy
+
+    strategy = PipelineStrategy(num_microbatches=4)
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((8,))]
+            + [keras.layers.Dense(32, activation="relu") for _ in range(4)]
+            + [keras.layers.Dense(1)]
+        )
+        model.compile(optimizer="adam", loss="mse")
+    print(strategy.partition_model(model))  # optional: partitions now
+    x, y = np.random.rand(256, 8), np.random.rand(256, 1)
+    model.fit(x, y, batch_size=32, epochs=2)
+    print(strategy.communication_stats())
+    ```
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[str] | None = None,
+        num_microbatches: int = 4,
+        schedule: str = "1f1b",
+        partition: str | Sequence[str] = "auto",
+        recompute: bool = False,
+    ) -> None:
+        names = resolve_devices(devices)
+        parts = partition if isinstance(partition, str) else tuple(partition)
+        self._options = PipelineOptions(
+            devices=tuple(names),
+            num_microbatches=num_microbatches,
+            schedule=schedule,
+            partition=parts,
+            recompute=recompute,
+        )
+        self._schedule = get_schedule(
+            schedule, num_stages=len(names), num_microbatches=num_microbatches
+        )
+        # Input pipeline, metrics and counters stay on this process's CPU, which
+        # also works when every stage is a remote worker or a GPU.
+        with tf.init_scope(), tf.device(_HOST):
+            self._counters = StageCounters(len(names))
+        super().__init__(_PipelineExtended(self, _HOST))
+
+    @property
+    def options(self) -> PipelineOptions:
+        """The validated options."""
+        return self._options
+
+    @property
+    def schedule(self) -> Schedule:
+        """The schedule every training step follows (print it with `.format()`)."""
+        return self._schedule
+
+    def partition_model(self, model: keras.Model) -> Partition:
+        """Cuts `model` into stages and places each stage's variables on its device.
+
+        Runs automatically at the first step; call it earlier to inspect the
+        partition. Repeated calls return the same partition.
+
+        Args:
+            model: A built Sequential or functional model created under
+                `scope()`.
+
+        Returns:
+            The partition table (print it).
+
+        Raises:
+            TypeError: If `model` is a subclassed model.
+            ValueError: If it cannot be cut as asked (the message names the
+                layer or the argument).
+        """
+        return self.extended.engine_for(model).partition
+
+    def peak_in_flight(self) -> list[int]:
+        """Returns, per stage, the most micro-batches whose activations it held.
+
+        Measured from the step's timestamps (largest over all training steps so
+        far), to compare with `schedule.peak_in_flight(stage)`: 1F1B holds at
+        most K - s micro-batches on stage s, GPipe all M.
+
+        Returns:
+            One count per stage (zeros before the first training step).
+        """
+        return [int(v) for v in self._counters.read()["peak"]]
+
+    def communication_stats(self) -> CommunicationStats:
+        """Returns cumulative per-stage counters of the training steps so far.
+
+        Returns:
+            A `CommunicationStats` with `kind="pipeline"` and one
+            `DeviceCommunication` per stage: `busy_seconds` (time computing),
+            `idle_seconds` (bubble: time inside the step's span not computing),
+            `comm_seconds` (from the moment a stage's output or gradient is
+            ready to its arrival on the neighbouring stage) and `bytes_sent`
+            (activation bytes sent to the next stage).
+        """
+        values = self._counters.read()
+        devices = tuple(
+            DeviceCommunication(
+                device=device,
+                busy_seconds=float(values["busy"][s]),
+                idle_seconds=float(values["idle"][s]),
+                comm_seconds=float(values["comm"][s]),
+                bytes_sent=int(values["bytes"][s]),
+            )
+            for s, device in enumerate(self._options.devices)
+        )
+        total_bytes = sum(d.bytes_sent for d in devices)
+        return CommunicationStats(
+            kind="pipeline",
+            steps=int(values["steps"]),
+            comm_seconds=sum(d.comm_seconds for d in devices),
+            calls=int(values["calls"]),
+            bytes_logical=total_bytes,
+            bytes_moved=total_bytes,
+            devices=devices,
+        )
+
+
+class _PipelineExtended(compat.OneDeviceExtended):
+    """A one-device extended whose `run` pipelines Keras steps over the stages."""
+
+    def __init__(self, container: PipelineStrategy, host: str) -> None:
+        super().__init__(container, host)
+        self._pipeline = container
+        self._engines: dict[int, PipelineEngine] = {}
+        self._colocated: dict[Any, Any] = {}
+        self._placing = False
+        self._warned = False
+
+    def engine_for(self, model: keras.Model) -> PipelineEngine:
+        """Returns the model's engine, partitioning the model on first use."""
+        engine = self._engines.get(id(model))
+        if engine is None:
+            # Eagerly, and inside the scope so that the moved variables belong
+            # to the strategy (optimizer slots are colocated with them).
+            with tf.init_scope(), self._container_strategy().scope():
+                engine = self._build_engine(model)
+            self._engines[id(model)] = engine
+        return engine
+
+    def _build_engine(self, model: keras.Model) -> PipelineEngine:
+        options = self._pipeline.options
+        if getattr(model, "jit_compile", False) is True:
+            raise ValueError(
+                "PipelineStrategy places each stage on its own device, which XLA "
+                "cannot compile as one cluster. Received: jit_compile=True in "
+                "model.compile (pass jit_compile=False)."
+            )
+        table, stage_models = partition_model(model, options.devices, options.partition)
+        self._placing = True
+        try:
+            stage_of = {}
+            for s, stage in enumerate(stage_models):
+                for variable in stage.variables:
+                    stage_of[compat.backing_variable(variable).ref()] = s
+                    compat.move_variable(variable, options.devices[s])
+            # Optimizer slots created before the partition follow their variable.
+            optimizer = getattr(model, "optimizer", None)
+            for variable in getattr(optimizer, "variables", []):
+                key = compat.backing_variable(variable).ref()
+                reference = self._colocated.pop(key, None)
+                if reference is not None and reference in stage_of:
+                    compat.move_variable(variable, options.devices[stage_of[reference]])
+        finally:
+            self._placing = False
+        return PipelineEngine(
+            model=model,
+            stages=stage_models,
+            partition=table,
+            schedule=self._pipeline.schedule,
+            recompute=options.recompute,
+            counters=self._pipeline._counters,
+        )
+
+    def _create_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        if self._placing:
+            return next_creator(**kwargs)
+        reference = kwargs.get("colocate_with")
+        variable = super()._create_variable(next_creator, **kwargs)
+        if reference is not None:  # an optimizer slot: follows its variable
+            self._colocated[variable.ref()] = reference.ref()
+        return variable
+
+    def _call_for_each_replica(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        step = compat.keras_step(fn)
+        if step is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"PipelineStrategy runs {getattr(fn, '__name__', fn)!r} without "
+                    "pipelining: only Keras's own train_step, test_step and "
+                    "predict_step of Sequential and functional models are "
+                    "pipelined (a model overriding them runs unsplit, its ops on "
+                    "the first device).",
+                    stacklevel=2,
+                )
+            return super()._call_for_each_replica(fn, args, kwargs)
+        model, kind = step
+        engine = self.engine_for(model)
+        # In the cross-replica context Keras's optimizer skips its one-replica
+        # gradient "all-reduce" (identity ops on the host, which would pull
+        # every gradient off its stage and back) and updates each variable
+        # directly through `_update`, beside the variable.
+        return engine.step(kind, *args, **(kwargs or {}))
+
+    def _use_merge_call(self) -> bool:
+        return False
+
+    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+        # The stock one-device update runs on the host; optimizer math belongs
+        # beside the variable, on its stage's device.
+        device = compat.backing_variable(var).device
+        with tf.device(device), compat.UpdateContext(device):
+            result = fn(var, *args, **kwargs)
+        return result if group else tree.map_structure(self._local_results, result)

@@ -1,0 +1,393 @@
+"""The engine of `PipelineStrategy`: builds pipelined steps and counts stage time.
+
+`PipelineEngine` builds, inside Keras's own `tf.function`, one pipelined train,
+test or predict step of a model from its partition (`partition.py`) and a
+schedule (`schedules.py`): the batch is split into micro-batches
+(`microbatch.py`), the forward and backward pass of every (stage, micro-batch)
+pair is created under `tf.device` of its stage in the schedule's order, and the
+actions of each stage are chained with control dependencies. `_Trace` records
+the step's timestamps and byte counts on each stage's device and
+`StageCounters` accumulates them into per-stage busy, idle (bubble) and
+transfer time, bytes sent and peak micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import tree
+
+from tfpar.strategies import _compat_pipeline as compat
+from tfpar.strategies import microbatch
+from tfpar.strategies.partition import Partition
+from tfpar.strategies.schedules import BACKWARD, Action, Schedule
+
+
+class StageCounters:
+    """Cumulative per-stage counters in host variables, updated inside each step.
+
+    The variables belong to the strategy, never to the model, so they appear in
+    no saved model or checkpoint. Reading them is one small device-to-host copy.
+    """
+
+    def __init__(self, num_stages: int) -> None:
+        zeros = tf.zeros([num_stages], tf.float64)
+        self.busy = tf.Variable(zeros, trainable=False, name="pipeline_busy")
+        self.idle = tf.Variable(zeros, trainable=False, name="pipeline_idle")
+        self.comm = tf.Variable(zeros, trainable=False, name="pipeline_comm")
+        self.bytes = tf.Variable(
+            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_bytes"
+        )
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.peak = tf.Variable(
+            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_peak"
+        )
+
+    def read(self) -> dict[str, Any]:
+        """Returns the counters as numpy values."""
+        return {
+            name: getattr(self, name).numpy()
+            for name in ("busy", "idle", "comm", "bytes", "steps", "calls", "peak")
+        }
+
+
+class _Trace:
+    """Timestamps and byte counts of one step, kept on each stage's device.
+
+    Everything a stage records stays on its device until the end of the step,
+    when it travels to the host as one vector: the counters add one small
+    transfer per stage and step, not one per timestamp.
+    """
+
+    def __init__(self, num_stages: int, num_microbatches: int) -> None:
+        self.busy: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
+        self.starts: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
+        self.ends: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
+        self.sent: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
+        # [stage][kind][microbatch]: when an action finished / its input arrived.
+        self.done: list[dict[str, list[Any]]] = [
+            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
+        ]
+        self.arrived: list[dict[str, list[Any]]] = [
+            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
+        ]
+
+    def summary(self, stage: int) -> tf.Tensor:
+        """Packs the stage's record into one float64 vector (on its device):
+
+        [busy, first start, last end, bytes sent, done F, done B, arrived F,
+        arrived B], the last four with one entry per micro-batch.
+        """
+        scalars = [
+            tf.add_n(self.busy[stage]),
+            tf.reduce_min(tf.stack(self.starts[stage])),
+            tf.reduce_max(tf.stack(self.ends[stage])),
+            tf.cast(_total(self.sent[stage], tf.int64), tf.float64),
+        ]
+        vectors = [
+            tf.stack(record[kind])
+            for record in (self.done[stage], self.arrived[stage])
+            for kind in "FB"
+        ]
+        return tf.concat([tf.stack(scalars), *vectors], axis=0)
+
+
+class PipelineEngine:
+    """Builds one pipelined train, test or predict step of a partitioned model.
+
+    Args:
+        model: The whole model (for its loss, metrics and optimizer).
+        stages: One functional sub-model per stage.
+        partition: The partition table.
+        schedule: The schedule training steps follow.
+        recompute: Whether backward passes recompute the stage's forward.
+        counters: Where training steps accumulate their timings.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: keras.Model,
+        stages: list[keras.Model],
+        partition: Partition,
+        schedule: Schedule,
+        recompute: bool,
+        counters: StageCounters,
+    ) -> None:
+        self.model = model
+        self.stages = stages
+        self.partition = partition
+        self.schedule = schedule
+        self.recompute = recompute
+        self.counters = counters
+        self.devices = [stage.device for stage in partition.stages]
+
+    def step(self, kind: str, data: Any) -> Any:
+        """Builds the step of `kind` (`"train"`, `"test"` or `"predict"`)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        m = self.schedule.num_microbatches
+        # Split where the pieces are used, so that each tensor crosses to a
+        # stage once per step, not once per micro-batch.
+        with tf.device(self.devices[0]):
+            inputs, sizes = microbatch.split(x, m)
+        targets: list[Any] = [(y, sample_weight)] * m
+        if any(t is not None for t in tree.flatten((y, sample_weight))):
+            with tf.device(self.devices[-1]):
+                targets, _ = microbatch.split((y, sample_weight), m)
+        parts = [(inputs[j], *targets[j]) for j in range(m)]
+        if kind == "train":
+            return self._train_step(x, y, sample_weight, parts, sizes)
+        with tf.device(self.devices[-1]):
+            y_pred = microbatch.concat([self._forward_only(p[0]) for p in parts])
+        if kind == "predict":
+            return y_pred
+        model = self.model
+        loss = model.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        self._track_loss(loss, x)
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _forward_only(self, x: Any) -> Any:
+        h = x
+        for device, stage in zip(self.devices, self.stages, strict=True):
+            with tf.device(device):
+                h = stage(tree.map_structure(tf.identity, h), training=False)
+        return h
+
+    def _train_step(
+        self, x: Any, y: Any, sample_weight: Any, parts: list[Any], sizes: tf.Tensor
+    ) -> Any:
+        model = self.model
+        num_stages = len(self.stages)
+        weights = list(model.trainable_weights)
+        fraction = tf.cast(sizes, tf.float32) / tf.cast(
+            tf.reduce_sum(sizes), tf.float32
+        )
+        inputs: dict[tuple[int, int], Any] = {}
+        outputs: dict[tuple[int, int], Any] = {}
+        tapes: dict[tuple[int, int], tf.GradientTape] = {}
+        losses: dict[int, tf.Tensor] = {}
+        targets: dict[int, tf.Tensor] = {}
+        optimizer = model.optimizer
+        grads_out: dict[tuple[int, int], Any] = {}
+        grads: dict[int, list[Any]] = {i: [] for i in range(len(weights))}
+        last: list[tf.Tensor | None] = [None] * num_stages
+        trace = _Trace(num_stages, len(parts))
+
+        def loss_of(j: int, y_pred: Any) -> tf.Tensor:
+            # Micro-batch j's share of the whole batch's mean loss, then the
+            # optimizer's loss scaling (if any): the tensor to differentiate.
+            x_j, y_j, w_j = parts[j]
+            loss = model.compute_loss(
+                x=x_j, y=y_j, y_pred=y_pred, sample_weight=w_j, training=True
+            )
+            losses[j] = loss * tf.cast(fraction[j], loss.dtype)
+            return losses[j] if optimizer is None else optimizer.scale_loss(losses[j])
+
+        for action in self.schedule.order():
+            s, j = action.stage, action.microbatch
+            with tf.device(self.devices[s]):
+                incoming = self._incoming(action, parts, outputs, grads_out)
+                received = tree.map_structure(tf.identity, incoming)
+                with tf.control_dependencies(tree.flatten(received)):
+                    arrived = tf.timestamp()
+                deps = [arrived] + ([last[s]] if last[s] is not None else [])
+                with tf.control_dependencies(deps):
+                    start = tf.timestamp()
+                with tf.control_dependencies([start]):
+                    if action.kind == BACKWARD:
+                        done = self._backward(
+                            action,
+                            received,
+                            inputs,
+                            outputs,
+                            tapes,
+                            targets,
+                            loss_of,
+                            weights,
+                            grads,
+                            grads_out,
+                        )
+                    else:
+                        inputs[(s, j)] = received
+                        done = self._forward(
+                            action, received, outputs, tapes, targets, loss_of
+                        )
+                with tf.control_dependencies(done):
+                    end = tf.timestamp()
+                trace.busy[s].append(end - start)
+                trace.done[s][action.kind][j] = end
+                trace.arrived[s][action.kind][j] = arrived
+                if action.kind != BACKWARD and s < num_stages - 1:
+                    trace.sent[s].append(_num_bytes(outputs[(s, j)]))
+            last[s] = end
+            trace.starts[s].append(start)
+            trace.ends[s].append(end)
+
+        with tf.device(self.devices[-1]):
+            loss = tf.add_n([losses[j] for j in sorted(losses)])
+            y_pred = microbatch.concat(
+                [outputs[(num_stages - 1, j)] for j in range(len(parts))]
+            )
+        self._track_loss(loss, x)
+        gradients = [_sum_gradients(grads[i]) for i in range(len(weights))]
+        if model.optimizer is not None:
+            model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
+        self._accumulate(trace)
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _incoming(
+        self,
+        action: Action,
+        parts: list[Any],
+        outputs: dict[tuple[int, int], Any],
+        grads_out: dict[tuple[int, int], Any],
+    ) -> Any:
+        s, j = action.stage, action.microbatch
+        if action.kind == BACKWARD:
+            return grads_out.get((s, j), [])
+        return parts[j][0] if s == 0 else outputs[(s - 1, j)]
+
+    def _forward(
+        self,
+        action: Action,
+        h: Any,
+        outputs: dict[tuple[int, int], Any],
+        tapes: dict[tuple[int, int], tf.GradientTape],
+        targets: dict[int, tf.Tensor],
+        loss_of: Any,
+    ) -> list[tf.Tensor]:
+        s, j = action.stage, action.microbatch
+        is_last = s == len(self.stages) - 1
+        if self.recompute:  # the backward pass recomputes the loss as well
+            out = self.stages[s](h, training=True)
+        else:
+            tape = tf.GradientTape()
+            with tape:
+                if s > 0:
+                    tape.watch(h)
+                out = self.stages[s](h, training=True)
+                if is_last:
+                    targets[j] = loss_of(j, out)
+            tapes[(s, j)] = tape
+        outputs[(s, j)] = out
+        return tree.flatten(out) + ([targets[j]] if j in targets and is_last else [])
+
+    def _backward(
+        self,
+        action: Action,
+        upstream: Any,
+        inputs: dict[tuple[int, int], Any],
+        outputs: dict[tuple[int, int], Any],
+        tapes: dict[tuple[int, int], tf.GradientTape],
+        targets: dict[int, tf.Tensor],
+        loss_of: Any,
+        weights: list[Any],
+        grads: dict[int, list[Any]],
+        grads_out: dict[tuple[int, int], Any],
+    ) -> list[tf.Tensor]:
+        s, j = action.stage, action.microbatch
+        is_last = s == len(self.stages) - 1
+        h = inputs[(s, j)]
+        if self.recompute:
+            # Replays the forward without applying its state updates a second
+            # time (BatchNormalization statistics, seed generators).
+            tape = tf.GradientTape()
+            with keras.StatelessScope(), tape:
+                if s > 0:
+                    tape.watch(h)
+                out = self.stages[s](h, training=True)
+                target = loss_of(j, out) if is_last else out
+        else:
+            tape = tapes.pop((s, j))
+            target = targets[j] if is_last else outputs[(s, j)]
+        flat_h = tree.flatten(h) if s > 0 else []  # no gradient for the data
+        result = tape.gradient(
+            target,
+            flat_h + weights,
+            output_gradients=None if is_last else upstream,
+        )
+        if s > 0:
+            grads_out[(s - 1, j)] = tree.pack_sequence_as(h, result[: len(flat_h)])
+        done = [g for g in result[: len(flat_h)] if g is not None]
+        for i, g in enumerate(result[len(flat_h) :]):
+            if g is not None:
+                grads[i].append(g)
+                done.append(g.values if isinstance(g, tf.IndexedSlices) else g)
+        return done
+
+    def _track_loss(self, loss: tf.Tensor, x: Any) -> None:
+        tracker = compat.loss_tracker(self.model)
+        if tracker is not None:
+            first = next(t for t in tree.flatten(x) if t is not None)
+            tracker.update_state(loss, sample_weight=tf.shape(first)[0])
+
+    def _accumulate(self, trace: _Trace) -> None:
+        counters = self.counters
+        num_stages, m = len(self.stages), self.schedule.num_microbatches
+        summaries = []
+        for s, device in enumerate(self.devices):
+            with tf.device(device):
+                summaries.append(trace.summary(s))
+        with tf.device(counters.busy.device):
+            rows = tf.stack(summaries)
+            busy = rows[:, 0]
+            span = tf.reduce_max(rows[:, 2]) - tf.reduce_min(rows[:, 1])
+            done_f, done_b = rows[:, 4 : 4 + m], rows[:, 4 + m : 4 + 2 * m]
+            arrived_f = rows[:, 4 + 2 * m : 4 + 3 * m]
+            arrived_b = rows[:, 4 + 3 * m :]
+            # A transfer lasts from the sender finishing to the receiver
+            # having the tensor; it is counted on the sender.
+            zero = tf.zeros([1], tf.float64)
+            forward = tf.reduce_sum(arrived_f[1:] - done_f[:-1], axis=1)
+            backward = tf.reduce_sum(arrived_b[:-1] - done_b[1:], axis=1)
+            comm = tf.concat([forward, zero], 0) + tf.concat([zero, backward], 0)
+            counters.busy.assign_add(busy)
+            counters.idle.assign_add(span - busy)
+            counters.comm.assign_add(comm)
+            counters.bytes.assign_add(tf.cast(rows[:, 3], tf.int64))
+            counters.steps.assign_add(1)
+            counters.calls.assign_add(2 * m * (num_stages - 1))
+            # Micro-batches in flight on a stage when its forward j ends: those
+            # whose forward has ended and whose backward has not.
+            at = done_f[:, :, None]
+            live = (done_f[:, None, :] <= at) & (done_b[:, None, :] > at)
+            in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
+            counters.peak.assign(tf.maximum(counters.peak, tf.reduce_max(in_flight, 1)))
+
+
+def _total(values: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    return tf.add_n(values) if values else tf.constant(0, dtype)
+
+
+def _num_bytes(structure: Any) -> tf.Tensor:
+    return tf.add_n(
+        [tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in tree.flatten(structure)]
+    )
+
+
+def _sum_gradients(parts: list[Any]) -> Any:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(g, tf.IndexedSlices) for g in parts):
+        slices = [
+            g if isinstance(g, tf.IndexedSlices) else _to_slices(g) for g in parts
+        ]
+        return tf.IndexedSlices(
+            tf.concat([g.values for g in slices], 0),
+            tf.concat([g.indices for g in slices], 0),
+            slices[0].dense_shape,
+        )
+    with tf.device(parts[0].device):
+        return tf.add_n(parts)
+
+
+def _to_slices(g: tf.Tensor) -> tf.IndexedSlices:
+    rows = tf.shape(g, out_type=tf.int64)[0]
+    return tf.IndexedSlices(g, tf.range(rows), tf.shape(g, out_type=tf.int64))
