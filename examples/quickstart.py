@@ -1,7 +1,8 @@
 """tfpar quickstart: a small model trained on simulated devices, logged to TensorBoard.
 
 Splits the host CPU into two logical devices, trains the same small classifier
-under each strategy, with Keras's own TensorBoard callback beside tfpar's, and
+under each strategy, with Keras's own TensorBoard callback beside tfpar's
+DeviceUtilization and CommunicationTime callbacks, and
 prints the command that opens the logs.
 
 Run: `make demo` (or `python examples/quickstart.py --logdir runs/quickstart`).
@@ -65,6 +66,7 @@ def main():
     for name, make_strategy in STRATEGIES.items():
         keras.utils.set_random_seed(0)
         strategy = make_strategy()
+        run = os.path.join(args.logdir, name)
         with strategy.scope():
             model = build_model()
         history = model.fit(
@@ -74,7 +76,11 @@ def main():
             epochs=args.epochs,
             validation_split=0.1,
             verbose=2,
-            callbacks=[keras.callbacks.TensorBoard(os.path.join(args.logdir, name))],
+            callbacks=[
+                keras.callbacks.TensorBoard(run),
+                tfpar.callbacks.DeviceUtilization(run),
+                tfpar.callbacks.CommunicationTime(run),
+            ],
         )
         print(f"{name}: final accuracy {history.history['accuracy'][-1]:.3f}")
     print(f"\nOpen the logs with:\n  tensorboard --logdir {args.logdir}")

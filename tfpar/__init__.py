@@ -6,6 +6,7 @@ TensorBoard, and two CPU-only test beds: simulated logical devices and a local
 cluster of pinned processes.
 """
 
+from tfpar import callbacks
 from tfpar._version import __version__
 from tfpar.cluster import LocalCluster
 from tfpar.devices import default_devices, simulate_devices
@@ -20,6 +21,7 @@ __all__ = [
     "MirroredStrategy",
     "PipelineStrategy",
     "__version__",
+    "callbacks",
     "default_devices",
     "simulate_devices",
 ]

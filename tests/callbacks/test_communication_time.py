@@ -1,0 +1,220 @@
+"""Tests for tfpar.callbacks.communication_time on the CommunicationStats contract."""
+
+import logging
+import os
+
+import keras
+import pytest
+import tensorflow as tf
+
+from tests.callbacks._tb import (
+    LAYOUT_TAG,
+    dataset,
+    read_scalars,
+    stock_mirrored,
+    tiny_model,
+)
+from tfpar.callbacks.communication_time import CommunicationTime, step_samples
+from tfpar.stats import CommunicationStats, DeviceCommunication
+
+MIB = 1024.0 * 1024.0
+
+
+def test_step_samples_arithmetic() -> None:
+    delta = CommunicationStats(
+        kind="pipeline",
+        steps=4,
+        comm_seconds=0.02,
+        calls=8,
+        bytes_logical=8_000_000,
+        bytes_moved=4_000_000,
+        devices=(
+            DeviceCommunication("/device:CPU:0", 0.12, 0.04, 0.008, 2_000_000),
+            DeviceCommunication("/device:CPU:1", 0.04, 0.12, 0.012, 2_000_000),
+        ),
+    )
+    samples = {s.tag: s.value for s in step_samples(0.1, 4, delta)}
+    assert samples == pytest.approx(
+        {
+            "comm/step_time_ms": 25.0,
+            "comm/time_ms": 5.0,
+            "comm/compute_ms": 20.0,
+            "comm/fraction": 0.2,
+            "comm/bytes_per_step": 1_000_000.0,
+            "comm/bandwidth_mib_per_s": 4_000_000 / 0.02 / MIB,
+            "comm/device/CPU:0/busy_ms": 30.0,
+            "comm/device/CPU:0/comm_ms": 2.0,
+            "comm/device/CPU:0/bubble_ms": 10.0,
+            "comm/device/CPU:0/bytes_sent_per_step": 500_000.0,
+            "comm/device/CPU:1/busy_ms": 10.0,
+            "comm/device/CPU:1/comm_ms": 3.0,
+            "comm/device/CPU:1/bubble_ms": 30.0,
+            "comm/device/CPU:1/bytes_sent_per_step": 500_000.0,
+        }
+    )
+    assert {s.tag: s.value for s in step_samples(0.1, 4, None)} == {
+        "comm/step_time_ms": 25.0
+    }
+
+
+class CountingStrategy(tf.distribute.MirroredStrategy):
+    """A stock strategy plus the tfpar counters, advanced by a known amount per step."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ["/cpu:0"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+        self.stats = CommunicationStats(kind="allreduce")
+
+    def communication_stats(self) -> CommunicationStats:
+        return self.stats
+
+    def advance(self) -> None:
+        s = self.stats
+        self.stats = CommunicationStats(
+            kind="allreduce",
+            steps=s.steps + 1,
+            comm_seconds=s.comm_seconds + 0.0005,
+            calls=s.calls + 1,
+            bytes_logical=s.bytes_logical + 4096,
+            bytes_moved=s.bytes_moved + 4096,
+        )
+
+
+def test_counters_of_a_tfpar_style_strategy_are_logged_per_step(tmp_path: str) -> None:
+    strategy = CountingStrategy()
+    with strategy.scope():
+        model = tiny_model()
+    advance = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: strategy.advance()
+    )
+    log_dir = str(tmp_path)
+    x, y = dataset(32 * 9)
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            advance,
+            CommunicationTime(log_dir, every_steps=4, every_seconds=None),
+        ],
+    )
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    assert set(scalars) == {
+        LAYOUT_TAG,
+        "comm/step_time_ms",
+        "comm/time_ms",
+        "comm/compute_ms",
+        "comm/fraction",
+        "comm/bytes_per_step",
+        "comm/bandwidth_mib_per_s",
+    }
+    # Baseline after step 1, samples after steps 5 and 9 (the last at train end).
+    assert [s for s, _ in scalars["comm/time_ms"]] == [5, 9]
+    assert [v for _, v in scalars["comm/time_ms"]] == pytest.approx([0.5, 0.5])
+    assert [v for _, v in scalars["comm/bytes_per_step"]] == pytest.approx([4096, 4096])
+    bandwidth = 4096 / 0.0005 / MIB
+    assert [v for _, v in scalars["comm/bandwidth_mib_per_s"]] == pytest.approx(
+        [bandwidth] * 2
+    )
+    for (_, step_ms), (_, comm), (_, compute), (_, fraction) in zip(
+        scalars["comm/step_time_ms"],
+        scalars["comm/time_ms"],
+        scalars["comm/compute_ms"],
+        scalars["comm/fraction"],
+        strict=True,
+    ):
+        assert step_ms > comm
+        assert compute == pytest.approx(step_ms - comm, rel=1e-5)
+        assert fraction == pytest.approx(comm / step_ms, rel=1e-5)
+
+
+def test_stock_strategy_says_once_what_it_cannot_measure(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = stock_mirrored()
+    with strategy.scope():
+        model = tiny_model()
+    log_dir = str(tmp_path)
+    callback = CommunicationTime(log_dir, every_steps=2, every_seconds=None)
+    x, y = dataset(32 * 6)
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    warnings = [r.message for r in caplog.records if "CommunicationTime" in r.message]
+    assert len(warnings) == 1
+    assert "MirroredStrategy has no communication_stats()" in warnings[0]
+    assert "cannot be measured" in warnings[0] and "step time" in warnings[0]
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    assert set(scalars) == {LAYOUT_TAG, "comm/step_time_ms"}
+    assert all(0.0 < v < 10_000 for _, v in scalars["comm/step_time_ms"])
+
+
+def test_failing_counters_are_logged_once_and_training_goes_on(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = CountingStrategy()
+    strategy.communication_stats = lambda: 1 / 0  # type: ignore[method-assign]
+    with strategy.scope():
+        model = tiny_model()
+    x, y = dataset(32 * 6)
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        model.fit(
+            x,
+            y,
+            batch_size=32,
+            verbose=0,
+            callbacks=[
+                CommunicationTime(str(tmp_path), every_steps=1, every_seconds=None)
+            ],
+        )
+    assert sum("ZeroDivisionError" in r.message for r in caplog.records) == 1
+    assert set(read_scalars(os.path.join(tmp_path, "train"))) == {
+        LAYOUT_TAG,
+        "comm/step_time_ms",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"every_steps": 0}, ValueError, "every_steps=0"),
+        ({"every_seconds": 0.0}, ValueError, "every_seconds=0.0"),
+        ({"every_steps": "5"}, TypeError, "every_steps='5'"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(
+    tmp_path: str, kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error) as info:
+        CommunicationTime(str(tmp_path), **kwargs)
+    assert message in str(info.value)
+
+
+def _fraction_and_bytes(log_dir: str, features: int, width: int, batch: int) -> tuple:
+    mirrored = pytest.importorskip("tfpar.strategies.mirrored")
+    strategy = mirrored.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = tiny_model(features=features, width=width)
+    x, y = dataset(batch * 11, features=features)
+    callback = CommunicationTime(log_dir, every_steps=5, every_seconds=None)
+    model.fit(x, y, batch_size=batch, verbose=0, callbacks=[callback])
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    fractions = [v for _, v in scalars["comm/fraction"]]
+    assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
+    return sum(fractions) / len(fractions), {
+        v for _, v in scalars["comm/bytes_per_step"]
+    }
+
+
+def test_large_gradients_and_tiny_batches_communicate_more(tmp_path: str) -> None:
+    # 1024x1024 weights (4 MB of gradients) on 2 examples per step against a
+    # 16x16 model on 4096 examples per step: the first must spend a larger
+    # share of its step communicating, and the bytes must be the gradients'.
+    heavy, heavy_bytes = _fraction_and_bytes(str(tmp_path / "a"), 1024, 1024, 2)
+    light, light_bytes = _fraction_and_bytes(str(tmp_path / "b"), 16, 16, 4096)
+    assert heavy_bytes == {4 * (1024 * 1024 + 1024 + 1024 + 1)}
+    assert light_bytes == {4 * (16 * 16 + 16 + 16 + 1)}
+    assert heavy > 2 * light, (heavy, light)

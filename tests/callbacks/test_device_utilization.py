@@ -1,0 +1,247 @@
+"""Tests for tfpar.callbacks.device_utilization under no strategy and stock ones."""
+
+import glob
+import logging
+import os
+
+import keras
+import pytest
+import tensorflow as tf
+
+from tests.callbacks._tb import (
+    LAYOUT_TAG,
+    dataset,
+    event_files,
+    read_scalars,
+    stock_mirrored,
+    tiny_model,
+)
+from tfpar.callbacks.device_utilization import DeviceUtilization
+from tfpar.callbacks.sources import HostSource
+
+HOST_TAGS = {
+    "host/rss_mib",
+    "host/peak_rss_mib",
+}  # host/cpu_utilization needs a 1 s poll
+
+
+def _fit(
+    model: keras.Model,
+    callbacks: list,
+    epochs: int = 1,
+    steps: int = 10,
+    batch: int = 32,
+) -> None:
+    x, y = dataset(batch * steps)
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, callbacks=callbacks)
+
+
+def test_no_strategy_logs_the_default_device_and_host(tmp_path: str) -> None:
+    log_dir = str(tmp_path)
+    model = tiny_model()
+    _fit(
+        model, [DeviceUtilization(log_dir, every_steps=4, every_seconds=None)], epochs=2
+    )
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    assert set(scalars) - {"host/cpu_utilization"} == {
+        LAYOUT_TAG,
+        "device/CPU:0/utilization",
+        *HOST_TAGS,
+    }
+    # A 2-step window starts after the warm-up step and every 4 steps (after
+    # steps 1, 5, 9, 13, 17), ends early at an epoch's end (step 10), and is
+    # logged at the optimizer's step when it ends.
+    assert [s for s, _ in scalars["device/CPU:0/utilization"]] == [3, 7, 10, 15, 19]
+    values = [v for _, v in scalars["device/CPU:0/utilization"]]
+    assert all(0.0 < v <= 100.0 for v in values)
+    rss = [v for _, v in scalars["host/rss_mib"]]
+    peak = [v for _, v in scalars["host/peak_rss_mib"]]
+    assert all(50 < r <= p + 1e-6 for r, p in zip(rss, peak, strict=True))
+    assert not glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
+
+
+def test_stock_mirrored_strategy_logs_both_replicas_about_equally(
+    tmp_path: str,
+) -> None:
+    strategy = stock_mirrored()
+    with strategy.scope():
+        model = tiny_model(width=256)
+    # Big enough batches that each replica's step outweighs the reduction,
+    # which this stock strategy does on CPU:0.
+    _fit(model, [], steps=2, batch=512)  # a train function built before the callback
+    log_dir = str(tmp_path)
+    callback = DeviceUtilization(
+        log_dir, every_steps=3, every_seconds=None, metrics=("utilization",)
+    )
+    _fit(model, [callback], steps=10, batch=512)
+    _fit(model, [callback], steps=10, batch=512)  # reuses the placement learned
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    assert set(scalars) == {
+        LAYOUT_TAG,
+        "device/CPU:0/utilization",
+        "device/CPU:1/utilization",
+    }
+    for fit_steps in [(3, 12), (13, 22)]:
+        u0, u1 = (
+            sum(
+                v
+                for s, v in scalars[f"device/CPU:{i}/utilization"]
+                if s in range(*fit_steps)
+            )
+            for i in (0, 1)
+        )
+        assert u0 > 0 and u1 > 0
+        assert 0.5 < u0 / u1 < 2.0  # the same work on each replica
+
+
+def test_a_failing_counter_is_logged_once_and_training_goes_on(
+    tmp_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: HostSource) -> list:
+        raise OSError("/proc went away")
+
+    monkeypatch.setattr(HostSource, "read", broken)
+    log_dir = str(tmp_path)
+    model = tiny_model()
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        _fit(model, [DeviceUtilization(log_dir, every_steps=2, every_seconds=None)])
+    failures = [r for r in caplog.records if "/proc went away" in r.message]
+    assert len(failures) == 1 and "host (psutil)" in failures[0].message
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    assert "device/CPU:0/utilization" in scalars and not HOST_TAGS & set(scalars)
+    assert len(model.history.history["loss"]) == 1
+
+
+def test_a_fit_that_raises_mid_window_leaves_nothing_behind(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if batch == 1:  # inside the 2-step window opened after step 1
+                raise RuntimeError("boom")
+
+    model = tiny_model()
+    callback = DeviceUtilization(str(tmp_path), every_steps=4, every_seconds=None)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(model, [callback, Boom()])
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        _fit(model, [callback])
+    assert not [r for r in caplog.records if "profiler is in use" in r.message]
+    scalars = read_scalars(os.path.join(tmp_path, "train"))
+    assert len(scalars["device/CPU:0/utilization"]) >= 2
+    tf.profiler.experimental.start(str(tmp_path / "after"))  # the profiler is free
+    tf.profiler.experimental.stop(save=False)
+
+
+def test_profile_steps_keep_a_trace_for_the_profile_plugin(tmp_path: str) -> None:
+    log_dir = str(tmp_path)
+    callback = DeviceUtilization(
+        log_dir,
+        every_steps=100,
+        every_seconds=None,
+        metrics=("host",),
+        profile_steps=(2, 4),
+    )
+    _fit(tiny_model(), [callback])
+    traces = glob.glob(
+        os.path.join(log_dir, "train", "plugins", "profile", "*", "*.xplane.pb")
+    )
+    assert len(traces) == 1
+    assert event_files(log_dir) == [
+        os.path.relpath(f, log_dir)
+        for f in glob.glob(os.path.join(log_dir, "train", "events*"))
+    ]
+
+
+def test_explicit_devices_are_validated_and_reported(tmp_path: str) -> None:
+    log_dir = str(tmp_path)
+    callback = DeviceUtilization(
+        log_dir,
+        devices=["/cpu:1"],
+        every_steps=3,
+        every_seconds=None,
+        metrics=["utilization"],
+    )
+    _fit(tiny_model(), [callback])
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    # Nothing ran on CPU:1: an honest zero, never a made-up share.
+    assert set(scalars) == {LAYOUT_TAG, "device/CPU:1/utilization"}
+    assert all(v == 0.0 for _, v in scalars["device/CPU:1/utilization"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"every_steps": 0}, ValueError, "every_steps=0"),
+        ({"every_seconds": -1}, ValueError, "every_seconds=-1"),
+        (
+            {"every_steps": None, "every_seconds": None},
+            ValueError,
+            "every_seconds=None",
+        ),
+        ({"window_steps": 0}, ValueError, "window_steps=0"),
+        ({"metrics": ["utilisation"]}, ValueError, "utilisation"),
+        ({"metrics": "host"}, TypeError, "metrics='host'"),
+        ({"devices": ["/gpu:7"]}, ValueError, "/gpu:7"),
+        ({"devices": "/cpu:0"}, TypeError, "devices='/cpu:0'"),
+        ({"profile_steps": (5, 2)}, ValueError, "profile_steps=(5, 2)"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(
+    tmp_path: str, kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error) as info:
+        DeviceUtilization(str(tmp_path), **kwargs)
+    assert message in str(info.value)
+
+
+def test_unwritable_log_dir_fails_at_construction(tmp_path: str) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="log_dir="):
+        DeviceUtilization(str(tmp_path / "file" / "run"))
+
+
+def test_unbalanced_pipeline_shows_stage_0_about_3x_busier(tmp_path: str) -> None:
+    # Stage 0 holds three 384x384 layers, stage 1 one (plus a 384x1 head):
+    # by matmul count (forward, weight gradient, input gradient; none for the
+    # first layer's input) stage 0 does 8 units of work per micro-batch and
+    # stage 1 3: a ratio of 2.7. The profiler-measured utilization must show
+    # it, and agree with the strategy's own in-graph busy counters.
+    pipeline = pytest.importorskip("tfpar.strategies.pipeline")
+    strategy = pipeline.PipelineStrategy(
+        ["/cpu:0", "/cpu:1"], num_microbatches=4, partition=["stage1"]
+    )
+    width = 384
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((width,)),
+                keras.layers.Dense(width, activation="tanh"),
+                keras.layers.Dense(width, activation="tanh"),
+                keras.layers.Dense(width, activation="tanh"),
+                keras.layers.Dense(width, activation="tanh", name="stage1"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    x, y = dataset(128 * 10, features=width)
+    log_dir = str(tmp_path)
+    callback = DeviceUtilization(
+        log_dir,
+        every_steps=3,
+        every_seconds=None,
+        window_steps=2,
+        metrics=["utilization"],
+    )
+    before = strategy.communication_stats()
+    model.fit(x, y, batch_size=128, verbose=0, callbacks=[callback])
+    counted = strategy.communication_stats().since(before)
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    u0 = [v for _, v in scalars["device/CPU:0/utilization"]]
+    u1 = [v for _, v in scalars["device/CPU:1/utilization"]]
+    assert len(u0) == len(u1) >= 2
+    assert all(0.0 <= v <= 100.0 for v in u0 + u1)
+    measured = sum(u0) / sum(u1)
+    assert 2.0 <= measured <= 4.0, (u0, u1)
+    busy0, busy1 = (d.busy_seconds for d in counted.devices)
+    assert measured == pytest.approx(busy0 / busy1, rel=0.35)

@@ -1,0 +1,171 @@
+"""Tests for tfpar.callbacks.profiling: measured busy time per device."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+from tests.callbacks._tb import read_scalars
+from tfpar.callbacks import _compat
+from tfpar.callbacks.device_utilization import DeviceUtilization
+from tfpar.callbacks.profiling import OpDevices, StepProfiler, busy_seconds
+
+MS = 1_000_000  # ns
+
+
+def _xspace(start_ns: int, lines: dict[str, list[tuple[str, int, int]]]) -> bytes:
+    """Builds a trace: per line, (event name, begin ns, duration ns) after start."""
+    space = xplane_pb2.XSpace()
+    host = space.planes.add(name="/host:CPU")
+    ids: dict[str, int] = {}
+    for line_id, (line_name, events) in enumerate(lines.items()):
+        line = host.lines.add(id=line_id, name=line_name, timestamp_ns=0)
+        for name, begin, duration in events:
+            if name not in ids:
+                ids[name] = len(ids) + 1
+                host.event_metadata[ids[name]].id = ids[name]
+                host.event_metadata[ids[name]].name = name
+            line.events.add(
+                metadata_id=ids[name],
+                offset_ps=begin * 1000,
+                duration_ps=duration * 1000,
+            )
+    env = space.planes.add(name="Task Environment")
+    env.stat_metadata[1].id = 1
+    env.stat_metadata[1].name = "profile_start_time"
+    env.stats.add(metadata_id=1, uint64_value=start_ns)
+    return space.SerializeToString()
+
+
+def test_busy_time_is_the_union_of_op_intervals_per_device() -> None:
+    start = 10**18
+    trace = _xspace(
+        start,
+        {
+            "tf_Compute/1": [
+                ("a/MatMul:MatMul", 0, 4 * MS),  # CPU:0, 0-4 ms
+                ("b/MatMul:MatMul", 10 * MS, 2 * MS),  # CPU:1, 10-12 ms
+                ("ExecutorState::Process", 0, 20 * MS),  # not an op
+                ("r/Recv:_Recv", 0, 20 * MS),  # waiting, not work
+            ],
+            "tf_Compute/2": [
+                ("c/Add:AddV2", 2 * MS, 4 * MS),  # CPU:0, 2-6 ms, overlaps a
+                ("unknown/Op:Mul", 0, 1 * MS),  # no device known
+            ],
+            "tf_data_iterator/3": [("a/MatMul:MatMul", 0, 20 * MS)],  # input pipeline
+        },
+    )
+    ops = OpDevices(
+        {
+            "a/MatMul": "/device:CPU:0",
+            "c/Add": "/device:CPU:0",
+            "b/MatMul": "/device:CPU:1",
+            "r/Recv": "/device:CPU:1",
+        }
+    )
+    busy = busy_seconds(trace, ops, start_ns=start, end_ns=start + 20 * MS)
+    assert busy == {
+        "/device:CPU:0": pytest.approx(0.006),
+        "/device:CPU:1": pytest.approx(0.002),
+    }
+    # The window clips: only 3-11 ms counts.
+    clipped = busy_seconds(trace, ops, start_ns=start + 3 * MS, end_ns=start + 11 * MS)
+    assert clipped == {
+        "/device:CPU:0": pytest.approx(0.003),
+        "/device:CPU:1": pytest.approx(0.001),
+    }
+    # With one device, unknown ops belong to it.
+    single = busy_seconds(
+        trace,
+        OpDevices({}),
+        start_ns=start,
+        end_ns=start + 20 * MS,
+        fallback_device="/device:CPU:0",
+    )
+    assert single == {"/device:CPU:0": pytest.approx(0.008)}  # 0-6 and 10-12 ms
+
+
+def test_compat_graph_collection_returns_placed_graphs() -> None:
+    # Fails loudly if TensorFlow drops the private graph-collection API.
+    @tf.function
+    def f(x: tf.Tensor) -> tf.Tensor:
+        with tf.device("/device:CPU:1"):
+            y = tf.linalg.matmul(x, x, name="placed_on_one")
+        return y + 1.0
+
+    _compat.start_graph_collection()
+    f(tf.ones((4, 4)))
+    ops = OpDevices.from_run_metadata(_compat.stop_graph_collection())
+    assert ops.devices["placed_on_one"] == "/device:CPU:1"
+
+
+def test_profiler_held_elsewhere_is_skipped_with_one_warning(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tf.profiler.experimental.start(str(tmp_path / "other"))
+    try:
+        profiler = StepProfiler(None)
+        assert not profiler.start()
+        assert not profiler.start()
+        assert profiler.stop() is None
+        profiler.close()
+    finally:
+        tf.profiler.experimental.stop()
+    assert sum("profiler is in use" in r.message for r in caplog.records) == 1
+
+
+class ForwardWork(keras.layers.Layer):
+    """`repeats` matmuls on `device`, outside the gradient: known work per device."""
+
+    def __init__(self, device: str, repeats: int, width: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.device, self.repeats, self.width = device, repeats, width
+
+    def build(self, input_shape: tuple) -> None:
+        self.w = self.add_weight(
+            shape=(self.width, self.width), initializer="orthogonal", trainable=False
+        )
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        with tf.device(self.device):
+            h = tf.stop_gradient(tf.tile(x[:, :1], [1, self.width]))
+            for _ in range(self.repeats):
+                h = tf.tanh(tf.matmul(h, self.w))
+            side = tf.reduce_mean(h)
+        return x + 1e-9 * side
+
+
+def test_hand_placed_3_to_1_work_shows_as_3_to_1_utilization(tmp_path: str) -> None:
+    # Device 0 runs 3x the matmuls of device 1; the measured busy time must
+    # say so. A made-up or evenly split number fails.
+    width = 384
+    x = np.random.default_rng(0).standard_normal((64 * 12, 8)).astype("float32")
+    y = x[:, :1]
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            ForwardWork("/device:CPU:0", 9, width),
+            ForwardWork("/device:CPU:1", 3, width),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    log_dir = str(tmp_path)
+    callback = DeviceUtilization(
+        log_dir,
+        every_steps=4,
+        every_seconds=None,
+        window_steps=3,
+        metrics=["utilization"],
+    )
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    u0 = [v for _, v in scalars["device/CPU:0/utilization"]]
+    u1 = [v for _, v in scalars["device/CPU:1/utilization"]]
+    assert len(u0) == len(u1) >= 2
+    assert all(0.0 <= v <= 100.0 for v in u0 + u1)
+    ratio = sum(u0) / sum(u1)
+    assert 2.0 <= ratio <= 4.5, (u0, u1)

@@ -1,0 +1,194 @@
+"""When the callbacks sample: every N steps and/or every T seconds.
+
+A `Cadence` is the validated option (what the user asked for); a `Trigger` is
+the small state machine that answers "is a sample due now?" for one training
+run. Keeping them apart lets the option live in a frozen dataclass while the
+trigger counts steps and watches the clock. How steps are counted (Keras's
+optimizer step, `steps_per_execution`) lives here too, for both callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often a callback samples its counters.
+
+    A sample is due when either condition is met: `every_steps` training steps
+    or `every_seconds` seconds have passed since the previous sample. The first
+    sample is taken after `warmup_steps` steps, so that the step which traces
+    and compiles the train function is never measured as if it were typical.
+
+    Args:
+        every_steps: Sample every this many steps, a positive `int`, or `None`
+            to sample on time only. Defaults to `None`.
+        every_seconds: Sample every this many seconds, a positive number, or
+            `None` to sample on steps only. Defaults to `10.0`.
+        warmup_steps: Steps to skip before the first sample, an `int >= 0`.
+            Defaults to `1`.
+
+    Raises:
+        ValueError: If both `every_steps` and `every_seconds` are `None`, or a
+            value is out of range.
+        TypeError: If a value has the wrong type.
+
+    Example:
+
+    ```python
+    cadence = Cadence(every_steps=50, every_seconds=None)
+    ```
+    """
+
+    every_steps: int | None = None
+    every_seconds: float | None = 10.0
+    warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.every_steps is None and self.every_seconds is None:
+            raise ValueError(
+                "A cadence needs `every_steps` or `every_seconds`. Received: "
+                "every_steps=None, every_seconds=None (set at least one)."
+            )
+        if self.every_steps is not None:
+            check_int("every_steps", self.every_steps, minimum=1)
+        if self.every_seconds is not None:
+            value = self.every_seconds
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"`every_seconds` must be a number. Received: "
+                    f"every_seconds={value!r} of type {type(value).__name__}."
+                )
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"`every_seconds` must be positive. Received: "
+                    f"every_seconds={value!r} (must be a finite number > 0)."
+                )
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+
+
+class Trigger:
+    """Decides, step by step, whether a `Cadence` wants a sample now.
+
+    Args:
+        cadence: The cadence to follow.
+        clock: Returns the current time in seconds. Defaults to
+            `time.monotonic`; tests pass a fake clock.
+
+    Example:
+
+    ```python
+    trigger = Trigger(Cadence(every_steps=2, every_seconds=None, warmup_steps=0))
+    [trigger.due(step) for step in range(5)]  # [True, False, True, False, True]
+    ```
+    """
+
+    def __init__(
+        self, cadence: Cadence, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._cadence = cadence
+        self._clock = clock
+        self._last_step: int | None = None
+        self._last_time = 0.0
+
+    def due(self, step: int) -> bool:
+        """Returns whether a sample is due at `step`, and if so records it.
+
+        Args:
+            step: Steps completed so far in this run (0 for the first step).
+
+        Returns:
+            `True` when a sample should be taken now.
+        """
+        if step < self._cadence.warmup_steps:
+            return False
+        now = self._clock()
+        if self._last_step is None or self._elapsed(step, now):
+            self._last_step = step
+            self._last_time = now
+            return True
+        return False
+
+    def _elapsed(self, step: int, now: float) -> bool:
+        every_steps = self._cadence.every_steps
+        every_seconds = self._cadence.every_seconds
+        assert self._last_step is not None
+        if every_steps is not None and step - self._last_step >= every_steps:
+            return True
+        return every_seconds is not None and now - self._last_time >= every_seconds
+
+
+def optimizer_step(model: keras.Model) -> int:
+    """Returns the model's optimizer step: the x axis of Keras's batch charts.
+
+    Args:
+        model: A compiled Keras model (an uncompiled one gives 0).
+
+    Returns:
+        `model.optimizer.iterations` as an `int`.
+
+    Example:
+
+    ```python
+    optimizer_step(model)  # 0 before the first fit()
+    ```
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def steps_per_call(model: keras.Model) -> int:
+    """Returns the training steps behind one `on_train_batch_end` call.
+
+    Args:
+        model: A compiled Keras model.
+
+    Returns:
+        Its `steps_per_execution` (1 unless set in `compile`).
+
+    Example:
+
+    ```python
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=4)
+    steps_per_call(model)  # 4
+    ```
+    """
+    return int(getattr(model, "steps_per_execution", 1) or 1)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    """Raises a Keras-style error unless `value` is an `int >= minimum`.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value received.
+        minimum: The smallest allowed value.
+
+    Raises:
+        TypeError: If `value` is not an `int` (a `bool` is refused).
+        ValueError: If it is smaller than `minimum`.
+
+    Example:
+
+    ```python
+    check_int("window_steps", 0, minimum=1)  # ValueError: ... window_steps=0 ...
+    ```
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"`{name}` must be an int. Received: {name}={value!r} of type "
+            f"{type(value).__name__}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` is out of range. Received: {name}={value!r} "
+            f"(must be an int >= {minimum})."
+        )

@@ -1,0 +1,249 @@
+"""`CommunicationTime`: where each step's time goes between computing and communicating."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import keras
+
+from tfpar.callbacks.cadence import Cadence, Trigger, optimizer_step, steps_per_call
+from tfpar.callbacks.sources import Sample
+from tfpar.callbacks.summaries import (
+    ScalarWriter,
+    check_log_dir,
+    custom_scalars_layout,
+    device_label,
+)
+from tfpar.stats import CommunicationStats
+
+logger = logging.getLogger("tfpar")
+
+_MIB = 1024.0 * 1024.0
+
+
+class CommunicationTime(keras.callbacks.Callback):
+    """Logs communication time, compute time and bytes moved per step to TensorBoard.
+
+    Reads the cumulative counters every tfpar strategy exposes through
+    `strategy.communication_stats()` (`tfpar.CommunicationStats`) and logs,
+    per step, averaged over the steps since the previous sample:
+
+    - `comm/step_time_ms`: wall time of a training step (measured here, from
+      the start to the end of each batch, so epoch ends and validation do not
+      count).
+    - `comm/time_ms`: time spent communicating, as the strategy measured it:
+      gradient reductions for `tfpar.MirroredStrategy`, stage-boundary
+      transfers for `tfpar.PipelineStrategy`, variable reads and updates on
+      the parameter servers for `tfpar.ParameterServerStrategy`.
+    - `comm/compute_ms`: step time minus communication time.
+    - `comm/fraction`: communication time over step time, in [0, 1].
+    - `comm/bytes_per_step`: bytes moved (after any compression) per step.
+    - `comm/bandwidth_mib_per_s`: bytes moved over communication time.
+    - `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../bytes_sent_per_step`,
+      and `.../idle_ms` (`.../bubble_ms` for a pipeline stage), where the
+      strategy counts per device. A counter that is zero on every device is
+      taken as not kept by the strategy and is not logged.
+
+    Under a strategy without `communication_stats()` (the stock
+    `tf.distribute` strategies, or none) it says once, with a warning, what it
+    cannot measure, and logs `comm/step_time_ms` only.
+
+    Scalars go to `<log_dir>/train` at the optimizer's step, beside Keras's
+    `TensorBoard` callback. The first sample is a baseline taken after the
+    first (tracing) step; the last is written when training ends, so even a
+    short `fit` logs one point.
+
+    Args:
+        log_dir: Folder for the event files, the same as Keras's `TensorBoard`
+            callback's `log_dir`. Created if missing; must be writable.
+        every_steps: Sample every this many steps; `None` (default) samples
+            on time only.
+        every_seconds: Sample every this many seconds; `None` samples on
+            steps only. Defaults to `10.0`.
+
+    Raises:
+        ValueError: For an unwritable `log_dir` or a cadence that is not
+            positive.
+        TypeError: For arguments of the wrong type.
+
+    Example:
+
+    ```python
+    strategy = tfpar.MirroredStrategy()
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, callbacks=[CommunicationTime("runs/x", every_steps=50)])
+    ```
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        every_steps: int | None = None,
+        every_seconds: float | None = 10.0,
+    ) -> None:
+        super().__init__()
+        self.log_dir = check_log_dir(log_dir)
+        self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds)
+        self._writer = ScalarWriter(self.log_dir)
+        self._trigger = Trigger(self.cadence)
+        self._stats: Callable[[], CommunicationStats] | None = None
+        self._warned = False
+        self._failed = False
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._step = 0
+        self._first_step = 0
+        self._batch_start = 0.0
+        self._busy = 0.0  # seconds inside batches since the last sample
+        self._steps = 0  # steps since the last sample
+        self._previous: CommunicationStats | None = None
+        self._baseline = False
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Finds the strategy's counters, or says once what cannot be measured."""
+        self._reset_run()
+        self._trigger = Trigger(self.cadence)
+        self._first_step = optimizer_step(self.model)
+        strategy = self.model.distribute_strategy
+        stats = getattr(strategy, "communication_stats", None)
+        self._stats = stats if callable(stats) else None
+        if self._stats is None and not self._warned:
+            self._warned = True
+            logger.warning("tfpar CommunicationTime: %s", _unmeasured(strategy))
+        self._writer.add_layout(custom_scalars_layout())
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        """Starts the batch's clock."""
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Adds the batch's time; takes a sample when the cadence says so."""
+        elapsed = time.perf_counter() - self._batch_start
+        per_call = steps_per_call(self.model)
+        self._step += per_call
+        if self._baseline:
+            self._busy += elapsed
+            self._steps += per_call
+        if self._trigger.due(self._step):
+            self._sample()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Writes the steps since the last sample and closes the event file."""
+        if self._steps:
+            self._sample()
+        self._writer.close()
+
+    def _sample(self) -> None:
+        current = self._read_stats()
+        if self._baseline and self._steps:
+            step = self._first_step + self._step
+            delta = None
+            if current is not None and self._previous is not None:
+                delta = current.since(self._previous)
+            for sample in step_samples(self._busy, self._steps, delta):
+                self._writer.add(step, sample.tag, sample.value)
+            self._writer.flush()
+        self._baseline = True
+        self._previous = current
+        self._busy = 0.0
+        self._steps = 0
+
+    def _read_stats(self) -> CommunicationStats | None:
+        if self._stats is None:
+            return None
+        try:
+            return self._stats()
+        except Exception as err:  # never break training over a measurement
+            if not self._failed:
+                self._failed = True
+                logger.warning(
+                    "tfpar CommunicationTime: communication_stats() failed "
+                    "(%s: %s); logging step time only. Logged once.",
+                    type(err).__name__,
+                    err,
+                )
+            return None
+
+
+def _unmeasured(strategy: object) -> str:
+    """Says what cannot be measured under a strategy without counters."""
+    name = type(strategy).__name__
+    if name == "_DefaultDistributionStrategy":
+        return (
+            "the model is under no tf.distribute strategy (one device), so there "
+            "is no communication to measure; logging step time only "
+            "(comm/step_time_ms)."
+        )
+    return (
+        f"{name} has no communication_stats(), so communication time, compute "
+        "time, communication fraction, bytes moved and bandwidth cannot be "
+        "measured; logging step time only (comm/step_time_ms). Use "
+        "tfpar.MirroredStrategy, tfpar.PipelineStrategy or "
+        "tfpar.ParameterServerStrategy to measure communication."
+    )
+
+
+def step_samples(
+    busy_seconds: float, steps: int, delta: CommunicationStats | None
+) -> list[Sample]:
+    """Turns measured step time and a counter delta into per-step samples.
+
+    The one place where communication arithmetic is done.
+
+    Args:
+        busy_seconds: Wall time spent inside the measured batches.
+        steps: Steps measured (`> 0`).
+        delta: Counters accumulated over the same steps
+            (`later.since(earlier)`), or `None` when the strategy has none.
+
+    Returns:
+        The samples, tags as documented in `CommunicationTime`.
+
+    Example:
+
+    ```python
+    delta = tfpar.CommunicationStats("allreduce", steps=10, comm_seconds=0.02,
+                                     bytes_moved=4_000_000)
+    step_samples(0.1, 10, delta)  # step 10 ms, comm 2 ms, fraction 0.2, ...
+    ```
+    """
+    step_ms = 1000.0 * busy_seconds / steps
+    samples = [Sample("comm/step_time_ms", step_ms)]
+    if delta is None:
+        return samples
+    # The strategy's own step count, when it has one, is the right divisor for
+    # its counters (a pipeline step may not be one Keras batch).
+    counted = delta.steps if delta.steps > 0 else steps
+    comm_ms = 1000.0 * delta.comm_seconds / counted
+    samples += [
+        Sample("comm/time_ms", comm_ms),
+        Sample("comm/compute_ms", max(0.0, step_ms - comm_ms)),
+        Sample("comm/fraction", min(1.0, comm_ms / step_ms) if step_ms > 0 else 0.0),
+        Sample("comm/bytes_per_step", delta.bytes_moved / counted),
+    ]
+    if delta.comm_seconds > 0:
+        bandwidth = delta.bytes_moved / delta.comm_seconds / _MIB
+        samples.append(Sample("comm/bandwidth_mib_per_s", bandwidth))
+    # (tag suffix, counter, scale): a counter that is zero on every device is
+    # one the strategy does not keep (a mirrored strategy has no busy time),
+    # and is left out rather than logged as a made-up zero.
+    idle = "bubble_ms" if delta.kind == "pipeline" else "idle_ms"
+    fields = [
+        ("busy_ms", "busy_seconds", 1000.0),
+        ("comm_ms", "comm_seconds", 1000.0),
+        (idle, "idle_seconds", 1000.0),
+        ("bytes_sent_per_step", "bytes_sent", 1.0),
+    ]
+    for suffix, counter, scale in fields:
+        if not any(getattr(d, counter) for d in delta.devices):
+            continue
+        for device in delta.devices:
+            tag = f"comm/device/{device_label(device.device)}/{suffix}"
+            samples.append(Sample(tag, scale * getattr(device, counter) / counted))
+    return samples

@@ -1,0 +1,232 @@
+"""Turning samples into TensorBoard scalars: one batched, lazy writer.
+
+Both callbacks write into the run folder Keras's own `TensorBoard` callback
+uses (`<log_dir>/train`), with the optimizer's step, so their charts sit beside
+Keras's. TensorBoard merges several event files in one folder into one run.
+Writes are buffered and flushed in one batch per sample, because one
+`tf.summary` write per training step costs about a millisecond.
+
+Tag scheme (device names lose their leading `/device:`; remote devices keep
+their job and task, e.g. `worker:1/CPU:0`):
+
+- `device/<device>/utilization`, `device/<device>/memory_mib`,
+  `device/<device>/peak_memory_mib`
+- `host/cpu_utilization`, `host/rss_mib`, `host/peak_rss_mib`
+- `comm/step_time_ms`, `comm/time_ms`, `comm/compute_ms`, `comm/fraction`,
+  `comm/bytes_per_step`, `comm/bandwidth_mib_per_s`
+- `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../idle_ms` (for a pipeline
+  stage: `.../bubble_ms`), `.../bytes_sent_per_step`
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import tensorflow as tf
+
+TRAIN_RUN = "train"
+
+
+def device_label(device: str) -> str:
+    """Returns the short form of a device name used in tags.
+
+    Args:
+        device: A canonical device name such as `"/device:CPU:1"` or
+            `"/job:worker/replica:0/task:1/device:CPU:0"`.
+
+    Returns:
+        `"CPU:1"` for a local device, `"worker:1/CPU:0"` for a remote one.
+
+    Example:
+
+    ```python
+    device_label("/device:GPU:0")  # 'GPU:0'
+    ```
+    """
+    spec = tf.DeviceSpec.from_string(device)
+    local = f"{(spec.device_type or 'CPU').upper()}:{spec.device_index or 0}"
+    if spec.job in (None, "localhost"):
+        return local
+    return f"{spec.job}:{spec.task or 0}/{local}"
+
+
+class ScalarWriter:
+    """Buffers scalars and writes them to `<log_dir>/train` in batches.
+
+    The event file is created on the first flush that has something to write,
+    so a callback that never samples leaves no empty file behind. Thread-safe:
+    background samplers may `add` while the training thread flushes.
+
+    Args:
+        log_dir: The log directory shared with Keras's `TensorBoard` callback.
+        run: The run folder under `log_dir`. Defaults to `"train"`.
+
+    Example:
+
+    ```python
+    writer = ScalarWriter("runs/x")
+    writer.add(10, "host/rss_mib", 812.5)
+    writer.flush()
+    writer.close()
+    ```
+    """
+
+    def __init__(self, log_dir: str, *, run: str = TRAIN_RUN) -> None:
+        self._path = os.path.join(log_dir, run)
+        self._pending: list[tuple[int, str, float]] = []
+        self._layout: bytes | None = None
+        self._lock = threading.Lock()
+        self._writer: tf.summary.SummaryWriter | None = None
+
+    @property
+    def path(self) -> str:
+        """The run folder the event file goes to."""
+        return self._path
+
+    def add(self, step: int, tag: str, value: float) -> None:
+        """Queues one scalar; nothing is written until `flush`."""
+        with self._lock:
+            self._pending.append((step, tag, float(value)))
+
+    def add_layout(self, layout: bytes) -> None:
+        """Queues a serialized custom-scalars layout, written once at step 0."""
+        with self._lock:
+            self._layout = layout
+
+    def flush(self) -> None:
+        """Writes every queued scalar in one batch."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            layout, self._layout = self._layout, None
+        if not pending and layout is None:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self._path)
+        with self._writer.as_default():
+            if layout is not None:
+                tf.summary.experimental.write_raw_pb(layout, step=0)
+            for step, tag, value in pending:
+                tf.summary.scalar(tag, value, step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the event file (a later flush opens a new one)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def custom_scalars_layout() -> bytes:
+    """Builds tfpar's custom-scalars layout: one chart per metric, all devices in it.
+
+    TF2 has no API for the layout (the custom-scalars plugin reads a proto
+    written with `write_raw_pb`); chart tags are regular expressions, so one
+    chart collects a metric from every device. The plugin keeps one layout per
+    run folder, so both callbacks write this same full layout: charts of a
+    callback that is not in use stay empty. Device-memory charts, which only
+    GPUs fill, are left out on a machine without GPUs.
+
+    Returns:
+        The serialized `Summary` proto to pass to `ScalarWriter.add_layout`.
+
+    Example:
+
+    ```python
+    writer.add_layout(custom_scalars_layout())
+    ```
+    """
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.summary.v1 import custom_scalar_pb
+
+    gpus = bool(tf.config.list_logical_devices("GPU"))
+    categories = []
+    for title, charts in LAYOUT:
+        category = layout_pb2.Category(title=title)
+        for chart_title, pattern in charts:
+            if "memory_mib" in pattern and pattern.startswith("^device") and not gpus:
+                continue
+            category.chart.add(title=chart_title).multiline.tag.append(pattern)
+        categories.append(category)
+    layout = layout_pb2.Layout(category=categories)
+    return custom_scalar_pb(layout).SerializeToString()
+
+
+# (category, [(chart title, tag regex)]): what `custom_scalars_layout` shows.
+LAYOUT: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "tfpar: devices",
+        (
+            ("utilization (%)", r"^device/.+/utilization$"),
+            ("memory in use (MiB)", r"^device/.+/(nvml_)?memory_mib$"),
+            ("peak memory (MiB)", r"^device/.+/peak_memory_mib$"),
+            ("host CPU (%)", r"^host/cpu_utilization$"),
+            ("host memory (MiB)", r"^host/(peak_)?rss_mib$"),
+        ),
+    ),
+    (
+        "tfpar: communication",
+        (
+            (
+                "step, communication and compute time (ms)",
+                r"^comm/(step_time|time|compute)_ms$",
+            ),
+            ("communication fraction", r"^comm/fraction$"),
+            ("bytes per step", r"^comm/bytes_per_step$"),
+            ("effective bandwidth (MiB/s)", r"^comm/bandwidth_mib_per_s$"),
+            ("busy time per device (ms/step)", r"^comm/device/.+/busy_ms$"),
+            ("communication time per device (ms/step)", r"^comm/device/.+/comm_ms$"),
+            (
+                "idle or bubble time per device (ms/step)",
+                r"^comm/device/.+/(idle|bubble)_ms$",
+            ),
+        ),
+    ),
+)
+
+
+def check_log_dir(log_dir: object) -> str:
+    """Validates a callback's `log_dir` when the callback is constructed.
+
+    Local folders are created if missing and must be writable; remote paths
+    (`gs://`, `s3://`, ...) are left to `tf.io.gfile`.
+
+    Args:
+        log_dir: The argument as received.
+
+    Returns:
+        `log_dir` as a string path.
+
+    Raises:
+        TypeError: If `log_dir` is not a string or path-like.
+        ValueError: If the folder cannot be created or is not writable.
+
+    Example:
+
+    ```python
+    check_log_dir("runs/x")  # 'runs/x', created if missing
+    ```
+    """
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"`log_dir` must be a path. Received: log_dir={log_dir!r} of type "
+            f"{type(log_dir).__name__}."
+        )
+    path = os.fspath(log_dir)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"`log_dir` must be a non-empty path. Received: {log_dir!r}.")
+    if "://" in path:
+        return path
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"Cannot create the log directory. Received: log_dir={path!r} ({err})."
+        ) from err
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"The log directory is not writable. Received: log_dir={path!r} "
+            "(must be a folder this process can write)."
+        )
+    return path
