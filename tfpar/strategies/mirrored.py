@@ -72,10 +72,9 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
     import keras
     import numpy as np
     import tfpar
-    from tfpar.strategies.mirrored import MirroredStrategy
 
     tfpar.simulate_devices(2)
-    strategy = MirroredStrategy(compression="bf16")
+    strategy = tfpar.MirroredStrategy(compression="bf16")
     with strategy.scope():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
         model.compile(optimizer="sgd", loss="mse")

@@ -126,9 +126,8 @@ class PipelineStrategy(tf.distribute.Strategy):
     import tfpar
     tfpar.simulate_devices(2)
     import keras, numpy as np
-    from tfpar.strategies.pipeline import PipelineStrategy
 
-    strategy = PipelineStrategy(num_microbatches=4)
+    strategy = tfpar.PipelineStrategy(num_microbatches=4)
     with strategy.scope():
         model = keras.Sequential(
             [keras.Input((8,))]
