@@ -9,7 +9,6 @@ import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from tests.callbacks._tb import read_scalars
-from tfpar.callbacks import _compat
 from tfpar.callbacks.device_utilization import DeviceUtilization
 from tfpar.callbacks.profiling import OpDevices, StepProfiler, busy_seconds
 
@@ -86,20 +85,6 @@ def test_busy_time_is_the_union_of_op_intervals_per_device() -> None:
         fallback_device="/device:CPU:0",
     )
     assert single == {"/device:CPU:0": pytest.approx(0.008)}  # 0-6 and 10-12 ms
-
-
-def test_compat_graph_collection_returns_placed_graphs() -> None:
-    # Fails loudly if TensorFlow drops the private graph-collection API.
-    @tf.function
-    def f(x: tf.Tensor) -> tf.Tensor:
-        with tf.device("/device:CPU:1"):
-            y = tf.linalg.matmul(x, x, name="placed_on_one")
-        return y + 1.0
-
-    _compat.start_graph_collection()
-    f(tf.ones((4, 4)))
-    ops = OpDevices.from_run_metadata(_compat.stop_graph_collection())
-    assert ops.devices["placed_on_one"] == "/device:CPU:1"
 
 
 def test_profiler_held_elsewhere_is_skipped_with_one_warning(

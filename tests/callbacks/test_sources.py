@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tfpar.callbacks import _compat
+from tfpar import _compat
 from tfpar.callbacks.sources import HostSource, NvmlSource, TensorFlowMemorySource
 
 

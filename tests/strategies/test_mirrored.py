@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python
-from tfpar.strategies import _compat_mirrored as compat
 from tfpar.strategies.mirrored import MirroredStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -281,22 +280,6 @@ def test_saved_model_and_checkpoint_never_need_tfpar(tmp_path: object) -> None:
         got = model.predict(np.load("{tmp_path}/x.npy"), verbose=0)
         np.testing.assert_allclose(got, np.load("{tmp_path}/expected.npy"), rtol=1e-6)
         """
-    )
-
-
-def test_private_tensorflow_internals_exist() -> None:
-    # Fails loudly when a TensorFlow or Keras upgrade removes what
-    # tfpar/strategies/_compat_mirrored.py relies on.
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-    from tensorflow.python.distribute import values
-
-    assert hasattr(values, "PerReplica") and hasattr(values, "Mirrored")
-    assert hasattr(TensorFlowTrainer, "_maybe_symbolic_build")
-    assert tf.distribute.MirroredStrategy._collective_key_base == 0
-    stock = tf.distribute.MirroredStrategy(DEVICES)
-    assert isinstance(
-        compat.stock_default_cross_device_ops(stock.extended),
-        tf.distribute.CrossDeviceOps,
     )
 
 

@@ -11,7 +11,6 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python
-from tfpar.strategies import _compat_pipeline
 from tfpar.strategies.pipeline import PipelineStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -371,26 +370,6 @@ def test_is_a_strategy_and_one_stage_is_plain_training() -> None:
     reference = train(None, mlp, batch_size=8, epochs=1)
     model = train(strategy, mlp, batch_size=8, epochs=1)
     assert_same_weights(reference, model)
-
-
-def test_compat_internals_exist() -> None:
-    # Fails loudly when a TensorFlow or Keras upgrade removes what
-    # _compat_pipeline relies on.
-    model = mlp()
-    model.compile(optimizer="sgd", loss="mse")
-    assert _compat_pipeline.keras_step(model.train_step) == (model, "train")
-    assert _compat_pipeline.keras_step(model.test_step) == (model, "test")
-    assert isinstance(_compat_pipeline.loss_tracker(model), keras.metrics.Mean)
-    variable = model.get_layer("d0").kernel
-    assert isinstance(variable.value, tf.Variable) and hasattr(variable, "_value")
-    unique_id = variable.value._unique_id
-    _compat_pipeline.move_variable(variable, "/device:CPU:1")
-    assert (
-        variable.value.device.endswith("CPU:1")
-        and variable.value._unique_id == unique_id
-    )
-    assert hasattr(_compat_pipeline.OneDeviceExtended, "_call_for_each_replica")
-    assert hasattr(_compat_pipeline.OneDeviceExtended, "_update")
 
 
 def test_stages_on_cluster_workers_match_and_fail_cleanly() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from tfpar.callbacks import _compat
+from tfpar import _compat
 from tfpar.callbacks.cadence import (
     Cadence,
     Trigger,

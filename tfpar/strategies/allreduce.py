@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfpar import _compat as compat
 from tfpar.stats import CommunicationStats, DeviceCommunication
-from tfpar.strategies import _compat_mirrored as compat
 
 ALL_REDUCE_CHOICES = (
     "auto",

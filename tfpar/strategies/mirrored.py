@@ -15,9 +15,9 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar import _compat as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
-from tfpar.strategies import _compat_mirrored as compat
 from tfpar.strategies.allreduce import AllReduceOptions, MeasuredAllReduce
 
 

@@ -26,9 +26,9 @@ import keras
 import tensorflow as tf
 from keras import tree
 
+from tfpar import _compat as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
-from tfpar.strategies import _compat_pipeline as compat
 from tfpar.strategies import microbatch
 from tfpar.strategies.partition import Partition, partition_model
 from tfpar.strategies.pipeline_engine import PipelineEngine, StageCounters

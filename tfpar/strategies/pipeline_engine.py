@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from tfpar.strategies import _compat_pipeline as compat
+from tfpar import _compat as compat
 from tfpar.strategies import microbatch
 from tfpar.strategies.partition import Partition
 from tfpar.strategies.schedules import BACKWARD, Action, Schedule
