@@ -117,3 +117,18 @@ def test_a_killed_parent_leaves_no_server_behind():
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 3
     assert wait_dead(pids, timeout=5) == []
+
+
+def test_a_killed_parent_leaves_no_stopped_server_behind():
+    proc = run_python(
+        """
+        import os, signal, tfpar
+        cluster = tfpar.LocalCluster(num_workers=1, pin_cores=False).start()
+        cluster.kill("worker", 0, signal.SIGSTOP)  # a frozen server runs no thread
+        print(cluster.pid("worker", 0), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert wait_dead([int(proc.stdout.split()[0])], timeout=5) == []

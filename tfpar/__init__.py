@@ -12,6 +12,7 @@ from tfpar.cluster import LocalCluster
 from tfpar.devices import default_devices, simulate_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.mirrored import MirroredStrategy
+from tfpar.strategies.parameter_server import ParameterServerStrategy
 from tfpar.strategies.pipeline import PipelineStrategy
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceCommunication",
     "LocalCluster",
     "MirroredStrategy",
+    "ParameterServerStrategy",
     "PipelineStrategy",
     "__version__",
     "callbacks",

@@ -38,13 +38,15 @@ class LocalCluster:
     process running `tf.distribute.Server` on a free loopback port; it receives
     its role through `TF_CONFIG`, like a task of a real cluster, and runs
     `tfpar server`. With `pin_cores=True` each process is pinned to one core
-    (round robin over the cores this process may use) with one intra-op and
-    one inter-op thread.
+    (round robin over the cores this process may use) with one intra-op
+    thread (and two inter-op threads: with one, parameter-server steps
+    deadlock).
 
     Use it as a context manager: every process it started is stopped on exit,
     also on exceptions and Ctrl-C. Should this process die without cleaning up
-    (SIGKILL), each server notices within 0.2 s that its parent is gone and
-    exits.
+    (SIGKILL), each server exits too, even a SIGSTOPped one. Start and restart
+    tasks from a thread that lives as long as the cluster (Linux ties a
+    child's parent-death signal to the thread that started it).
 
     Args:
         num_workers: Number of worker tasks, an int >= 1. Defaults to 2.

@@ -13,10 +13,13 @@ README.md, "Isolating a cluster".
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +35,11 @@ SECURITY_WARNING = (
 )
 
 READY_LINE = "tfpar-server-ready"
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+# Inter-op threads of a task pinned to one core (see `serve`).
+PINNED_INTER_OP_THREADS = 2
 
 
 def validate_cluster_spec(cluster: Mapping[str, Sequence[str]]) -> None:
@@ -89,10 +97,12 @@ def serve(
         job_name: This task's job, a key of `cluster`.
         task_index: This task's index within its job.
         core: If set, pins the process to this CPU core and gives TensorFlow
-            one intra-op and one inter-op thread, so the task is one honest
+            one intra-op thread (and two inter-op threads, so that a blocked
+            receive cannot deadlock the task), so the task is one honest
             "device" on a shared machine.
         parent_pid: If set, exits as soon as this process is no longer the
-            parent, so that no server outlives the program that started it.
+            parent, so that no server outlives the program that started it,
+            even a SIGSTOPped one (on Linux).
 
     Raises:
         ValueError: If the spec is invalid or does not contain the task.
@@ -116,11 +126,14 @@ def serve(
 
     config = None
     if core is not None:
+        # One thread computes. Two inter-op threads, not one: parameter-server
+        # steps deadlock when a task's only inter-op thread waits on a peer.
         config = tf.compat.v1.ConfigProto(
-            intra_op_parallelism_threads=1, inter_op_parallelism_threads=1
+            intra_op_parallelism_threads=1,
+            inter_op_parallelism_threads=PINNED_INTER_OP_THREADS,
         )
         tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(PINNED_INTER_OP_THREADS)
     logger.warning(SECURITY_WARNING)
     server = tf.distribute.Server(
         tf.train.ClusterSpec({job: list(a) for job, a in cluster.items()}),
@@ -136,6 +149,14 @@ def serve(
 
 def _exit_with_parent(parent_pid: int) -> None:
     """Ends this process once its parent is gone (it was killed, or crashed)."""
+    if sys.platform.startswith("linux"):
+        # A SIGSTOPped server runs no thread, so let the kernel kill it too.
+        # Linux ties this to the parent *thread* that started the process:
+        # LocalCluster starts servers from the thread that owns the cluster.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
 
     def watch() -> None:
         while os.getppid() == parent_pid:

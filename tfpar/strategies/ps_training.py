@@ -1,0 +1,353 @@
+"""Keras 3 `fit`/`evaluate`/`predict` through a `ClusterCoordinator`.
+
+Keras 3 drives training with `model.train_function(iterator)`, once per
+`steps_per_execution` steps, and reuses an existing `train_function` (the same
+for `test_function` and `predict_function`). `ParameterServerStrategy` gives
+each model built under it a `CoordinatedFunctions` object whose functions
+schedule the work on the workers instead of running it:
+
+- training: each call schedules one function that runs `steps_per_execution`
+  of Keras's own `train_step` on a worker, reading batches from that worker's
+  copy of the dataset (`ClusterCoordinator.create_per_worker_dataset`), in
+  the style of tf-keras 2 and TensorFlow's RFC 334. Steps run
+  asynchronously; at most `max_in_flight` are queued ahead.
+- evaluation and prediction: the coordinator reads the batches and sends each
+  to a worker (exactly once), so metrics and outputs are exact and in order.
+- `model.get_metrics_result()` (which Keras calls at epoch end) first waits
+  for every scheduled step, then reads the metric variables, which live on
+  the parameter servers and so reflect all workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfpar import _compat
+from tfpar.strategies.ps_watchdog import StepTracker
+
+if TYPE_CHECKING:
+    from tfpar.strategies.parameter_server import ParameterServerStrategy
+
+
+class KerasInput:
+    """A dataset handed to Keras by `experimental_distribute_dataset`.
+
+    Iterating it gives an `InputHandle`: Keras passes that to the train, test
+    and predict functions, which either read batches on the coordinator or
+    use the per-worker iterator.
+
+    Args:
+        strategy: The strategy.
+        dataset: The `tf.data.Dataset` Keras built from the user's input.
+        options: `tf.distribute.InputOptions` or `None`.
+        epoch_iterator: The Keras epoch iterator that owns this input.
+    """
+
+    def __init__(
+        self,
+        strategy: ParameterServerStrategy,
+        dataset: tf.data.Dataset,
+        options: tf.distribute.InputOptions | None,
+        epoch_iterator: Any,
+    ) -> None:
+        self.strategy = strategy
+        self.dataset = dataset
+        self.options = options
+        self.epoch_iterator = epoch_iterator
+        self._per_worker_iterator: Any = None
+        self.steps_in_epoch = 0  # steps scheduled in the current epoch
+
+    def __iter__(self) -> InputHandle:
+        return InputHandle(self)
+
+    def per_worker_iterator(self) -> Any:
+        """Each worker's iterator over its own, endlessly repeated, copy.
+
+        Built once per dataset object and reused by later `fit` calls on it:
+        building costs a dataset serialization and new functions registered
+        with every worker (which a frozen worker would block).
+        """
+        if self._per_worker_iterator is None:
+            cache = self.strategy.per_worker_iterators
+            with contextlib.suppress(TypeError):  # not weakly referenceable
+                self._per_worker_iterator = cache.get(self.dataset)
+        if self._per_worker_iterator is None:
+            # Workers read independently, so an epoch is a number of steps, not
+            # one pass over the data: each copy repeats (as in tf-keras 2).
+            distributed = (
+                tf.distribute.ParameterServerStrategy.experimental_distribute_dataset(
+                    self.strategy, self.dataset.repeat(), self.options
+                )
+            )
+            coordinator = self.strategy.coordinator
+            per_worker = coordinator.create_per_worker_dataset(distributed)
+            self._per_worker_iterator = iter(per_worker)
+            with contextlib.suppress(TypeError):
+                self.strategy.per_worker_iterators[self.dataset] = (
+                    self._per_worker_iterator
+                )
+        return self._per_worker_iterator
+
+
+class InputHandle(Iterator[Any]):
+    """What Keras's epoch iterator yields to the step functions.
+
+    `next()` reads a batch on the coordinator (Keras does so once to build
+    the model, and tfpar for evaluation and prediction).
+    """
+
+    def __init__(self, source: KerasInput) -> None:
+        self.source = source
+        self._local: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        if self._local is None:
+            self._local = iter(self.source.dataset)
+        return next(self._local)
+
+
+class CoordinatedFunctions:
+    """The train, test and predict functions of one model under the strategy.
+
+    Args:
+        model: The Keras model, built under `strategy`.
+        strategy: The strategy.
+    """
+
+    def __init__(self, model: keras.Model, strategy: ParameterServerStrategy) -> None:
+        self.model = model
+        self.strategy = strategy
+        self.tracker: StepTracker = strategy.tracker
+        self._original_get_metrics_result = model.get_metrics_result
+        self._train_fn = tf.function(self._train_steps, reduce_retracing=True)
+        self._test_fn = tf.function(self._test_steps, reduce_retracing=True)
+        self._predict_fn = tf.function(self._predict_steps, reduce_retracing=True)
+        self._metric_names: list[str] | None = None
+        self._variables_checked = False
+        # Names and shapes of the packed step results, recorded while tracing.
+        self._layouts: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+
+    def install(self) -> None:
+        """Gives the model these functions (an instance attribute each).
+
+        Only this model changes; Keras re-creates its own functions when the
+        model is compiled again, and `install` is then called again.
+        """
+        self.model.train_function = self.train_function
+        self.model.test_function = self.test_function
+        self.model.predict_function = self.predict_function
+        self.model.get_metrics_result = self.get_metrics_result
+
+    def installed(self) -> bool:
+        """Whether the model still uses these functions."""
+        return getattr(self.model, "train_function", None) == self.train_function
+
+    # What Keras calls.
+
+    def train_function(self, handle: InputHandle) -> dict[str, Any]:
+        """Schedules `steps_per_execution` training steps on some worker."""
+        self._prepare_variables()
+        self._current_logs()  # reads the metric names before scheduling
+        source = handle.source
+        epoch_steps = source.epoch_iterator.num_batches
+        if not epoch_steps:
+            raise ValueError(
+                "Under tfpar.ParameterServerStrategy each worker reads its own "
+                "copy of the data, so an epoch is a number of steps: pass "
+                "`steps_per_epoch` to fit() for a dataset of unknown or "
+                f"infinite length. Received: steps_per_epoch={epoch_steps!r}."
+            )
+        steps = min(
+            int(self.model.steps_per_execution), epoch_steps - source.steps_in_epoch
+        )
+        source.steps_in_epoch = (source.steps_in_epoch + steps) % epoch_steps
+        coordinator = self.strategy.coordinator
+        limit = self.strategy.max_in_flight
+        self.tracker.wait(coordinator, lambda: self.tracker.in_flight < limit)
+        iterator = source.per_worker_iterator()
+        self.tracker.scheduled()
+        _compat.schedule_callable(coordinator, self._train_closure, (iterator, steps))
+        return self._current_logs()
+
+    def test_function(self, handle: InputHandle) -> dict[str, Any]:
+        """Sends the next `steps_per_execution` batches to a worker."""
+        self._prepare_variables()
+        self._current_logs()  # reads the metric names before scheduling
+        batches = _take(handle, int(self.model.steps_per_execution))
+        coordinator = self.strategy.coordinator
+        limit = self.strategy.max_in_flight
+        self.tracker.wait(coordinator, lambda: self.tracker.in_flight < limit)
+        self.tracker.scheduled()
+        _compat.schedule_callable(coordinator, self._test_closure, (batches,))
+        return self._current_logs()
+
+    def predict_function(self, batches: list[Any]) -> Any:
+        """Predicts `batches` on a worker and returns the outputs, in order."""
+        coordinator = self.strategy.coordinator
+        self.tracker.scheduled()
+        remote = _compat.schedule_callable(
+            coordinator, self._predict_closure, (batches,)
+        )
+        self.tracker.join(coordinator)
+        return remote.get()
+
+    def get_metrics_result(self) -> dict[str, Any]:
+        """Waits for every scheduled step, then returns the metric values."""
+        if not tf.inside_function():  # Keras also calls it inside train_step
+            self.tracker.join(self.strategy.coordinator)
+            self.tracker.latest_logs = None  # the next phase starts afresh
+        return self._original_get_metrics_result()
+
+    def _prepare_variables(self) -> None:
+        # Workers update these variables concurrently: once the model, its
+        # metrics and its optimizer are built, their updates must be atomic.
+        if self._variables_checked:
+            return
+        model = self.model
+        variables = list(model.variables)
+        for metric in model.metrics:
+            variables += metric.variables
+        if model.optimizer is not None:
+            variables += model.optimizer.variables
+        _compat.make_updates_atomic(variables)
+        self._variables_checked = True
+
+    # What runs on the coordinator's worker threads.
+
+    def _train_closure(self, iterator: Any, steps: int) -> None:
+        run = self._closure_runner("train", steps)
+        run(lambda: self._train_fn(iterator, steps))
+
+    def _test_closure(self, batches: list[Any]) -> None:
+        run = self._closure_runner("test", 0)
+        run(lambda: self._test_fn(batches))
+
+    def _predict_closure(self, batches: list[Any]) -> Any:
+        worker = _compat.current_worker_index()
+        started = self.tracker.start(worker)
+        try:
+            with _compat.scheduled_tracing():
+                outputs = self._predict_fn(batches)
+            tf.nest.map_structure(lambda t: t.numpy(), outputs)  # wait for it
+        except BaseException:
+            self.tracker.fail(worker)
+            raise
+        self.tracker.finish(worker, started, steps=0, device_seconds=0.0, logs=None)
+        return outputs
+
+    def _closure_runner(
+        self, kind: str, steps: int
+    ) -> Callable[[Callable[[], Any]], None]:
+        def run(call: Callable[[], Any]) -> None:
+            worker = _compat.current_worker_index()
+            started = self.tracker.start(worker)
+            try:
+                with _compat.scheduled_tracing():
+                    packed = call()
+                # Reading the results waits for the step, so the wall time and
+                # the deadline cover the whole step. One tensor: one transfer.
+                local, device_seconds = self._unpack(kind, packed.numpy())
+            except BaseException:
+                self.tracker.fail(worker)
+                raise
+            self.tracker.finish(
+                worker, started, steps=steps, device_seconds=device_seconds, logs=local
+            )
+
+        return run
+
+    # The step functions, traced once per shape and run on a worker.
+
+    @tf.autograph.experimental.do_not_convert
+    def _train_steps(self, iterator: Any, steps: int) -> tf.Tensor:
+        start = tf.timestamp()
+        with tf.control_dependencies([start]):
+            logs = self._run(self.model.train_step, next(iterator))
+        if steps > 1:
+
+            def body(i: tf.Tensor, _: Any) -> tuple[tf.Tensor, Any]:
+                return i + 1, self._run(self.model.train_step, next(iterator))
+
+            _, logs = tf.while_loop(
+                lambda i, _: i < steps - 1, body, (tf.constant(0), logs)
+            )
+        with tf.control_dependencies(tf.nest.flatten(logs)):
+            end = tf.timestamp()
+        return self._pack("train", logs, end - start)
+
+    @tf.autograph.experimental.do_not_convert
+    def _test_steps(self, batches: list[Any]) -> tf.Tensor:
+        start = tf.timestamp()
+        logs: Any = None
+        for batch in batches:
+            deps = tf.nest.flatten(logs) if logs is not None else [start]
+            with tf.control_dependencies(deps):
+                logs = self._run(self.model.test_step, batch)
+        with tf.control_dependencies(tf.nest.flatten(logs)):
+            end = tf.timestamp()
+        return self._pack("test", logs, end - start)
+
+    @tf.autograph.experimental.do_not_convert
+    def _predict_steps(self, batches: list[Any]) -> Any:
+        outputs = [self._run(self.model.predict_step, batch) for batch in batches]
+        if len(outputs) == 1:
+            return outputs[0]
+        return tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *outputs)
+
+    def _pack(self, kind: str, logs: dict[str, Any], seconds: tf.Tensor) -> tf.Tensor:
+        """Packs the metric values and the step time into one float64 vector."""
+        names = sorted(logs)
+        self._layouts[kind] = [(name, tuple(logs[name].shape)) for name in names]
+        parts = [tf.reshape(tf.cast(logs[name], tf.float64), [-1]) for name in names]
+        return tf.concat([*parts, tf.reshape(seconds, [1])], axis=0)
+
+    def _unpack(self, kind: str, flat: np.ndarray) -> tuple[dict[str, Any], float]:
+        logs: dict[str, Any] = {}
+        offset = 0
+        for name, shape in self._layouts[kind]:
+            size = int(np.prod(shape))
+            value = flat[offset : offset + size]
+            logs[name] = float(value[0]) if not shape else value.reshape(shape)
+            offset += size
+        return logs, float(flat[-1])
+
+    def _run(self, step: Callable[[Any], Any], data: Any) -> Any:
+        outputs = self.strategy.run(step, args=(data,))
+        # One replica per worker: each value is that replica's tensor.
+        return tf.nest.map_structure(
+            lambda v: self.strategy.experimental_local_results(v)[0], outputs
+        )
+
+    def _current_logs(self) -> dict[str, Any]:
+        """The metrics of the latest finished step, for the progress bar.
+
+        Keras needs the metric names in the logs at epoch end; until a step
+        of the current phase finished, their values are NaN. The names are
+        read once, before anything is scheduled: reading variables on the
+        parameter servers while TensorFlow recovers a worker can block.
+        """
+        if self._metric_names is None:
+            self._metric_names = list(self._original_get_metrics_result())
+        logs = self.tracker.latest_logs
+        if logs is None or set(logs) != set(self._metric_names):
+            return {name: float("nan") for name in self._metric_names}
+        return logs
+
+
+def _take(handle: InputHandle, count: int) -> list[Any]:
+    """Reads up to `count` batches; raises `StopIteration` if there is none."""
+    batches = []
+    for _ in range(count):
+        try:
+            batches.append(next(handle))
+        except (StopIteration, tf.errors.OutOfRangeError):
+            break
+    if not batches:
+        raise StopIteration
+    return batches

@@ -1,0 +1,250 @@
+"""Step bookkeeping for parameter-server training: progress, deadlines, errors.
+
+`tf.distribute.coordinator.ClusterCoordinator` runs each scheduled function
+on one of its worker threads and offers only blocking waits (`join`,
+`RemoteValue.fetch`) without a timeout: a frozen worker (SIGSTOP, a hung
+host) makes them wait forever. tfpar therefore schedules a small Python
+closure around each step function; the closure reports to a `StepTracker`
+when it starts and ends on which worker, and the coordinator thread waits on
+the tracker with a deadline instead of calling `join()`.
+
+The same records give per-worker step counts and times for
+`ParameterServerStrategy.communication_stats()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+# How often a waiting coordinator wakes up to check deadlines and errors.
+_POLL_SECONDS = 0.05
+
+
+class StepDeadlineExceededError(TimeoutError):
+    """A scheduled step ran longer than the step deadline on a worker.
+
+    Attributes:
+        tasks: The frozen workers, as `"/job:worker/replica:0/task:i"` names.
+    """
+
+    def __init__(self, message: str, tasks: Sequence[str]) -> None:
+        super().__init__(message)
+        self.tasks = tuple(tasks)
+
+
+class ClusterTaskError(RuntimeError):
+    """A cluster task failed (for example a killed parameter server).
+
+    Attributes:
+        task: The failed task, e.g. `"/job:ps/replica:0/task:0"`, or `None`
+            when TensorFlow's error does not name one.
+    """
+
+    def __init__(self, message: str, task: str | None) -> None:
+        super().__init__(message)
+        self.task = task
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    """Cumulative counters of one worker, updated by the coordinator threads.
+
+    Attributes:
+        steps: Training steps completed on the worker.
+        closures: Scheduled functions completed on the worker.
+        wall_seconds: Wall time of those functions, measured on the
+            coordinator from dispatch to results back.
+        device_seconds: Time between the first and the last op of each step
+            function, measured in the graph on the worker (`tf.timestamp`).
+        running_since: Monotonic start time of the function now running on
+            the worker, or `None` when it is idle.
+        failures: Scheduled functions that failed on the worker (and that the
+            coordinator ran again elsewhere).
+    """
+
+    steps: int = 0
+    closures: int = 0
+    wall_seconds: float = 0.0
+    device_seconds: float = 0.0
+    running_since: float | None = None
+    failures: int = 0
+
+
+class StepTracker:
+    """Thread-safe record of scheduled work, per worker.
+
+    Args:
+        workers: Address of each worker task, in task order.
+        step_deadline: Seconds a scheduled function may run on one worker
+            before waits raise `StepDeadlineExceededError`; `None` waits
+            forever, like TensorFlow.
+        tasks: Every task of the cluster (`"/job:ps/replica:0/task:0"` to its
+            address), to name failed tasks in errors.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[str],
+        step_deadline: float | None,
+        tasks: Mapping[str, str],
+    ) -> None:
+        self.workers = tuple(workers)
+        self.step_deadline = step_deadline
+        self.tasks = dict(tasks)
+        self.records = [WorkerRecord() for _ in self.workers]
+        self.latest_logs: dict[str, Any] | None = None
+        self._scheduled = 0
+        self._finished = 0
+        self._condition = threading.Condition()
+
+    # Called on the coordinator's worker threads.
+
+    def start(self, worker: int) -> float:
+        """Marks a function as running on `worker`; returns its start time."""
+        now = time.monotonic()
+        with self._condition:
+            self.records[worker].running_since = now
+        return now
+
+    def finish(
+        self,
+        worker: int,
+        started: float,
+        *,
+        steps: int,
+        device_seconds: float,
+        logs: dict[str, Any] | None,
+    ) -> None:
+        """Records a function that completed on `worker`."""
+        with self._condition:
+            record = self.records[worker]
+            record.running_since = None
+            record.steps += steps
+            record.closures += 1
+            record.wall_seconds += time.monotonic() - started
+            record.device_seconds += device_seconds
+            self._finished += 1
+            if logs is not None:
+                self.latest_logs = logs
+            self._condition.notify_all()
+
+    def fail(self, worker: int) -> None:
+        """Records a function that failed on `worker` (it may run again)."""
+        with self._condition:
+            self.records[worker].running_since = None
+            self.records[worker].failures += 1
+            self._condition.notify_all()
+
+    # Called on the coordinator (the main thread).
+
+    def scheduled(self) -> None:
+        """Counts one scheduled function."""
+        with self._condition:
+            self._scheduled += 1
+
+    @property
+    def in_flight(self) -> int:
+        """Scheduled functions not finished yet."""
+        with self._condition:
+            return self._scheduled - self._finished
+
+    def wait(
+        self,
+        coordinator: tf.distribute.coordinator.ClusterCoordinator,
+        until: Callable[[], bool],
+    ) -> None:
+        """Waits until `until()` holds, checking deadlines and task errors.
+
+        Raises:
+            StepDeadlineExceededError: If a function runs longer than the
+                step deadline; the message names the frozen worker(s).
+            ClusterTaskError: If a scheduled function failed; the message
+                names the failed task when TensorFlow's error does.
+        """
+        while True:
+            with self._condition:
+                if until():
+                    return
+                self._condition.wait(_POLL_SECONDS)
+            self._raise_if_failed(coordinator)
+            self._raise_if_frozen()
+
+    def join(self, coordinator: tf.distribute.coordinator.ClusterCoordinator) -> None:
+        """Like `coordinator.join()`, but with the step deadline."""
+        self.wait(coordinator, lambda: self._finished >= self._scheduled)
+        self._raise_if_failed(coordinator)
+
+    def _raise_if_failed(
+        self, coordinator: tf.distribute.coordinator.ClusterCoordinator
+    ) -> None:
+        try:
+            coordinator.done()  # raises the first error of a scheduled function
+        except tf.errors.OpError as err:
+            with self._condition:
+                self._scheduled = self._finished  # the coordinator dropped the rest
+            raise self.describe(err) from err
+
+    def _raise_if_frozen(self) -> None:
+        if self.step_deadline is None:
+            return
+        now = time.monotonic()
+        with self._condition:
+            frozen = [
+                index
+                for index, record in enumerate(self.records)
+                if record.running_since is not None
+                and now - record.running_since > self.step_deadline
+            ]
+        if frozen:
+            names = [f"/job:worker/replica:0/task:{i}" for i in frozen]
+            listed = ", ".join(
+                f"{name} ({self.workers[i]})"
+                for name, i in zip(names, frozen, strict=True)
+            )
+            raise StepDeadlineExceededError(
+                f"No answer from worker {listed} for more than step_deadline="
+                f"{self.step_deadline}s: the task is frozen or far too slow. "
+                "Training stopped. TensorFlow cannot cancel the call, so its "
+                "coordinator threads stay blocked on that worker: end this "
+                "process, restart or replace the worker and resume from a "
+                "backup, or raise step_deadline if steps are this long.",
+                names,
+            )
+
+    def describe(self, err: tf.errors.OpError) -> ClusterTaskError:
+        """Turns a TensorFlow error from a cluster task into a clear one."""
+        task = _failed_task(str(err), self.tasks)
+        where = f"{task} ({self.tasks[task]})" if task else "a cluster task"
+        kind = type(err).__name__
+        hint = (
+            " A parameter server holds the model's variables: they are lost. "
+            "Restart the cluster and resume from the last checkpoint "
+            "(keras.callbacks.BackupAndRestore or ModelCheckpoint)."
+            if task and task.startswith("/job:ps")
+            else ""
+        )
+        # TensorFlow's first line is often just "Graph execution error:".
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = next((x for x in lines if not x.endswith(":")), kind)[:300]
+        return ClusterTaskError(f"{kind} from {where}: {message}{hint}", task)
+
+
+def _failed_task(message: str, tasks: Mapping[str, str]) -> str | None:
+    """Finds the task a TensorFlow error message names, PS tasks first."""
+    found = re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", message)
+    names = [f"/job:{job}/replica:0/task:{index}" for job, index in found]
+    for name in sorted(names, key=lambda n: not n.startswith("/job:ps")):
+        if name in tasks:
+            return name
+    for address in re.findall(r"[\w.\-]+:\d{2,5}", message):
+        for name, task_address in tasks.items():
+            if address == task_address:
+                return name
+    return None
