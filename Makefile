@@ -12,7 +12,7 @@ STAMP := $(VENV)/.tfpar-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,profile]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,gpu,profile]"
 	touch $(STAMP)
 
 install: $(STAMP)
