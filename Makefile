@@ -8,8 +8,8 @@ STAMP := $(VENV)/.tfpar-installed
 
 .PHONY: install lint test demo clean
 
-# Reinstalls whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Reinstalls whenever pyproject.toml or this Makefile changes.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev,gpu,profile]"

@@ -1,4 +1,4 @@
-"""Runs Python code in a fresh interpreter, for tests that need a new process."""
+"""Child processes for tests: fresh interpreters, and checks that processes ended."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 
 def run_python(
@@ -34,3 +35,21 @@ def run_python(
             f"\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, waiting to be reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_dead(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Waits up to `timeout` seconds for `pids` to end; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]

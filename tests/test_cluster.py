@@ -4,33 +4,14 @@ Connecting a process to a cluster cannot be undone, so placement tests run in
 a subprocess; the others start clusters from the test process itself.
 """
 
-import os
 import signal
-import time
 
 import pytest
 
 import tfpar
-from tests._subprocess import run_python
+from tests._subprocess import alive, run_python, wait_dead
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too: it only waits for its parent to reap it.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
-def wait_dead(pids, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.mark.parametrize(

@@ -12,19 +12,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute.coordinator import cluster_coordinator
 
+from tests.strategies.test_pipeline import mlp
 from tfpar import _compat
 from tfpar.callbacks.profiling import OpDevices
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
-
-
-def mlp() -> keras.Model:
-    keras.utils.set_random_seed(7)
-    return keras.Sequential(
-        [keras.Input((6,))]
-        + [keras.layers.Dense(8, activation="tanh", name=f"d{i}") for i in range(3)]
-        + [keras.layers.Dense(2, name="out")]
-    )
 
 
 # --- MirroredStrategy -------------------------------------------------------

@@ -7,11 +7,10 @@ which resumes at the last backed-up epoch.
 """
 
 import json
-import os
 
 import pytest
 
-from tests._subprocess import run_python
+from tests._subprocess import alive, run_python
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -51,15 +50,6 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
 results["pids"] = pids
 print("RESULTS " + json.dumps(results), flush=True)
 """
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 def results(proc):
