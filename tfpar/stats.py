@@ -56,6 +56,15 @@ class CommunicationStats:
         bytes_logical: Bytes the model asked to move (before compression).
         bytes_moved: Bytes actually moved (after compression).
         devices: Per-device counters, where the strategy has them.
+
+    Example:
+
+    ```python
+    before = strategy.communication_stats()
+    model.fit(x, y, epochs=1)
+    delta = strategy.communication_stats().since(before)
+    print(f"{1000 * delta.comm_seconds / max(delta.steps, 1):.2f} ms per step")
+    ```
     """
 
     kind: str
