@@ -55,6 +55,14 @@ def test_step_samples_arithmetic() -> None:
     assert {s.tag: s.value for s in step_samples(0.1, 4, None)} == {
         "comm/step_time_ms": 25.0
     }
+    # A strategy that counts no bytes gets no made-up zero bytes or bandwidth.
+    no_bytes = CommunicationStats(kind="parameter_server", steps=4, comm_seconds=0.02)
+    assert {s.tag for s in step_samples(0.1, 4, no_bytes)} == {
+        "comm/step_time_ms",
+        "comm/time_ms",
+        "comm/compute_ms",
+        "comm/fraction",
+    }
 
 
 class CountingStrategy(tf.distribute.MirroredStrategy):

@@ -225,14 +225,17 @@ def step_samples(
         Sample("comm/time_ms", comm_ms),
         Sample("comm/compute_ms", max(0.0, step_ms - comm_ms)),
         Sample("comm/fraction", min(1.0, comm_ms / step_ms) if step_ms > 0 else 0.0),
-        Sample("comm/bytes_per_step", delta.bytes_moved / counted),
     ]
-    if delta.comm_seconds > 0:
-        bandwidth = delta.bytes_moved / delta.comm_seconds / _MIB
-        samples.append(Sample("comm/bandwidth_mib_per_s", bandwidth))
-    # (tag suffix, counter, scale): a counter that is zero on every device is
-    # one the strategy does not keep (a mirrored strategy has no busy time),
-    # and is left out rather than logged as a made-up zero.
+    # A counter that stays zero over measured steps is one the strategy does
+    # not keep (a parameter-server strategy counts no bytes, a mirrored one no
+    # per-replica busy time): it is left out rather than logged as a made-up
+    # zero.
+    if delta.bytes_moved > 0:
+        samples.append(Sample("comm/bytes_per_step", delta.bytes_moved / counted))
+        if delta.comm_seconds > 0:
+            bandwidth = delta.bytes_moved / delta.comm_seconds / _MIB
+            samples.append(Sample("comm/bandwidth_mib_per_s", bandwidth))
+    # (tag suffix, counter, scale), per device, by the same rule.
     idle = "bubble_ms" if delta.kind == "pipeline" else "idle_ms"
     fields = [
         ("busy_ms", "busy_seconds", 1000.0),
