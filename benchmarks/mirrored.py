@@ -13,8 +13,12 @@ rounds. Sections:
 3. per-step cost: ms per step on a tiny model, 1 device vs stock vs tfpar.
 4. all-reduce bus bandwidth over message sizes (1 KB to 64 MB).
 5. per-epoch cost: seconds per `fit` epoch of two tiny steps.
+6. cluster scaling: steps/s under `fit` of tfpar.MirroredStrategy with one
+   replica per pinned worker process of a `tfpar.LocalCluster` (2 workers over
+   1 worker, same model and global batch; target >= 1.3). Runs last, since
+   connecting to a cluster changes the process's devices for good.
 
-Usage: `python benchmarks/mirrored.py [--quick] [--out FILE.json]`.
+Usage: `python benchmarks/mirrored.py [--quick] [--cluster-only] [--out FILE.json]`.
 """
 
 from __future__ import annotations
@@ -225,11 +229,34 @@ def epoch_cost(strategy: tf.distribute.Strategy | None, epochs: int) -> float:
     return (time.perf_counter() - start) / epochs
 
 
+def cluster_scaling(
+    batches: list[int], width: int, steps: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Steps/s under `fit`: 2 pinned cluster workers against 1, per global batch."""
+    result = {}
+    with tfpar.LocalCluster(num_workers=2, pin_cores=True) as cluster:
+        devices = cluster.connect()
+        for batch in batches:
+            runners = {
+                "1 worker": fit_runner(
+                    MirroredStrategy(devices[:1]), width, 2, batch, steps
+                ),
+                "2 workers": fit_runner(
+                    MirroredStrategy(devices), width, 2, batch, steps
+                ),
+            }
+            result[f"global batch {batch}"] = alternate(runners, rounds)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument(
         "--out", default="mirrored_benchmark.json", help="JSON output file"
+    )
+    parser.add_argument(
+        "--cluster-only", action="store_true", help="only section 6 (cluster scaling)"
     )
     args = parser.parse_args()
     rounds = 2 if args.quick else 7
@@ -239,13 +266,41 @@ def main() -> None:
         "rounds": rounds,
         "devices": DEVICES,
     }
+    if not args.cluster_only:
+        local_sections(args.quick, rounds, steps, report)
+    # 6: one replica per pinned worker process; last (connecting is for good).
+    width = 1024
+    scaling = cluster_scaling(
+        [256, 1024], width, 10 if args.quick else 30, 3 if args.quick else 5
+    )
+    cluster_rows = [
+        (f"{name}: 2 workers / 1 (target >= 1.3)", ratio(s, "2 workers", "1 worker"))
+        for name, s in scaling.items()
+    ]
+    report["cluster_scaling"] = {
+        "model": f"MLP 256-{width}-{width}-10 under fit, tfpar.MirroredStrategy, "
+        "LocalCluster(pin_cores=True)",
+        "steps_per_second": scaling,
+        "ratios": dict(cluster_rows),
+    }
+    print(f"\n{'cluster workers, ratio of steps/s':46s} value")
+    for name, value in cluster_rows:
+        print(f"{name:46s} {value:5.2f}")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
 
+
+def local_sections(
+    quick: bool, rounds: int, steps: int, report: dict[str, object]
+) -> None:
+    """Sections 1 to 5, on the two simulated devices; prints their tables."""
     stock = tf.distribute.MirroredStrategy(DEVICES)
     ours = MirroredStrategy(DEVICES)
     one = tf.distribute.OneDeviceStrategy(DEVICES[0])
 
     # 1 + 2: compute-bound MLP under fit, and in a hand-written loop.
-    width = 512 if args.quick else 1024
+    width = 512 if quick else 1024
     runners = {
         "1 device fit": fit_runner(None, width, 2, 256, steps),
         "stock fit": fit_runner(stock, width, 2, 256, steps),
@@ -295,17 +350,17 @@ def main() -> None:
     report["tiny_ms_per_step"] = ms
 
     # 4: bus bandwidth.
-    sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 24] + ([] if args.quick else [1 << 26])
+    sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 24] + ([] if quick else [1 << 26])
     bandwidth = {
-        "stock": bus_bandwidth(stock, sizes, 3 if args.quick else 20),
-        "tfpar": bus_bandwidth(ours, sizes, 3 if args.quick else 20),
+        "stock": bus_bandwidth(stock, sizes, 3 if quick else 20),
+        "tfpar": bus_bandwidth(ours, sizes, 3 if quick else 20),
     }
     report["bus_bandwidth_gb_per_s"] = {
         k: {str(s): g for s, g in v.items()} for k, v in bandwidth.items()
     }
 
     # 5: per-epoch cost outside the steps.
-    epochs = 3 if args.quick else 10
+    epochs = 3 if quick else 10
     report["epoch_seconds"] = {
         "1 device": epoch_cost(None, epochs),
         "stock": epoch_cost(stock, epochs),
@@ -313,7 +368,7 @@ def main() -> None:
     }
 
     print(
-        f"\ntfpar.MirroredStrategy benchmark ({'quick' if args.quick else 'full'}, "
+        f"\ntfpar.MirroredStrategy benchmark ({'quick' if quick else 'full'}, "
         f"{rounds} alternating rounds, median)"
     )
     print(f"{'ratio of steps/s':46s} value")
@@ -335,9 +390,6 @@ def main() -> None:
     print(f"\n{'fit seconds per 2-step epoch, tiny model':46s} value")
     for name, value in report["epoch_seconds"].items():  # type: ignore[attr-defined]
         print(f"{name:46s} {value:5.2f}")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
 
 
 def _human(size: int) -> str:

@@ -38,6 +38,21 @@ def test_private_tensorflow_internals_exist() -> None:
     )
 
 
+def test_mirrored_remote_devices_and_no_merge_call_internals_exist() -> None:
+    # use_remote_devices and reduce_without_merge_call_in_nested_graphs.
+    from tensorflow.python.distribute import mirrored_run, mirrored_strategy
+
+    extended = mirrored_strategy.MirroredExtended
+    for name in ("_initialize_strategy", "_use_merge_call", "_get_cross_device_ops"):
+        assert callable(getattr(extended, name)), name
+    stock = tf.distribute.MirroredStrategy(DEVICES)
+    for name in ("_input_workers_devices", "_host_input_device", "_default_device"):
+        assert hasattr(stock.extended, name), name
+    thread = inspect.getsource(mirrored_run._MirroredReplicaThread)
+    assert "self.graph = " in thread
+    assert "not supported in eager mode" in inspect.getsource(extended.__init__)
+
+
 # --- PipelineStrategy -------------------------------------------------------
 
 
@@ -59,6 +74,8 @@ def test_compat_internals_exist() -> None:
     )
     assert hasattr(_compat.OneDeviceExtended, "_call_for_each_replica")
     assert hasattr(_compat.OneDeviceExtended, "_update")
+    dropout = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5)])
+    assert _compat.seed_states(dropout) == [dropout.layers[0].seed_generator.state]
 
 
 # --- Callbacks --------------------------------------------------------------
@@ -142,3 +159,40 @@ def test_coordinator_internals_used_by_tfpar_exist():
 
     assert coordinator_context.get_current_dispatch_context() is None
     assert "worker_index" in dir(coordinator_context.DispatchContext)
+
+
+def test_sharded_variable_internals_differentiate_and_save_as_one_variable():
+    from tensorflow.python.distribute import parameter_server_strategy as ps
+    from tensorflow.python.distribute.sharded_variable import ShardedVariable
+
+    # The methods the sharding subclass of the PS extended object overrides
+    # or calls.
+    for name in ("_create_variable", "_update", "_select_single_value"):
+        assert hasattr(ps.ParameterServerStrategyExtended, name), name
+    table = np.arange(10 * 2, dtype="float32").reshape(10, 2)
+    sharded = ShardedVariable([tf.Variable(table[:5]), tf.Variable(table[5:])])
+    sharded.__class__ = _compat._TrainableShardedVariable
+    variable = keras.Variable(np.zeros((10, 2), "float32"))
+    variable._value = sharded  # how Keras wraps what the strategy created
+    assert _compat.is_sharded(variable)
+    with tf.GradientTape() as tape:
+        rows = tf.nn.embedding_lookup(sharded, [1, 7, 7])
+        loss = tf.reduce_sum(rows * [[1.0, 2.0]])
+    grad = tape.gradient(loss, variable)  # Keras's call: one handle per variable
+    assert isinstance(grad, tf.IndexedSlices)
+    np.testing.assert_array_equal(
+        tf.convert_to_tensor(grad).numpy()[[1, 7]], [[1.0, 2.0], [2.0, 4.0]]
+    )
+    np.testing.assert_array_equal(np.asarray(variable), table)
+    saved = sharded._serialize_to_tensors()["VARIABLE_VALUE"]
+    np.testing.assert_array_equal(saved.numpy(), table)
+
+
+def test_eager_context_can_leave_a_cluster():
+    # detach_from_cluster: a process that never connected has no server def,
+    # and the method that drops remote jobs exists.
+    from tensorflow.python.eager import context
+
+    assert callable(context.Context.update_server_def)
+    assert context.context().get_server_def() is None
+    assert _compat.detach_from_cluster(["127.0.0.1:1"]) is False

@@ -29,6 +29,21 @@ MirroredStrategy (`tfpar/strategies/mirrored.py`, `allreduce.py`):
   issue 19246). `called_from_keras_symbolic_build` recognizes that one
   caller, so the strategy can answer it and still reject the same call from
   user code.
+- `MirroredExtended._initialize_strategy`, `_input_workers_devices`,
+  `_host_input_device`, `_default_device` (`use_remote_devices`): in eager
+  mode the stock constructor refuses devices of several tasks ("In-graph
+  multi-worker training ... not supported in eager mode"), although its
+  single-worker set-up works for them once the input pipeline stays on this
+  process's CPU. The strategy is built on a local placeholder device, then
+  set up again on the remote devices; no public path exists.
+- `MirroredExtended._use_merge_call`, `_get_cross_device_ops`,
+  `mirrored_run._MirroredReplicaThread.graph`
+  (`reduce_without_merge_call_in_nested_graphs`): Keras 3 reduces gradients
+  inside a `tf.cond` when `gradient_accumulation_steps` is set, where
+  `merge_call` is refused. TensorFlow's own no-`merge_call` path (used for XLA
+  on GPUs) is selected only by `_use_merge_call`, and its reductions go to the
+  strategy's private collective ops, not to `cross_device_ops`. No public
+  switch exists for either.
 
 PipelineStrategy (`tfpar/strategies/pipeline.py`, `pipeline_engine.py`):
 
@@ -80,6 +95,18 @@ ParameterServerStrategy (`tfpar/strategies/parameter_server.py`,
   of the running closure; the public accessor works only while tracing.
 - `make_updates_atomic`: Keras 3's `Variable.assign_add` reads then writes,
   which loses concurrent updates from several workers.
+- `support_sharded_variables` (`ps_sharding.py`): Keras 3 wraps a
+  `ShardedVariable` as if it were one `tf.Variable`; its gradient (one
+  `handle`), saving (`__array__`, checkpoint tensors), optimizer updates
+  (colocated with one device) and optimizer slots (never partitioned) need
+  subclasses of `ShardedVariable` and of the strategy's extended object.
+
+LocalCluster (`tfpar/cluster.py`):
+
+- `detach_from_cluster`: a process connected to a cluster removes every
+  function it deletes from every remote task, so after the servers stop it
+  logs one gRPC error per function and task (most at exit); leaving the
+  cluster first needs `Context.update_server_def`.
 """
 
 from __future__ import annotations
@@ -96,14 +123,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.distribute import mirrored_run as _mirrored_run
+from tensorflow.python.distribute import numpy_dataset as _numpy_dataset
 from tensorflow.python.distribute import values as _values
 from tensorflow.python.distribute.coordinator import coordinator_context
 from tensorflow.python.distribute.distribute_lib import UpdateContext
 from tensorflow.python.distribute.one_device_strategy import OneDeviceExtended
+from tensorflow.python.distribute.sharded_variable import ShardedVariable
 from tensorflow.python.eager import context
+from tensorflow.python.framework import composite_tensor_gradient
 
 from tfpar.devices import canonical_device
 
@@ -114,20 +146,26 @@ __all__ = [
     "backing_variable",
     "called_from_keras_symbolic_build",
     "current_worker_index",
+    "detach_from_cluster",
     "find_keras_caller",
     "gpu_bus_ids",
+    "is_sharded",
     "keras_step",
     "loss_tracker",
     "make_updates_atomic",
+    "merge_shard_gradients",
     "mirrored",
     "move_variable",
     "per_replica",
+    "reduce_without_merge_call_in_nested_graphs",
     "reserve_collective_keys",
     "schedule_callable",
     "scheduled_tracing",
     "start_graph_collection",
     "stock_default_cross_device_ops",
     "stop_graph_collection",
+    "support_sharded_variables",
+    "use_remote_devices",
 ]
 
 # --- MirroredStrategy -------------------------------------------------------
@@ -173,6 +211,58 @@ def called_from_keras_symbolic_build() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def use_remote_devices(
+    extended: tf.distribute.StrategyExtended, devices: Sequence[str], host: str
+) -> None:
+    """Sets a `MirroredExtended` built on a placeholder up on `devices`.
+
+    The single-worker set-up of the stock class, minus its eager-mode refusal
+    of several tasks, with the input pipeline and default device kept on
+    `host` (this process's CPU): batches are prefetched from here to each
+    remote replica, and nothing runs on a worker unless placed there.
+    """
+    extended._initialize_strategy(tuple(devices))
+    extended._input_workers_devices = ((host, tuple(devices)),)
+    extended._host_input_device = _numpy_dataset.SingleDevice(host)
+    extended._default_device = None
+
+
+def reduce_without_merge_call_in_nested_graphs(
+    extended: tf.distribute.StrategyExtended,
+    cross_device_ops: tf.distribute.CrossDeviceOps,
+) -> None:
+    """Lets replicas reduce inside a `tf.cond` branch, where `merge_call` fails.
+
+    Keras 3 with `gradient_accumulation_steps` reduces gradients inside a
+    `tf.cond`; a `merge_call` from a replica thread in a graph other than the
+    replica function's own fails ("`merge_call` called while defining a new
+    graph"). There, as TensorFlow does for XLA on GPUs, the strategy now says
+    it does not use `merge_call`: Keras's `maybe_merge_call` and the replica
+    context's `all_reduce` then run per replica, the reduction through
+    `cross_device_ops._all_reduce` (collective ops). Everywhere else the stock
+    answers stand, so the default path is unchanged.
+    """
+    stock_use_merge_call = extended._use_merge_call
+    stock_get_cross_device_ops = extended._get_cross_device_ops
+
+    def use_merge_call() -> bool:
+        thread = threading.current_thread()
+        if (
+            isinstance(thread, _mirrored_run._MirroredReplicaThread)
+            and tf.compat.v1.get_default_graph() is not thread.graph
+        ):
+            return False
+        return bool(stock_use_merge_call())
+
+    def get_cross_device_ops(value: Any) -> tf.distribute.CrossDeviceOps:
+        if not use_merge_call():
+            return cross_device_ops
+        return stock_get_cross_device_ops(value)
+
+    extended._use_merge_call = use_merge_call
+    extended._get_cross_device_ops = get_cross_device_ops
 
 
 # --- PipelineStrategy -------------------------------------------------------
@@ -247,6 +337,21 @@ def move_variable(variable: keras.Variable, device: str) -> None:
 def backing_variable(variable: Any) -> tf.Variable:
     """Returns the `tf.Variable` behind a Keras variable (or itself)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def seed_states(model: keras.Model) -> list[keras.Variable]:
+    """The state variables of every `SeedGenerator` of `model`'s layers.
+
+    Keras tracks a layer's seed generators only in the private
+    `Layer._seed_generators` (no public accessor); a recomputed forward reads
+    these states as they were in the original forward, so that Dropout draws
+    the same mask.
+    """
+    return [
+        generator.state
+        for layer in model._flatten_layers(include_self=False)
+        for generator in getattr(layer, "_seed_generators", [])
+    ]
 
 
 # --- Callbacks --------------------------------------------------------------
@@ -455,3 +560,194 @@ def scheduled_tracing() -> Iterator[None]:
 
 
 tf.get_logger().addFilter(_DropSchedulingWarning())
+
+
+# --- ParameterServerStrategy: sharded variables -----------------------------
+#
+# A `variable_partitioner` makes TensorFlow create large variables as a
+# `ShardedVariable` (one `tf.Variable` per shard, spread over the PS tasks),
+# which Keras 3 then wraps as if it were one `tf.Variable`. Keras paths that
+# need what a `ShardedVariable` lacks, each with no public hook:
+#
+# - `GradientTape.gradient(loss, keras_variable)` asks the variable for its
+#   one resource `handle`. `_ShardedGradient` (TensorFlow's composite-tensor
+#   gradient protocol, `composite_tensor_gradient`) lets the tape
+#   differentiate every shard and hands Keras one gradient of the whole
+#   variable.
+# - Saving converts variables with `np.asarray`, which needs `__array__`.
+# - The optimizer updates a variable through `strategy.extended.update`,
+#   whose parameter-server implementation (`_update`) colocates the update
+#   with the variable's one device; a sharded variable's shards update on
+#   their own PS each, so its update runs without that colocation.
+# - The optimizer creates its slots (Adam's moments) under
+#   `extended.colocate_vars_with(variable)`, which TensorFlow never
+#   partitions; for a sharded variable they are sharded like it instead.
+# All four are methods of subclasses (of `ShardedVariable`, and of the
+# strategy's extended object, whose `_create_variable` gives every new
+# sharded variable the subclass): the strategy stays TensorFlow's own.
+
+
+def is_sharded(variable: Any) -> bool:
+    """Whether a Keras variable (or a `tf.Variable`) is a `ShardedVariable`."""
+    return isinstance(backing_variable(variable), ShardedVariable)
+
+
+def merge_shard_gradients(
+    shape: tf.TensorShape, shard_rows: Sequence[int], grads: Sequence[Any]
+) -> Any:
+    """One gradient of a whole sharded variable from its shards' gradients.
+
+    Sparse shard gradients (an embedding lookup's) stay sparse: one
+    `IndexedSlices` whose row indices are shifted by each shard's first row.
+    """
+    if all(g is None for g in grads):
+        return None
+    offsets = list(itertools.accumulate([0, *shard_rows[:-1]]))
+    if all(g is None or isinstance(g, tf.IndexedSlices) for g in grads):
+        present = [(g, o) for g, o in zip(grads, offsets, strict=True) if g is not None]
+        return tf.IndexedSlices(
+            values=tf.concat([g.values for g, _ in present], axis=0),
+            indices=tf.concat(
+                [tf.cast(g.indices, tf.int64) + o for g, o in present], axis=0
+            ),
+            dense_shape=tf.constant(shape.as_list(), tf.int64),
+        )
+    dense = [
+        tf.zeros([rows, *shape[1:]]) if g is None else tf.convert_to_tensor(g)
+        for g, rows in zip(grads, shard_rows, strict=True)
+    ]
+    return tf.concat(dense, axis=0)
+
+
+class _ShardedGradient(composite_tensor_gradient.CompositeTensorGradient):
+    """Differentiates a sharded variable through each shard's handle."""
+
+    def get_gradient_components(self, value: Any) -> Any:
+        return [v.handle for v in value.variables]
+
+    def replace_gradient_components(self, value: Any, component_grads: Any) -> Any:
+        rows = [int(v.shape[0]) for v in value.variables]
+        return merge_shard_gradients(value.shape, rows, component_grads)
+
+
+class _TrainableShardedVariable(ShardedVariable):
+    """A `ShardedVariable` that Keras can differentiate and save as one."""
+
+    __composite_gradient__ = _ShardedGradient()
+
+    @property
+    def handle(self) -> Any:
+        # The tape differentiates `keras_variable.handle`: this object, which
+        # `__composite_gradient__` expands into the shards' handles.
+        return self
+
+    def __array__(self, dtype: Any = None) -> Any:
+        return np.asarray(self.numpy(), dtype=dtype)
+
+    # `tf.train.Checkpoint` of a Keras variable saves what these return: the
+    # whole table under the variable's usual key, so a checkpoint restores
+    # into an unsharded model (or another sharding) as well.
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        return {"VARIABLE_VALUE": tf.convert_to_tensor(self)}
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> Any:
+        return self.assign(restored_tensors["VARIABLE_VALUE"])
+
+
+def _create_variable(self: Any, next_creator: Any, **kwargs: Any) -> Any:
+    variable = _stock(self)._create_variable(self, next_creator, **kwargs)
+    if type(variable) is ShardedVariable:
+        variable.__class__ = _TrainableShardedVariable
+    return variable
+
+
+def _update(self: Any, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+    if not isinstance(var, ShardedVariable):
+        return _stock(self)._update(self, var, fn, args, kwargs, group)
+    # Each shard's update is an op on that shard's PS (TensorFlow places
+    # resource ops with their resource): no single device to colocate with.
+    with UpdateContext(var.variables[0].device):
+        result = fn(
+            var, *self._select_single_value(args), **self._select_single_value(kwargs)
+        )
+    return result if group else tf.nest.map_structure(self._local_results, result)
+
+
+def _colocate_vars_with(self: Any, colocate_with_variable: Any) -> Any:
+    if isinstance(colocate_with_variable, ShardedVariable):
+        # Created without colocation, the variable (an optimizer slot of the
+        # same shape) is partitioned like the one it would colocate with.
+        return contextlib.nullcontext()
+    return _stock(self).colocate_vars_with(self, colocate_with_variable)
+
+
+def _stock(extended: Any) -> Any:
+    return type(extended).__mro__[1]
+
+
+_SHARDING_CLASSES: dict[type, type] = {}
+
+
+def support_sharded_variables(extended: tf.distribute.StrategyExtended) -> None:
+    """Lets Keras 3 train, update and save the strategy's sharded variables.
+
+    Must run before any variable is created under the strategy.
+    """
+    cls = type(extended)
+    if cls in _SHARDING_CLASSES.values():
+        return
+    subclass = _SHARDING_CLASSES.get(cls)
+    if subclass is None:
+        subclass = type(
+            cls.__name__,
+            (cls,),
+            {
+                "_create_variable": _create_variable,
+                "_update": _update,
+                "colocate_vars_with": _colocate_vars_with,
+            },
+        )
+        _SHARDING_CLASSES[cls] = subclass
+    extended.__class__ = subclass
+
+
+# --- LocalCluster: leaving a cluster before it stops -------------------------
+
+
+def detach_from_cluster(addresses: Iterable[str]) -> bool:
+    """Drops the remote tasks from this process's eager context, if connected.
+
+    Why: once a process joined a cluster, every TensorFlow function it
+    deletes afterwards (most at interpreter exit) is also removed from every
+    remote task; after the servers stopped, each removal logs a gRPC
+    "Failed to remove function remotely ... Connection refused" error. The
+    only way to leave a cluster is to give the eager context a server def
+    without the remote jobs (`Context.update_server_def`, no public path),
+    which also closes the remote contexts while the servers still run.
+
+    Args:
+        addresses: The `host:port` addresses of the cluster's tasks.
+
+    Returns:
+        Whether this process was connected to those tasks and left them.
+    """
+    ctx = context.context()
+    server_def = ctx.get_server_def()
+    if server_def is None:
+        return False
+    wanted = set(addresses)
+    remote = {
+        address
+        for job in server_def.cluster.job
+        if job.name != server_def.job_name
+        for address in job.tasks.values()
+    }
+    if not remote & wanted:
+        return False
+    local = type(server_def)()
+    local.CopyFrom(server_def)
+    for job in list(local.cluster.job):
+        if job.name != local.job_name:
+            local.cluster.job.remove(job)
+    ctx.update_server_def(local)
+    return True

@@ -1,4 +1,4 @@
-"""The parts of tfpar.strategies.allreduce that can be tested without training."""
+"""The parts of the all-reduce modules that can be tested without training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import tensorflow as tf
 
-from tfpar.strategies.allreduce import AllReduceOptions, _buckets
+from tfpar.strategies.allreduce_options import AllReduceOptions
+from tfpar.strategies.allreduce_tensors import bucket_indices
 
 
 def test_buckets_pack_in_order_by_dtype_and_size() -> None:
@@ -20,9 +21,9 @@ def test_buckets_pack_in_order_by_dtype_and_size() -> None:
         tf.zeros([2], tf.int32),  # not a float: alone
         tf.zeros([3]),  # 12
     ]
-    assert _buckets(tensors, 64) == [[0, 1], [2], [3, 4], [5], [6]]
-    assert _buckets(tensors, None) == [[i] for i in range(7)]
-    assert _buckets(tensors, 1 << 20) == [[0, 1, 2], [3, 4], [5], [6]]
+    assert bucket_indices(tensors, 64) == [[0, 1], [2], [3, 4], [5], [6]]
+    assert bucket_indices(tensors, None) == [[i] for i in range(7)]
+    assert bucket_indices(tensors, 1 << 20) == [[0, 1, 2], [3, 4], [5], [6]]
 
 
 def test_options_are_frozen_and_validated() -> None:

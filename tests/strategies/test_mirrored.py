@@ -148,10 +148,27 @@ def test_communication_stats_count_exactly() -> None:
     assert 0 < stats.comm_seconds < 5
     assert [d.device for d in stats.devices] == DEVICES
     assert all(d.comm_seconds >= 0 for d in stats.devices)
+    # A ring sends 2(n-1)/n of the (compressed) buffer from every device.
+    assert [d.bytes_sent for d in stats.devices] == [stats.bytes_moved] * 2
 
     bucketed = MirroredStrategy(bucket_bytes=1 << 20)
     _model(bucketed).fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert bucketed.communication_stats().calls == 64 // 16  # one bucket per step
+
+    # Reduction to one device: each other replica sends its buffer there and
+    # the destination sends the sum back to each of them.
+    one = MirroredStrategy(
+        cross_device_ops=tf.distribute.ReductionToOneDevice("/device:CPU:1")
+    )
+    _model(one).fit(x, y, batch_size=16, epochs=1, verbose=0)
+    moved = one.communication_stats().bytes_moved
+    assert [d.bytes_sent for d in one.communication_stats().devices] == [moved] * 2
+    hierarchical = MirroredStrategy(all_reduce="hierarchical_copy")
+    _model(hierarchical).fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert [d.bytes_sent for d in hierarchical.communication_stats().devices] == [
+        0,
+        0,
+    ]  # routing not known
 
     off = MirroredStrategy(measure=False)
     _model(off).fit(x, y, batch_size=16, epochs=1, verbose=0)
@@ -304,12 +321,13 @@ def test_a_failing_replica_stops_fit_at_once_naming_it() -> None:
 
 
 def _train_with(
-    strategy: tf.distribute.Strategy,
+    strategy: tf.distribute.Strategy | None,
     policy: str = "float32",
     accumulate: int | None = None,
 ) -> list[np.ndarray]:
     x, y = _data()
-    with strategy.scope():
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
         keras.config.set_dtype_policy(policy)
         try:
             model = keras.Sequential(
@@ -336,13 +354,30 @@ def test_mixed_precision_is_bit_identical_to_stock() -> None:
     assert ours.communication_stats().steps == 4
 
 
-def test_gradient_accumulation_fails_as_under_stock() -> None:
-    # Keras 3.15 reduces gradients inside a tf.cond, where MirroredStrategy's
-    # merge_call is not allowed: stock fails, and so does tfpar, the same way.
-    # If this starts passing after an upgrade, test numerics against stock.
-    for strategy in (tf.distribute.MirroredStrategy(DEVICES), MirroredStrategy()):
-        with pytest.raises(RuntimeError, match="merge_call"):
-            _train_with(strategy, accumulate=2)
+def test_gradient_accumulation_fails_under_stock() -> None:
+    # Keras 3.15 reduces gradients inside a tf.cond, where the stock
+    # MirroredStrategy's merge_call is not allowed. If this starts passing
+    # after an upgrade, tfpar's no-merge_call path may no longer be needed.
+    with pytest.raises(RuntimeError, match="merge_call"):
+        _train_with(tf.distribute.MirroredStrategy(DEVICES), accumulate=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"bucket_bytes": 1 << 20, "compression": None}],
+    ids=["default", "bucketed"],
+)
+def test_gradient_accumulation_matches_one_device(kwargs: dict[str, object]) -> None:
+    strategy = MirroredStrategy(**kwargs)  # type: ignore[arg-type]
+    reference = _train_with(None, accumulate=2)
+    for a, b in zip(reference, _train_with(strategy, accumulate=2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    stats = strategy.communication_stats()
+    # 4 batches, accumulated in pairs: 2 reductions, each counted once.
+    assert stats.steps == 2, stats
+    assert stats.calls == 2 * (1 if kwargs else 4), stats
+    assert stats.bytes_logical == 2 * sum(w.size for w in reference) * 4, stats
+    assert [d.bytes_sent for d in stats.devices] == [stats.bytes_moved] * 2
 
 
 def test_backup_and_restore_resumes_to_the_uninterrupted_weights(

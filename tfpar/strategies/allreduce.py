@@ -9,118 +9,47 @@ stock algorithm, undoes both, and adds a few graph ops that time the reduction
 and count its bytes into host variables.
 
 That Python runs only while a step is traced, so everything measured per step
-is an op in the graph: `tf.timestamp()` ops under control dependencies and one
-`assign_add` per reduction into a float64 counter vector. The variables are
-created eagerly, outside any strategy scope and outside Keras's tracking, so
-they never appear in a saved model or checkpoint.
+is an op in the graph: `tf.timestamp()` ops under control dependencies and
+`assign_add`s into float64 counter variables (`allreduce_counters.py`), which
+never appear in a saved model or checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from tfpar import _compat as compat
-from tfpar.stats import CommunicationStats, DeviceCommunication
-
-ALL_REDUCE_CHOICES = (
-    "auto",
-    "collective",
-    "nccl",
-    "hierarchical_copy",
-    "reduce_to_one_device",
+from tfpar.devices import canonical_device
+from tfpar.stats import CommunicationStats
+from tfpar.strategies.allreduce_counters import AllReduceCounters
+from tfpar.strategies.allreduce_options import AllReduceOptions
+from tfpar.strategies.allreduce_tensors import (
+    all_finite,
+    bucket_indices,
+    byte_size,
+    cast_on_device,
+    is_dense_float,
+    pack,
+    timestamp_after,
+    unpack,
+    zero_unless,
 )
-COMPRESSION_CHOICES = (None, "fp16", "bf16")
-ON_NONFINITE_CHOICES = (None, "skip", "raise")
 
 _COMPRESSED_DTYPES = {"fp16": tf.float16, "bf16": tf.bfloat16}
-# Slots of the counter vector; float64 holds integers exactly up to 2**53.
-_STEPS, _SECONDS, _CALLS, _LOGICAL, _MOVED, _SKIPPED = range(6)
-
-
-@dataclasses.dataclass(frozen=True)
-class AllReduceOptions:
-    """How `tfpar.MirroredStrategy` reduces gradients.
-
-    Args:
-        all_reduce: Algorithm: `"auto"` (default: what the stock strategy
-            picks, TensorFlow's collective all-reduce, ring on CPUs and NCCL on
-            GPUs, reduction to one device when CPUs and GPUs are mixed),
-            `"collective"`, `"nccl"` (GPUs only), `"hierarchical_copy"` or
-            `"reduce_to_one_device"`.
-        compression: `None` (default), `"fp16"` or `"bf16"`: float32/float64
-            gradients are cast down for the reduction and back up after it.
-        bucket_bytes: `None` (default: one reduction per gradient, as stock)
-            or a positive int: dense gradients of one dtype are packed, in
-            order, into buckets of at most this many bytes (a larger gradient
-            gets its own bucket), reducing the number of reduction calls.
-        on_nonfinite: `None` (default: no check), `"skip"` (a step whose
-            reduced gradients hold a NaN or Inf applies zero gradients and is
-            counted) or `"raise"` (it fails with `InvalidArgumentError`).
-        measure: Whether to add the timing and byte-counting ops (default
-            `True`).
-
-    Raises:
-        ValueError: If a value is not one of those allowed.
-        TypeError: If `bucket_bytes` or `measure` has the wrong type.
-
-    Example:
-
-    ```python
-    options = AllReduceOptions(compression="bf16", bucket_bytes=4 << 20)
-    ```
-    """
-
-    all_reduce: str = "auto"
-    compression: str | None = None
-    bucket_bytes: int | None = None
-    on_nonfinite: str | None = None
-    measure: bool = True
-
-    def __post_init__(self) -> None:
-        _check_choice("all_reduce", self.all_reduce, ALL_REDUCE_CHOICES)
-        _check_choice("compression", self.compression, COMPRESSION_CHOICES)
-        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE_CHOICES)
-        if self.bucket_bytes is not None and (
-            isinstance(self.bucket_bytes, bool)
-            or not isinstance(self.bucket_bytes, int)
-        ):
-            raise TypeError(
-                "`bucket_bytes` must be None or a positive int. Received: "
-                f"bucket_bytes={self.bucket_bytes!r} of type "
-                f"{type(self.bucket_bytes).__name__}."
-            )
-        if self.bucket_bytes is not None and self.bucket_bytes <= 0:
-            raise ValueError(
-                "`bucket_bytes` must be None or a positive int. Received: "
-                f"bucket_bytes={self.bucket_bytes!r} (must be > 0)."
-            )
-        if not isinstance(self.measure, bool):
-            raise TypeError(
-                f"`measure` must be a bool. Received: measure={self.measure!r}."
-            )
-
-
-def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
-    if isinstance(value, str | type(None)) and value in allowed:
-        return
-    raise ValueError(
-        f"Unknown `{name}`. Received: {name}={value!r} (must be one of "
-        f"{', '.join(repr(a) for a in allowed)})."
-    )
 
 
 class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
     """A `tf.distribute.CrossDeviceOps` adding compression, packing and counters.
 
-    It wraps another `CrossDeviceOps` (the algorithm) and changes only
-    `batch_reduce`, the path of Keras's gradient all-reduce. Other calls
-    (single `reduce`, `broadcast`, gather, replica-context all-reduce) go to the
-    wrapped algorithm unchanged and are not counted.
+    It wraps another `CrossDeviceOps` (the algorithm) and changes only the
+    gradient paths: `batch_reduce` (Keras's gradient all-reduce) and the
+    replica-context `_all_reduce` (the same reduction without `merge_call`,
+    inside a `tf.cond` with gradient accumulation). Other calls (single
+    `reduce`, `broadcast`, gather) go to the wrapped algorithm unchanged and
+    are not counted.
 
     What is timed, per executed batch reduction: from the moment the last
     replica has all its inputs (host `tf.timestamp()` after control
@@ -161,17 +90,9 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         self._devices = tuple(devices)
         self._options = options
         self._algorithm = algorithm
-        # Created eagerly and outside any strategy scope: plain host variables
-        # that Keras does not track, so no checkpoint or saved model has them.
-        with tf.init_scope(), tf.device("/device:CPU:0"):
-            self._counters = tf.Variable(
-                tf.zeros([6], tf.float64), trainable=False, name="tfpar_allreduce"
-            )
-            self._device_seconds = tf.Variable(
-                tf.zeros([len(self._devices)], tf.float64),
-                trainable=False,
-                name="tfpar_allreduce_devices",
-            )
+        self._counters = AllReduceCounters(self._devices)
+        self._collective = False
+        self._replica_algorithm: tf.distribute.CrossDeviceOps | None = None
 
     @property
     def options(self) -> AllReduceOptions:
@@ -185,32 +106,36 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
             raise RuntimeError("MeasuredAllReduce used before bind() was called.")
         return self._algorithm
 
-    def bind(self, algorithm: tf.distribute.CrossDeviceOps) -> None:
-        """Sets the wrapped algorithm once, when it is only known later."""
+    def bind(
+        self,
+        algorithm: tf.distribute.CrossDeviceOps,
+        *,
+        collective: bool = False,
+        replica_algorithm: tf.distribute.CrossDeviceOps | None = None,
+    ) -> None:
+        """Sets the wrapped algorithm once, when it is only known later.
+
+        Args:
+            algorithm: The `CrossDeviceOps` to wrap.
+            collective: Whether it may be TensorFlow's collective all-reduce
+                (the stock default, whose class is private), which sends as a
+                ring. Defaults to `False`.
+            replica_algorithm: The collective all-reduce for reductions in a
+                replica context (no `merge_call`: Keras's gradient reduction
+                inside a `tf.cond` with `gradient_accumulation_steps`), which
+                only collective ops can do. Defaults to `algorithm`.
+        """
         self._algorithm = algorithm
+        self._collective = collective
+        self._replica_algorithm = replica_algorithm
 
     def stats(self) -> CommunicationStats:
-        """Returns the cumulative counters (one host read of two variables)."""
-        c = self._counters.numpy()
-        per_device = self._device_seconds.numpy()
-        return CommunicationStats(
-            kind="allreduce",
-            steps=int(c[_STEPS]),
-            comm_seconds=float(c[_SECONDS]),
-            calls=int(c[_CALLS]),
-            bytes_logical=int(c[_LOGICAL]),
-            bytes_moved=int(c[_MOVED]),
-            devices=tuple(
-                # bytes_sent stays 0: what each device sends depends on the
-                # algorithm's internal routing, which is not observable here.
-                DeviceCommunication(device=d, comm_seconds=float(s))
-                for d, s in zip(self._devices, per_device, strict=True)
-            ),
-        )
+        """Returns the cumulative counters (one host read of each variable)."""
+        return self._counters.stats()
 
     def skipped_steps(self) -> int:
         """Returns how many reductions `on_nonfinite="skip"` zeroed."""
-        return int(self._counters.numpy()[_SKIPPED])
+        return self._counters.skipped_steps()
 
     # -- Pass-through of everything but batch_reduce. -------------------------
 
@@ -236,9 +161,69 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         )
 
     def _all_reduce(
-        self, reduce_op: Any, value: Any, replica_id: Any, options: Any
+        self, reduce_op: Any, value: Any, replica_id: int, options: Any
     ) -> Any:
-        return self.algorithm._all_reduce(reduce_op, value, replica_id, options)
+        """All-reduce from one replica, without `merge_call` (collectives only).
+
+        Each replica traces this on its own, so it compresses, packs and
+        counts its own share: replica 0 adds the step's counters, and its
+        `comm_seconds` (which includes waiting for the others), since no
+        replica sees another's timestamps here.
+        """
+        algorithm = self._replica_algorithm or self.algorithm
+        flat = tf.nest.flatten(value)
+        if not flat or not all(isinstance(t, tf.Tensor) for t in flat):
+            return algorithm._all_reduce(reduce_op, value, replica_id, options)
+        device = flat[0].device
+        start = timestamp_after(flat, device) if self._options.measure else None
+        target = _COMPRESSED_DTYPES.get(self._options.compression or "")
+        wire = [
+            cast_on_device(t, target) if target is not None and is_dense_float(t) else t
+            for t in flat
+        ]
+        buckets = bucket_indices(wire, self._options.bucket_bytes)
+        results = algorithm._all_reduce(
+            reduce_op,
+            [pack([wire[k] for k in b]) for b in buckets],
+            replica_id,
+            options,
+        )
+        out = list(flat)
+        for bucket, result in zip(buckets, results, strict=True):
+            pieces = unpack(result, [wire[k].shape for k in bucket])
+            for k, piece in zip(bucket, pieces, strict=True):
+                out[k] = cast_on_device(piece, flat[k].dtype)
+        skipped = tf.constant(0.0, tf.float64)
+        if self._options.on_nonfinite is not None:
+            with tf.device(device):
+                ok = all_finite(out)
+            if self._options.on_nonfinite == "raise":
+                check = tf.debugging.Assert(
+                    ok,
+                    [
+                        "tfpar.MirroredStrategy with on_nonfinite=raise: the "
+                        f"all-reduced gradients hold NaN or Inf. Replica {replica_id}'s "
+                        "own gradients were finite:",
+                        all_finite(flat),
+                    ],
+                    name="tfpar_nonfinite_gradients",
+                )
+                with tf.control_dependencies([check]):
+                    out = [tf.identity(t) for t in out]
+            else:
+                out = [zero_unless(ok, t) for t in out]
+                skipped = 1.0 - tf.cast(ok, tf.float64)
+        if self._options.measure:
+            n = len(self._devices)
+            moved = sum(byte_size(w) for w in wire)
+            logical = sum(byte_size(t) for t in flat)
+            seconds = timestamp_after(out, device) - start
+            totals = [1.0, seconds, len(buckets), logical, moved, skipped]
+            sent = 2.0 * (n - 1) / n * moved  # a ring: collective ops only
+            self._counters.add_replica(replica_id, totals, seconds, sent)
+        elif self._options.on_nonfinite == "skip":
+            self._counters.add_replica(replica_id, [0, 0, 0, 0, 0, skipped])
+        return tf.nest.pack_sequence_as(value, out)
 
     # -- The gradient path. ----------------------------------------------------
 
@@ -251,15 +236,17 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         values = [v for v, _ in pairs]
         n = len(values[0].values)
         starts = [
-            _timestamp_after([v.values[i] for v in values], values[0].values[i].device)
+            timestamp_after([v.values[i] for v in values], values[0].values[i].device)
             for i in range(n)
         ]
-        logical = sum(_nbytes(v.values[0]) for v in values)
+        logical = sum(byte_size(v.values[0]) for v in values)
         skipped = tf.constant(0.0, tf.float64)
+        sent = [0.0] * n  # unknown routing for reductions onto other devices
         if all(_is_all_reduce(v, d) for v, d in pairs):
             reduced, calls, moved = self._transformed_all_reduce(
                 reduce_op, values, options
             )
+            sent = self._bytes_sent(moved, n)
             if self._options.on_nonfinite is not None:
                 reduced, skipped = self._check_finite(values, reduced)
         else:
@@ -271,33 +258,40 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
             calls, moved = len(pairs), logical
         if not self._options.measure:
             if self._options.on_nonfinite == "skip":
-                with tf.device("/device:CPU:0"):
-                    self._counters.assign_add(
-                        tf.one_hot(_SKIPPED, 6, on_value=skipped, dtype=tf.float64)
-                    )
+                self._counters.add_skipped(skipped)
             return reduced
         copies = [r.values if _is_distributed(r) else (r,) for r in reduced]
         ends = [
-            _timestamp_after([c[min(i, len(c) - 1)] for c in copies], device)
+            timestamp_after([c[min(i, len(c) - 1)] for c in copies], device)
             for i, device in enumerate(v.device for v in values[0].values)
         ]
         step_seconds = tf.reduce_max(tf.stack(ends)) - tf.reduce_max(tf.stack(starts))
-        with tf.device("/device:CPU:0"):
-            self._counters.assign_add(
-                tf.stack(
-                    [
-                        tf.constant(1.0, tf.float64),
-                        step_seconds,
-                        tf.constant(float(calls), tf.float64),
-                        tf.constant(float(logical), tf.float64),
-                        tf.constant(float(moved), tf.float64),
-                        skipped,
-                    ]
-                )
-            )
-            if len(ends) == len(self._devices):
-                self._device_seconds.assign_add(tf.stack(ends) - tf.stack(starts))
+        per_device = None
+        if len(ends) == len(self._devices):
+            per_device = tf.stack(ends) - tf.stack(starts)
+        totals = [1.0, step_seconds, calls, logical, moved, skipped]
+        self._counters.add_batch(totals, per_device, sent)
         return reduced
+
+    def _bytes_sent(self, moved: int, n: int) -> list[float]:
+        """Bytes each replica sends in one all-reduce of `moved` bytes each.
+
+        Known from the algorithm's routing, not observed: a ring (TensorFlow's
+        collective all-reduce, NCCL) sends 2(n-1)/n of the buffer from every
+        device; reduction to one device sends the whole buffer from every
+        other replica and n-1 copies of the result from the destination (a
+        destination that is not a replica is not counted). Other algorithms
+        (hierarchical copy, user-given ones): 0, routing unknown.
+        """
+        algorithm = self.algorithm
+        if isinstance(algorithm, tf.distribute.ReductionToOneDevice):
+            target = algorithm.reduce_to_device
+            names = [canonical_device(d) for d in self._devices]
+            index = 0 if target is None else _find(canonical_device(target), names)
+            return [float((n - 1) * moved if i == index else moved) for i in range(n)]
+        if self._collective or isinstance(algorithm, tf.distribute.NcclAllReduce):
+            return [2.0 * (n - 1) / n * moved] * n
+        return [0.0] * n
 
     def _transformed_all_reduce(
         self, reduce_op: Any, values: list[Any], options: Any
@@ -312,14 +306,14 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         target = _COMPRESSED_DTYPES.get(self._options.compression or "")
         # wire[k][i]: tensor k of replica i as it will travel (cast down if asked).
         wire = [
-            [_cast(t, target) for t in v.values]
-            if target is not None and _is_dense_float(v.values[0])
+            [cast_on_device(t, target) for t in v.values]
+            if target is not None and is_dense_float(v.values[0])
             else list(v.values)
             for v in values
         ]
-        buckets = _buckets([w[0] for w in wire], self._options.bucket_bytes)
+        buckets = bucket_indices([w[0] for w in wire], self._options.bucket_bytes)
         packed = [
-            compat.per_replica([_pack([wire[k][i] for k in bucket]) for i in range(n)])
+            compat.per_replica([pack([wire[k][i] for k in bucket]) for i in range(n)])
             for bucket in buckets
         ]
         results = self.algorithm.batch_reduce_implementation(
@@ -329,13 +323,13 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         for bucket, result in zip(buckets, results, strict=True):
             shapes = [wire[k][0].shape for k in bucket]
             for copy in result.values:
-                for k, piece in zip(bucket, _unpack(copy, shapes), strict=True):
+                for k, piece in zip(bucket, unpack(copy, shapes), strict=True):
                     per_tensor[k].append(piece)
         reduced = [
-            compat.mirrored([_cast(c, v.values[0].dtype) for c in copies])
+            compat.mirrored([cast_on_device(c, v.values[0].dtype) for c in copies])
             for v, copies in zip(values, per_tensor, strict=True)
         ]
-        moved = sum(_nbytes(w[0]) for w in wire)
+        moved = sum(byte_size(w[0]) for w in wire)
         return reduced, len(buckets), moved
 
     def _check_finite(
@@ -352,10 +346,10 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
         ok = []
         for i in range(n):
             with tf.device(copies[0][i].device):
-                ok.append(_all_finite([c[i] for c in copies]))
+                ok.append(all_finite([c[i] for c in copies]))
         if self._options.on_nonfinite == "raise":
             local = tf.stack(
-                [_all_finite([v.values[i] for v in values]) for i in range(n)]
+                [all_finite([v.values[i] for v in values]) for i in range(n)]
             )
             culprits = tf.strings.reduce_join(
                 tf.boolean_mask(tf.constant(self._devices), tf.logical_not(local)),
@@ -377,44 +371,14 @@ class MeasuredAllReduce(tf.distribute.CrossDeviceOps):
                 ]
             return out, tf.constant(0.0, tf.float64)
         out = [
-            compat.mirrored([_zero_unless(ok[i], c) for i, c in enumerate(r.values)])
+            compat.mirrored([zero_unless(ok[i], c) for i, c in enumerate(r.values)])
             for r in reduced
         ]
         return out, 1.0 - tf.cast(ok[0], tf.float64)
 
 
-def _buckets(tensors: Sequence[Any], bucket_bytes: int | None) -> list[list[int]]:
-    """Groups tensor indices, in order, into buckets of one dtype and bounded size.
-
-    Only dense float tensors of known shape are packed; any other tensor, or
-    one larger than `bucket_bytes`, gets a bucket of its own.
-    """
-    if bucket_bytes is None:
-        return [[i] for i in range(len(tensors))]
-    buckets: list[list[int]] = []
-    size = 0
-    open_dtype = None  # dtype of the last bucket while it can still grow
-    for i, t in enumerate(tensors):
-        packable = _is_dense_float(t) and t.shape.is_fully_defined()
-        nbytes = _nbytes(t)
-        if packable and t.dtype == open_dtype and size + nbytes <= bucket_bytes:
-            buckets[-1].append(i)
-            size += nbytes
-        else:
-            buckets.append([i])
-            size = nbytes
-            open_dtype = t.dtype if packable else None
-    return buckets
-
-
-def _is_dense_float(t: Any) -> bool:
-    return isinstance(t, tf.Tensor) and t.dtype.is_floating
-
-
-def _nbytes(t: Any) -> int:
-    if isinstance(t, tf.IndexedSlices) or not t.shape.is_fully_defined():
-        return 0  # Unknown at trace time; documented as not counted.
-    return int(np.prod(t.shape)) * t.dtype.size
+def _find(name: str, names: list[str]) -> int | None:
+    return names.index(name) if name in names else None
 
 
 def _is_distributed(value: Any) -> bool:
@@ -428,55 +392,3 @@ def _is_all_reduce(value: Any, destination: Any) -> bool:
     here = [tf.DeviceSpec.from_string(t.device) for t in value.values]
     there = [tf.DeviceSpec.from_string(t.device) for t in destination.values]
     return here == there and all(isinstance(t, tf.Tensor) for t in value.values)
-
-
-def _cast(t: Any, dtype: tf.DType) -> Any:
-    """Casts `t` on its own device (a no-op if it already has `dtype`)."""
-    if t.dtype == dtype:
-        return t
-    with tf.device(t.device):
-        return tf.cast(t, dtype)
-
-
-def _pack(tensors: list[Any]) -> Any:
-    """One replica's bucket as a flat tensor (a single tensor stays as it is)."""
-    if len(tensors) == 1:
-        return tensors[0]
-    with tf.device(tensors[0].device):
-        return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
-
-
-def _unpack(flat: Any, shapes: list[tf.TensorShape]) -> list[Any]:
-    """Inverse of `_pack` on one replica's reduced bucket."""
-    if len(shapes) == 1:
-        return [flat]
-    with tf.device(flat.device):
-        pieces = tf.split(flat, [int(np.prod(s)) for s in shapes])
-        return [tf.reshape(p, s) for p, s in zip(pieces, shapes, strict=True)]
-
-
-def _zero_unless(ok: Any, t: Any) -> Any:
-    """`t` if `ok`, else zeros (`where`, since NaN * 0 is still NaN)."""
-    with tf.device(t.device):
-        return tf.where(ok, t, tf.zeros_like(t))
-
-
-def _timestamp_after(tensors: Sequence[Any], device: str) -> Any:
-    """A host timestamp, on `device`'s host, taken once `tensors` all exist."""
-    spec = tf.DeviceSpec.from_string(device)
-    if spec.device_type != "CPU":
-        spec = spec.replace(device_type="CPU", device_index=0)
-    deps = [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors]
-    with tf.device(spec.to_string()), tf.control_dependencies(deps):
-        return tf.timestamp()
-
-
-def _all_finite(tensors: Sequence[Any]) -> Any:
-    flags = [
-        tf.reduce_all(
-            tf.math.is_finite(t.values if isinstance(t, tf.IndexedSlices) else t)
-        )
-        for t in tensors
-        if t.dtype.is_floating
-    ]
-    return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)

@@ -6,6 +6,10 @@ silently runs `/gpu:7` on the CPU), picks the gradient all-reduce algorithm,
 and installs `tfpar.strategies.allreduce.MeasuredAllReduce` as the strategy's
 `cross_device_ops`: the public extension point through which Keras 3's
 gradient all-reduce passes.
+
+The replicas may also be the devices of other processes (the workers of a
+`tfpar.LocalCluster` after `connect()`): one replica per remote device, driven
+from this process, with the input pipeline on this process's CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from tfpar import _compat as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.allreduce import AllReduceOptions, MeasuredAllReduce
+
+# This process's CPU: where the input pipeline runs when the replicas are remote.
+_HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
 class MirroredStrategy(tf.distribute.MirroredStrategy):
@@ -34,15 +41,20 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
     Args:
         devices: List or tuple of device names, or `None` (default) for all
             GPUs, else all logical CPUs (see `tfpar.default_devices`). Unlike
-            the stock class, a device that does not exist is an error.
+            the stock class, a device that does not exist is an error. The
+            devices may also all be remote, e.g. the workers of a
+            `tfpar.LocalCluster` after `connect()` (which the stock class
+            refuses in eager mode): one replica per device, reduced with
+            `"reduce_to_one_device"` by default.
         cross_device_ops: Optional `tf.distribute.CrossDeviceOps`, as in the
             stock class. It becomes the wrapped algorithm (compression,
             packing and counters still apply); combine only with
             `all_reduce="auto"`.
         all_reduce: `"auto"` (default: the stock choice: TensorFlow's
             collective all-reduce, ring on CPUs and NCCL on GPUs, reduction to
-            one device for mixed CPUs and GPUs), `"collective"`, `"nccl"` (all
-            devices must be GPUs), `"hierarchical_copy"` or
+            one device for mixed CPUs and GPUs; reduction to one device for
+            remote devices), `"collective"` and `"nccl"` (local devices only;
+            NCCL needs all devices to be GPUs), `"hierarchical_copy"` or
             `"reduce_to_one_device"`.
         compression: `None` (default), `"fp16"` or `"bf16"`: float gradients
             are cast down for the reduction and back after it, halving the
@@ -61,10 +73,11 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
     Raises:
         TypeError: If `devices` is not a list or tuple of strings, or
             `cross_device_ops` is not a `tf.distribute.CrossDeviceOps`.
-        ValueError: If a device does not exist or repeats, the list is empty,
-            an option is unknown, `bucket_bytes <= 0`, NCCL is asked for
-            without all devices being GPUs, or `cross_device_ops` is combined
-            with another `all_reduce`.
+        ValueError: If a device does not exist or repeats, the list is empty
+            or mixes local and remote devices, an option is unknown,
+            `bucket_bytes <= 0`, NCCL is asked for without all devices being
+            GPUs, collective ops for remote devices, or `cross_device_ops` is
+            combined with another `all_reduce`.
 
     Example:
 
@@ -95,6 +108,7 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         measure: bool = True,
     ) -> None:
         names = resolve_devices(devices)
+        remote = _are_remote(names)
         options = AllReduceOptions(
             all_reduce=all_reduce,
             compression=compression,
@@ -102,13 +116,28 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
             on_nonfinite=on_nonfinite,
             measure=measure,
         )
-        algorithm = _algorithm(names, options, cross_device_ops)
+        algorithm = _algorithm(names, options, cross_device_ops, remote=remote)
         self._tfpar_reducer = MeasuredAllReduce(names, options, algorithm)
         compat.reserve_collective_keys(self)
-        super().__init__(devices=names, cross_device_ops=self._tfpar_reducer)
-        if algorithm is None:
+        if remote:
+            # The stock constructor refuses several tasks in eager mode; its
+            # single-worker set-up works for them once built (see _compat).
+            super().__init__(
+                devices=["/device:CPU:0"], cross_device_ops=self._tfpar_reducer
+            )
+            compat.use_remote_devices(self.extended, names, _HOST)
+        else:
+            super().__init__(devices=names, cross_device_ops=self._tfpar_reducer)
+            # Reductions inside a tf.cond (gradient accumulation) can only use
+            # the stock collective ops, from each replica without merge_call.
+            stock = compat.stock_default_cross_device_ops(self.extended)
             self._tfpar_reducer.bind(
-                compat.stock_default_cross_device_ops(self.extended)
+                algorithm or stock,
+                collective=algorithm is None,
+                replica_algorithm=stock,
+            )
+            compat.reduce_without_merge_call_in_nested_graphs(
+                self.extended, self._tfpar_reducer
             )
 
     @property
@@ -119,7 +148,7 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative gradient all-reduce counters since construction.
 
-        One host read of two small variables: cheap enough to call every
+        One host read of a few small variables: cheap enough to call every
         step. `steps` counts executed batch reductions (Keras does one per
         training step, none on steps that only accumulate gradients);
         `calls` the tensors handed to the algorithm (fewer with bucketing);
@@ -128,7 +157,9 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         the last replica having all its gradients to every replica having the
         results). `devices` holds, per replica, the time from that replica's
         gradients being ready to its results being ready, which includes
-        waiting for slower replicas. All zeros with `measure=False`.
+        waiting for slower replicas, and the bytes it sends (computed from
+        the algorithm's routing: a ring sends 2(n-1)/n of the buffer from
+        each device; see docs/mirrored.md). All zeros with `measure=False`.
 
         Returns:
             A `tfpar.CommunicationStats` with `kind="allreduce"`.
@@ -201,10 +232,24 @@ def _uneven_shapes(value: Any) -> list[tuple[tuple[int | None, ...], ...]]:
     return found
 
 
+def _are_remote(devices: list[str]) -> bool:
+    """Whether the (canonical) devices are all remote; mixing them is refused."""
+    remote = [tf.DeviceSpec.from_string(d).job is not None for d in devices]
+    if any(remote) and not all(remote):
+        raise ValueError(
+            "`devices` must be all local or all remote (replicas are driven "
+            f"from this process either way). Received: devices={devices} (use "
+            "e.g. only the workers' devices of a tfpar.LocalCluster)."
+        )
+    return all(remote)
+
+
 def _algorithm(
     devices: list[str],
     options: AllReduceOptions,
     cross_device_ops: tf.distribute.CrossDeviceOps | None,
+    *,
+    remote: bool,
 ) -> tf.distribute.CrossDeviceOps | None:
     """Returns the algorithm to wrap, or `None` for the stock default."""
     if cross_device_ops is not None:
@@ -221,6 +266,16 @@ def _algorithm(
                 "cross_device_ops is given)."
             )
         return cross_device_ops
+    if remote and options.all_reduce in ("collective", "nccl"):
+        # Collective ops need a collective executor set up on every task
+        # before connecting; send/recv based reductions need nothing more.
+        raise ValueError(
+            f"`all_reduce={options.all_reduce!r}` needs local devices. Received: "
+            f"all_reduce={options.all_reduce!r} with remote devices={devices} "
+            "(use 'auto', 'reduce_to_one_device' or 'hierarchical_copy')."
+        )
+    if remote and options.all_reduce == "auto":
+        return tf.distribute.ReductionToOneDevice()
     kinds = {tf.DeviceSpec.from_string(d).device_type for d in devices}
     if options.all_reduce == "nccl":
         if kinds != {"GPU"}:
