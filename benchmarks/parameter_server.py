@@ -11,7 +11,18 @@ and the cost of one dispatch (an empty scheduled function).
 
 A process can join only one cluster, so each cluster size runs in its own
 child process; inside a child, the variants run side by side in alternating
-rounds. Prints a table of ratios and writes JSON.
+rounds (medians reported). Prints a table of ratios and writes JSON.
+
+Setup (also written to the JSON): a loopback `tfpar.LocalCluster` with 1 PS
+and 1 or 2 workers, each task pinned round robin to one core of this
+process's affinity with one intra-op thread (on 2 cores: worker 0 and the PS
+share core 0, worker 1 has core 1; with 1 worker the PS has core 1); the
+coordinator is not pinned. A 256-512-512-10 MLP, batch 64, SGD: every step
+reads its 0.4 M weights from the PS and sends their gradients back. Every
+variant does one step per dispatch except `fit_packed8`
+(`steps_per_execution=8`). Each timing is one `fit` of `--steps` steps (its
+per-call costs included), so short timings understate steady-state speed:
+`--quick` uses 64 steps and 3 rounds.
 
     python benchmarks/parameter_server.py --quick --out ps.json
 """
@@ -132,8 +143,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per timing")
     parser.add_argument("--rounds", type=int, default=None)
     args, rest = parser.parse_known_args()
-    steps = args.steps or (16 if args.quick else 200)
-    rounds = args.rounds or (1 if args.quick else 5)
+    steps = args.steps or (64 if args.quick else 200)
+    rounds = args.rounds or (3 if args.quick else 5)
     if CHILD in rest:
         workers = int(rest[rest.index(CHILD) + 1])
         print(json.dumps(run_child(workers, steps, rounds)))
@@ -155,6 +166,14 @@ def main() -> int:
     two = {name: median(v) for name, v in measured[2].items()}
     one = median(measured[1]["fit"])
     report = {
+        "setup": {
+            "cores": len(os.sched_getaffinity(0)),
+            "cluster": "loopback LocalCluster, 1 PS, 1 or 2 workers",
+            "pinning": "each task one core round robin (1 intra-op thread); "
+            "coordinator unpinned",
+            "model": "MLP 256-512-512-10, batch 64, SGD",
+            "steps_per_dispatch": "1, except fit_packed8 (steps_per_execution=8)",
+        },
         "steps_per_timing": steps,
         "rounds": rounds,
         "steps_per_second": {**{f"2w_{k}": v for k, v in two.items()}, "1w_fit": one},

@@ -2,10 +2,12 @@
 
 A two-tower-ish model: user and item embeddings (100k users: the large
 variable that motivates parameter servers), their product and a small MLP
-predict a rating. By default it starts a local cluster (2 workers, 2 PS);
-with `--tf-config` it joins the cluster described by `TF_CONFIG` as its
-coordinator (`"task": {"type": "chief", "index": 0}`), the other tasks running
-`tfpar server`.
+predict a rating. By default it starts a local cluster (2 workers, 2 PS)
+and shards every variable of at least 256 KiB (the two embedding tables, and
+Adam's moments of them) over the parameter servers; `--no-shard` keeps each
+variable whole on one PS. With `--tf-config` it joins the cluster described by
+`TF_CONFIG` as its coordinator (`"task": {"type": "chief", "index": 0}`), the
+other tasks running `tfpar server`.
 
     python examples/parameter_server.py --epochs 2
 """
@@ -73,11 +75,24 @@ def main() -> None:
     parser.add_argument(
         "--tf-config", action="store_true", help="join TF_CONFIG's cluster"
     )
+    parser.add_argument(
+        "--no-shard", action="store_true", help="keep each variable on one PS"
+    )
     parser.add_argument("--save", default="recommender.keras")
     args = parser.parse_args()
 
     with cluster_resolver(args.tf_config, args.workers, args.ps) as resolver:
-        strategy = tfpar.ParameterServerStrategy(resolver, step_deadline=120)
+        # Split variables of >= 256 KiB over (up to) every PS, by rows.
+        partitioner = (
+            None
+            if args.no_shard
+            else tf.distribute.experimental.partitioners.MinSizePartitioner(
+                min_shard_bytes=256 << 10, max_shards=args.ps
+            )
+        )
+        strategy = tfpar.ParameterServerStrategy(
+            resolver, partitioner, step_deadline=120
+        )
         # Data after the strategy: it connects this process to the cluster.
         features, ratings = synthetic_ratings(args.batch_size * args.steps_per_epoch)
         dataset = (
@@ -90,7 +105,10 @@ def main() -> None:
             model = build_model()
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
         for variable in model.weights[:2]:
-            print(f"{variable.path:40s} on {variable.value.device}")
+            value = variable.value
+            parts = getattr(value, "variables", [value])  # a ShardedVariable's shards
+            for part in parts:
+                print(f"{variable.path:32s} rows {part.shape[0]:>6} on {part.device}")
         model.fit(
             dataset,
             epochs=args.epochs,

@@ -65,13 +65,18 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
                     results["steps_at_restart"] = strategy.tracker.records[1].steps
         model = build(strategy)
         history = model.fit(dataset, epochs=2, steps_per_epoch=40, callbacks=[Chaos()], verbose=0)
+        if "killed_at" in results and "restarted" not in results:  # fit ended first
+            cluster.restart("worker", 1)
+            results["restarted"] = len(results.get("batches", []))
+            results["steps_at_restart"] = strategy.tracker.records[1].steps
         results["faulty"] = history.history["loss"]
         results["iterations"] = int(model.optimizer.iterations.numpy())
         results["failures"] = [r.failures for r in strategy.tracker.records]
         results["worker1_after"] = strategy.tracker.records[1].steps
         # The restarted worker is used again: the coordinator polls for its
-        # return every 5 to 10 s, so keep training for up to 40 s.
-        give_up = time.monotonic() + 40
+        # return every 5 to 10 s, then rebuilds its dataset iterator: keep
+        # training for up to 60 s (7 of 7 runs here needed under 40 s).
+        give_up = time.monotonic() + 60
         while (strategy.tracker.records[1].steps == results["steps_at_restart"]
                and time.monotonic() < give_up):
             model.fit(dataset, epochs=1, steps_per_epoch=20, verbose=0)
@@ -113,7 +118,7 @@ def run_faults(mode):
     """Runs the script; on a timeout, SIGKILLs its servers (a SIGSTOPped one
     cannot notice that its parent is gone)."""
     try:
-        proc = run_python(FAULTS_SCRIPT.replace("__MODE__", mode), timeout=150)
+        proc = run_python(FAULTS_SCRIPT.replace("__MODE__", mode), timeout=200)
     except subprocess.TimeoutExpired as timeout:
         output = timeout.stdout or b""
         text = output.decode() if isinstance(output, bytes) else output
@@ -147,8 +152,9 @@ def test_killed_worker_is_replaced_then_used_again():
     # Every scheduled step ran: the coordinator re-ran the killed worker's
     # step elsewhere (at least once: a step killed after its update reached
     # the PS runs twice, so one extra is allowed).
+    assert "killed_at" in r, r  # both workers ran steps, then one was killed
     assert 80 <= r["iterations"] <= 81, r
-    assert r["failures"][1] >= 1
+    assert r["failures"][1] >= 1, r
     assert r["faulty"][-1] <= 1.5 * r["fault_free"][-1] + 0.05, r
     assert r["worker1_final"] > r["steps_at_restart"], r
     assert leftover(r["pids"]) == []

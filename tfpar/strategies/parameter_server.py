@@ -168,6 +168,8 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         _wait_until_reachable(cluster, options.connect_timeout)
         logger.warning(SECURITY_WARNING)
         super().__init__(cluster_resolver, variable_partitioner)
+        if variable_partitioner is not None:
+            _compat.support_sharded_variables(self.extended)
         self.options = options
         self.tracker = StepTracker(
             cluster["worker"],

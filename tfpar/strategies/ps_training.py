@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar import _compat
+from tfpar.strategies.ps_sharding import prepare_sharded_model
 from tfpar.strategies.ps_watchdog import StepTracker
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ class CoordinatedFunctions:
 
     def predict_function(self, batches: list[Any]) -> Any:
         """Predicts `batches` on a worker and returns the outputs, in order."""
+        self._prepare_variables()
         coordinator = self.strategy.coordinator
         self.tracker.scheduled()
         remote = _compat.schedule_callable(
@@ -216,6 +218,7 @@ class CoordinatedFunctions:
         if model.optimizer is not None:
             variables += model.optimizer.variables
         _compat.make_updates_atomic(variables)
+        prepare_sharded_model(model, variables)
         self._variables_checked = True
 
     # What runs on the coordinator's worker threads.

@@ -1,0 +1,94 @@
+"""Keras 3 models whose large variables are sharded over parameter servers.
+
+With a `variable_partitioner`, TensorFlow creates a large variable (say a
+`keras.layers.Embedding` table) as a `ShardedVariable`: one `tf.Variable` per
+shard, each on its own PS, rows split in order ("div" partitioning). Keras 3
+wraps that object as if it were one `tf.Variable`, which covers reading,
+assigning, `get_weights`, `set_weights` and saving (the shards are
+concatenated into one array, so a saved model loads into an ordinary,
+unsharded layer). `prepare_sharded_model` adds what training needs:
+
+- gradients: `GradientTape` differentiates each shard and hands Keras's
+  optimizer one gradient of the whole variable (`IndexedSlices` for an
+  embedding lookup), and optimizer updates run on each shard's own PS
+  (`tfpar/_compat.py`);
+- lookups: an `Embedding` with a sharded table gathers only the rows it needs
+  from each PS (`tf.nn.embedding_lookup` on the shards), instead of Keras's
+  `ops.take`, which would first concatenate the whole table on the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpar import _compat
+
+
+def prepare_sharded_model(model: keras.Model, variables: list[Any]) -> int:
+    """Makes the sharded variables among `variables` of `model` trainable.
+
+    Args:
+        model: A Keras model built under the strategy.
+        variables: Its Keras variables, with its metrics' and optimizer's.
+
+    Returns:
+        The number of sharded variables found.
+    """
+    sharded = [v for v in variables if _compat.is_sharded(v)]
+    if not sharded:
+        return 0
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.Embedding) and _compat.is_sharded(
+            getattr(layer, "_embeddings", None)
+        ):
+            layer.__class__ = _sharded_lookup_class(type(layer))
+    return len(sharded)
+
+
+def _layers(layer: Any) -> Iterator[Any]:
+    """Every layer inside `layer` (nested models included), and itself."""
+    yield layer
+    for child in getattr(layer, "layers", ()):
+        yield from _layers(child)
+
+
+_LOOKUP_CLASSES: dict[type, type] = {}
+
+
+def _sharded_call(self: Any, inputs: Any) -> Any:
+    parent: Any = type(self).__mro__[1]  # the stock Embedding class
+    stock = parent.call
+    if self.quantization_mode is not None or self.lora_enabled:
+        return stock(self, inputs)
+    if inputs.dtype not in (tf.int32, tf.int64):
+        inputs = tf.cast(inputs, tf.int32)
+    # Dispatches on the ShardedVariable: a gather on each shard's PS.
+    outputs = tf.nn.embedding_lookup(_compat.backing_variable(self._embeddings), inputs)
+    return tf.cast(outputs, self.compute_dtype)
+
+
+def _sharded_lookup_class(cls: type) -> type:
+    """A subclass of an `Embedding` class that looks rows up shard by shard.
+
+    It keeps the class's name and module, so saved configs name the stock
+    class and load without tfpar.
+    """
+    if cls in _LOOKUP_CLASSES.values():
+        return cls
+    subclass = _LOOKUP_CLASSES.get(cls)
+    if subclass is None:
+        subclass = type(
+            cls.__name__,
+            (cls,),
+            {
+                "call": _sharded_call,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            },
+        )
+        _LOOKUP_CLASSES[cls] = subclass
+    return subclass
