@@ -1,15 +1,42 @@
-"""Cost of tfpar's callbacks: step time with DeviceUtilization + CommunicationTime on and off.
+"""Cost of tfpar's callbacks, per source and in total, in ms per training step.
 
-Both configurations run in one process on the same compiled model, in
-alternating rounds (off/on, then on/off, ...), so drift in machine load hits
-both alike. Each round is one `fit` call; the step time is the mean interval
-between consecutive batch ends, so every callback hook is inside it, and the
-first (tracing) step is left out. Two models: a tiny one (about 1 ms steps)
-and a medium one (about 10 ms steps). The callbacks run at their default
-settings unless `--every-steps` is given.
+Configurations run in one process on the same compiled model, in rotating
+order round after round, so drift in machine load hits all alike. Each round
+is one `fit` call; the step time is the mean interval between consecutive
+batch ends, so every callback hook is inside it, and the first (tracing) step
+is left out. Two models: a tiny one (about 1.5 ms steps) and a medium one
+(about 10 ms steps). A cost is the median over rounds of the difference to
+the same round's run without tfpar callbacks ("off"), with the spread (min,
+max) of those differences.
+
+Per source (short rounds, each source sampling every `--every-steps` steps,
+default 25, instead of every 10 s, so that its cost rises far above the
+noise; that cost times the steps between samples is the cost of one sample):
+
+- `host`: `DeviceUtilization(metrics=("host",))`: the psutil polling thread
+  and each sample's batched summary write.
+- `profiler`: `DeviceUtilization(metrics=("utilization",))`: the bounded
+  profiler windows (the traced steps, the export and the parsing).
+- `comm`: `CommunicationTime`: the step clock and each sample's write.
+- `hooks`: the per-step Python work of both callbacks between samples,
+  timed directly by calling the hooks in a loop (far below the noise of a
+  step time).
+- `counters`: one read of `tfpar.MirroredStrategy`'s communication counters,
+  timed directly; `CommunicationTime` reads them once per sample.
+
+TensorFlow memory info and NVML are read only for GPUs and are not exercised
+on a CPU-only machine.
+
+Totals (long rounds, about 6 s): both callbacks at their default settings
+("both"), measured against "off", and derived: hooks plus every source's
+sample cost times one sample per 10 s. Every round is a new `fit`, which
+samples after its first step: the measured total includes that one extra
+sample per round, and so is a little higher than the steady state of a long
+`fit`.
 
 Usage:
 
+    python benchmarks/callbacks.py                 # full run, about 6 minutes
     python benchmarks/callbacks.py --quick --out /tmp/callbacks.json
 """
 
@@ -29,6 +56,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tfpar
+from tfpar.callbacks.cadence import Cadence
 from tfpar.callbacks.communication_time import CommunicationTime
 from tfpar.callbacks.device_utilization import DeviceUtilization
 
@@ -37,6 +66,9 @@ MODELS = {
     "tiny": (32, 64, 1, 32),
     "medium": (256, 512, 2, 96),
 }
+SOURCES = ("host", "profiler", "comm")
+NEVER = Cadence(every_steps=None, every_seconds=1e9, warmup_steps=2**62)
+DEFAULT_SECONDS = 10.0  # the callbacks' default every_seconds
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -70,40 +102,164 @@ def build(name: str) -> tuple[keras.Model, tf.data.Dataset]:
     return model, data.prefetch(2)
 
 
-def measure(name: str, rounds: int, steps: int, every_steps: int | None) -> dict:
-    model, data = build(name)
+def make_callbacks(
+    config: str, log_dir: str, every_steps: int
+) -> list[keras.callbacks.Callback]:
+    """Builds the tfpar callbacks of one configuration."""
+    every = {"every_steps": every_steps, "every_seconds": None}
+    if config == "host":
+        return [DeviceUtilization(log_dir, metrics=("host",), **every)]
+    if config == "profiler":
+        return [DeviceUtilization(log_dir, metrics=("utilization",), **every)]
+    if config == "comm":
+        return [CommunicationTime(log_dir, **every)]
+    if config == "both":
+        return [DeviceUtilization(log_dir), CommunicationTime(log_dir)]
+    return []
+
+
+def rounds_ms(
+    model: keras.Model,
+    data: tf.data.Dataset,
+    configs: tuple[str, ...],
+    rounds: int,
+    steps: int,
+    every_steps: int,
+) -> dict[str, dict]:
+    """Times `rounds` rotations of `configs`; returns each one's cost against "off"."""
     log_dir = tempfile.mkdtemp(prefix="tfpar-bench-")
-    cadence = {} if every_steps is None else {"every_steps": every_steps}
-    callbacks = [
-        DeviceUtilization(log_dir, **cadence),
-        CommunicationTime(log_dir, **cadence),
-    ]
+    callbacks = {
+        c: make_callbacks(c, os.path.join(log_dir, c), every_steps) for c in configs
+    }
     timer = StepTimer()
-    times: dict[str, list[float]] = {"off": [], "on": []}
-    fit = {"x": data, "steps_per_epoch": steps, "verbose": 0, "shuffle": False}
-    model.fit(epochs=1, callbacks=[timer], **fit)  # trace once, outside the rounds
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    fit = {"x": data, "steps_per_epoch": steps, "verbose": 0}
     try:
+        for config in configs:  # one untimed fit each: first-use costs
+            model.fit(epochs=1, callbacks=[timer, *callbacks[config]], **fit)
         for r in range(rounds):
-            order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
-            for config in order:
-                extra = callbacks if config == "on" else []
-                model.fit(epochs=1, callbacks=[timer, *extra], **fit)
+            shift = r % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                model.fit(epochs=1, callbacks=[timer, *callbacks[config]], **fit)
                 times[config].append(timer.step_ms())
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
-    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    result = {"off": {"step_ms": statistics.median(times["off"]), "rounds_ms": []}}
+    result["off"]["rounds_ms"] = times["off"]
+    for config in configs[1:]:
+        diffs = [on - off for on, off in zip(times[config], times["off"], strict=True)]
+        result[config] = {
+            "step_ms": statistics.median(times[config]),
+            "cost_ms": statistics.median(diffs),
+            "min_ms": min(diffs),
+            "max_ms": max(diffs),
+            "rounds_ms": times[config],
+        }
+    return result
+
+
+def hooks_us(model: keras.Model, calls: int = 100_000) -> float:
+    """Times both callbacks' per-step hooks between samples, in us per step."""
+    log_dir = tempfile.mkdtemp(prefix="tfpar-bench-")
+    callbacks = [
+        DeviceUtilization(log_dir, metrics=("utilization",)),
+        CommunicationTime(log_dir),
+    ]
+    for callback in callbacks:
+        callback.cadence = NEVER  # frozen option, replaced whole
+        callback.set_model(model)
+        callback.set_params({"epochs": 1, "steps": calls, "verbose": 0})
+        callback.on_train_begin()
+    start = time.perf_counter()
+    for batch in range(calls):
+        for callback in callbacks:
+            callback.on_train_batch_begin(batch)
+        for callback in callbacks:
+            callback.on_train_batch_end(batch, {})
+    elapsed = time.perf_counter() - start
+    for callback in callbacks:
+        callback.on_train_end()
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return 1e6 * elapsed / calls
+
+
+def counters_read_us(reads: int = 200) -> float:
+    """Returns the time of one `communication_stats()` read, in microseconds."""
+    strategy = tfpar.MirroredStrategy(["/cpu:0"])
+    strategy.communication_stats()
+    start = time.perf_counter()
+    for _ in range(reads):
+        strategy.communication_stats()
+    return 1e6 * (time.perf_counter() - start) / reads
+
+
+def measure(
+    name: str, rounds: int, steps: tuple[int, int], every_steps: int, counters: float
+) -> dict:
+    """Measures every source and the totals on one model."""
+    model, data = build(name)
+    model.fit(x=data, steps_per_epoch=3, verbose=0)  # trace once
+    sources = rounds_ms(model, data, ("off", *SOURCES), rounds, steps[0], every_steps)
+    totals = rounds_ms(model, data, ("off", "both"), rounds, steps[1], every_steps)
+    off_ms = totals["off"]["step_ms"]
+    samples_per_step = off_ms / (DEFAULT_SECONDS * 1000.0)
+    hooks = hooks_us(model) / 1000.0
+    derived = hooks + counters / 1000.0 * samples_per_step
+    for source in SOURCES:
+        cost = sources[source]
+        cost["per_sample_ms"] = cost["cost_ms"] * every_steps
+        cost["at_default_ms"] = cost["per_sample_ms"] * samples_per_step
+        derived += max(0.0, cost["at_default_ms"])
+    both = totals["both"]
     return {
         "model": name,
-        "steps_per_round": steps,
+        "every_steps": every_steps,
         "rounds": rounds,
-        "off_ms": off,
-        "on_ms": on,
-        "cost_ms": on - off,
-        "cost_percent": 100.0 * (on - off) / off,
-        "ratio_on_off": on / off,
-        "off_rounds_ms": times["off"],
-        "on_rounds_ms": times["on"],
+        "source_round_steps": steps[0],
+        "total_round_steps": steps[1],
+        "off_ms": off_ms,
+        "sources": sources,
+        "hooks_ms": hooks,
+        "counters_read_ms": counters / 1000.0,
+        "totals": totals,
+        "default_derived_ms": derived,
+        "default_derived_percent": 100.0 * derived / off_ms,
+        "default_measured_ms": both["cost_ms"],
+        "default_measured_percent": 100.0 * both["cost_ms"] / off_ms,
     }
+
+
+def report(results: list[dict]) -> None:
+    for r in results:
+        src = r["sources"]
+        print(
+            f"\n{r['model']}: {r['off_ms']:.3f} ms/step without callbacks; "
+            f"{r['rounds']} rounds; sources sample every {r['every_steps']} steps"
+        )
+        print(
+            f"  {'source':9} {'cost ms/step':>12} {'spread':>18} "
+            f"{'ms/sample':>10} {'at 10 s cadence':>16}"
+        )
+        for source in SOURCES:
+            c = src[source]
+            spread = f"[{c['min_ms']:+.3f}, {c['max_ms']:+.3f}]"
+            print(
+                f"  {source:9} {c['cost_ms']:+12.4f} {spread:>18} "
+                f"{c['per_sample_ms']:10.2f} {c['at_default_ms']:+16.4f}"
+            )
+        print(f"  {'hooks':9} {r['hooks_ms']:+12.4f} {'(timed directly)':>18}")
+        print(
+            f"  {'counters':9} {'':>12} {'(timed directly)':>18} "
+            f"{r['counters_read_ms']:10.2f}"
+        )
+        both = r["totals"]["both"]
+        print(
+            f"  total at defaults: derived {r['default_derived_ms']:+.4f} ms/step "
+            f"({r['default_derived_percent']:+.2f}%); measured "
+            f"{both['cost_ms']:+.4f} ms/step ({r['default_measured_percent']:+.2f}%)"
+            f", spread [{both['min_ms']:+.3f}, {both['max_ms']:+.3f}], over "
+            f"{r['total_round_steps']}-step rounds"
+        )
 
 
 def main() -> None:
@@ -112,24 +268,27 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per model")
     parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated model names"
+    )
+    parser.add_argument(
         "--every-steps",
         type=int,
-        default=None,
-        help="callback cadence in steps (default: the callbacks' own)",
+        default=25,
+        help="steps between samples of the per-source configurations",
     )
     args = parser.parse_args()
+    models = args.models.split(",")
+    if set(models) - set(MODELS):
+        parser.error(f"unknown --models {models}; valid: {list(MODELS)}")
     rounds = args.rounds or (3 if args.quick else 8)
-    steps = {"tiny": 300 if args.quick else 3000, "medium": 60 if args.quick else 1200}
-    results = [measure(name, rounds, steps[name], args.every_steps) for name in MODELS]
-    print(
-        f"{'model':8} {'off ms/step':>12} {'on ms/step':>11} {'cost ms':>8} "
-        f"{'cost %':>7} {'on/off':>7}"
-    )
-    for r in results:
-        print(
-            f"{r['model']:8} {r['off_ms']:12.3f} {r['on_ms']:11.3f} "
-            f"{r['cost_ms']:8.3f} {r['cost_percent']:7.2f} {r['ratio_on_off']:7.3f}"
-        )
+    # (steps per source round, steps per total round): about 1.5 s and 6 s.
+    steps = {
+        "tiny": (300, 600) if args.quick else (1000, 4000),
+        "medium": (60, 120) if args.quick else (180, 700),
+    }
+    counters = counters_read_us()
+    results = [measure(m, rounds, steps[m], args.every_steps, counters) for m in models]
+    report(results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"quick": args.quick, "results": results}, f, indent=2)

@@ -37,7 +37,11 @@ def tiny_model(features: int = 16, width: int = 32) -> keras.Model:
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """Reads every scalar (TF2 tensor summaries) in a run folder, by tag."""
+    """Reads every scalar (TF2 tensor summaries) in a run folder, by tag.
+
+    The custom-scalars layout is listed under `LAYOUT_TAG` (one 0.0 per
+    write); other non-scalar summaries (Keras's model config) are left out.
+    """
     acc = event_accumulator.EventAccumulator(
         run_dir, size_guidance={event_accumulator.TENSORS: 0}
     )
@@ -46,6 +50,8 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     for tag in acc.Tags()["tensors"]:
         if tag == LAYOUT_TAG:
             result[tag] = [(e.step, 0.0) for e in acc.Tensors(tag)]
+            continue
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
             continue
         result[tag] = [
             (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)

@@ -1,12 +1,15 @@
 """Tests for tfpar.callbacks.communication_time on the CommunicationStats contract."""
 
+import json
 import logging
 import os
+import pathlib
 
 import keras
 import pytest
 import tensorflow as tf
 
+from tests._subprocess import run_python
 from tests.callbacks._tb import (
     LAYOUT_TAG,
     dataset,
@@ -15,9 +18,11 @@ from tests.callbacks._tb import (
     tiny_model,
 )
 from tfpar.callbacks.communication_time import CommunicationTime, step_samples
+from tfpar.callbacks.device_utilization import DeviceUtilization
 from tfpar.stats import CommunicationStats, DeviceCommunication
 
 MIB = 1024.0 * 1024.0
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 def test_step_samples_arithmetic() -> None:
@@ -185,6 +190,22 @@ def test_failing_counters_are_logged_once_and_training_goes_on(
     }
 
 
+def test_counters_that_never_advance_are_not_logged_as_zeros(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = CountingStrategy()  # nothing advances its counters
+    with strategy.scope():
+        model = tiny_model()
+    x, y = dataset(32 * 6)
+    callback = CommunicationTime(str(tmp_path), every_steps=2, every_seconds=None)
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        model.fit(x, y, batch_size=32, verbose=0, callbacks=[callback])
+    assert sum("did not advance" in r.message for r in caplog.records) == 1
+    scalars = read_scalars(os.path.join(tmp_path, "train"))
+    assert set(scalars) == {LAYOUT_TAG, "comm/step_time_ms"}
+    assert [s for s, _ in scalars["comm/step_time_ms"]] == [3, 5, 6]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -226,3 +247,170 @@ def test_large_gradients_and_tiny_batches_communicate_more(tmp_path: str) -> Non
     assert heavy_bytes == {4 * (1024 * 1024 + 1024 + 1024 + 1)}
     assert light_bytes == {4 * (16 * 16 + 16 + 16 + 1)}
     assert heavy > 2 * light, (heavy, light)
+
+
+def _tfpar_strategy(kind: str) -> tf.distribute.Strategy:
+    if kind == "mirrored":
+        mirrored = pytest.importorskip("tfpar.strategies.mirrored")
+        return mirrored.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    pipeline = pytest.importorskip("tfpar.strategies.pipeline")
+    return pipeline.PipelineStrategy(
+        ["/cpu:0", "/cpu:1"], num_microbatches=2, partition=["stage1"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["mirrored", "pipeline"])
+def test_both_callbacks_log_the_strategy_counters_per_step(
+    tmp_path: str, kind: str
+) -> None:
+    # Every logged value is the strategy's own counters over exactly the
+    # steps between two samples, divided by those steps; the run has both
+    # devices' utilization and only the tags the strategy can fill.
+    strategy = _tfpar_strategy(kind)
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(64, activation="relu", name="stage1"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    snapshots = {}
+
+    def snapshot(batch: int, logs: dict | None) -> None:
+        snapshots[batch + 1] = strategy.communication_stats()
+
+    log_dir = str(tmp_path)
+    x, y = dataset(32 * 9)
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.TensorBoard(log_dir),
+            DeviceUtilization(log_dir, every_steps=4, every_seconds=None),
+            CommunicationTime(log_dir, every_steps=4, every_seconds=None),
+            keras.callbacks.LambdaCallback(on_train_batch_end=snapshot),
+        ],
+    )
+    scalars = read_scalars(os.path.join(log_dir, "train"))
+    per_device = {"comm_ms", "bytes_sent_per_step"}
+    if kind == "pipeline":
+        per_device |= {"busy_ms", "bubble_ms"}
+    comm_tags = {
+        f"comm/{t}"
+        for t in (
+            "step_time_ms",
+            "time_ms",
+            "compute_ms",
+            "fraction",
+            "bytes_per_step",
+            "bandwidth_mib_per_s",
+        )
+    } | {f"comm/device/CPU:{i}/{t}" for i in (0, 1) for t in per_device}
+    tfpar_tags = {t for t in scalars if t.startswith(("comm/", "device/"))}
+    assert tfpar_tags == comm_tags | {
+        "device/CPU:0/utilization",
+        "device/CPU:1/utilization",
+    }
+    assert {"host/rss_mib", "epoch_loss"} <= set(scalars)
+    # Baseline after step 1, samples after steps 5 and 9.
+    for (step, comm_ms), (_, bytes_per_step) in zip(
+        scalars["comm/time_ms"], scalars["comm/bytes_per_step"], strict=True
+    ):
+        delta = snapshots[step].since(snapshots[step - 4])
+        assert delta.steps == 4
+        assert comm_ms == pytest.approx(1000 * delta.comm_seconds / 4, rel=1e-5)
+        assert bytes_per_step == pytest.approx(delta.bytes_moved / 4, rel=1e-6)
+        assert comm_ms > 0
+    assert [s for s, _ in scalars["comm/time_ms"]] == [5, 9]
+    if kind == "pipeline":
+        for stage in (0, 1):
+            bubbles = [v for _, v in scalars[f"comm/device/CPU:{stage}/bubble_ms"]]
+            assert len(bubbles) == 2 and all(b >= 0 for b in bubbles)
+        # What crosses the stage boundary: a 16-example micro-batch's 64
+        # float32 activations, twice per step.
+        assert {v for _, v in scalars["comm/bytes_per_step"]} == {2 * 16 * 64 * 4}
+    else:
+        params = 16 * 64 + 64 + 2 * (64 * 64 + 64) + 64 + 1
+        assert {v for _, v in scalars["comm/bytes_per_step"]} == {4 * params}
+    for _, fraction in scalars["comm/fraction"]:
+        assert 0.0 < fraction <= 1.0
+
+
+PS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import keras, numpy as np, tensorflow as tf
+import tfpar
+from tfpar.callbacks import CommunicationTime, DeviceUtilization
+from tests.callbacks._tb import read_scalars
+
+log_dir = {log_dir!r}
+rng = np.random.default_rng(0)
+x = rng.standard_normal((32 * 12, 16)).astype("float32")
+y = x[:, :1]
+with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
+    strategy = tfpar.ParameterServerStrategy(cluster.cluster_resolver)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    model.fit(data, steps_per_epoch=12, epochs=1, verbose=0, callbacks=[
+        DeviceUtilization(log_dir, every_steps=4, every_seconds=None),
+        CommunicationTime(log_dir, every_steps=4, every_seconds=None),
+    ])
+    counted = strategy.communication_stats().steps
+print("SCALARS " + json.dumps(read_scalars(os.path.join(log_dir, "train"))))
+print("COUNTED", counted)
+"""
+
+
+def test_parameter_server_strategy_logs_the_time_it_can_measure(
+    tmp_path: str,
+) -> None:
+    # A real LocalCluster (2 workers, 1 PS) in a child process: connecting to
+    # a cluster lasts for the process.
+    proc = run_python(PS_SCRIPT.format(root=ROOT, log_dir=str(tmp_path)), timeout=240)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SCALARS "))
+    scalars = json.loads(line[len("SCALARS ") :])
+    counted = int(proc.stdout.split("COUNTED ")[1].split()[0])
+    workers = [f"comm/device/worker:{i}/CPU:0" for i in (0, 1)]
+    tfpar_tags = {t for t in scalars if t.startswith(("comm/", "device/"))}
+    # No utilization of the remote workers (this process's profiler cannot
+    # see them) and no bytes (the strategy counts none): left out, not zero.
+    if counted == 0:
+        # Counters that never advanced are not logged as zeros either.
+        assert tfpar_tags == {"comm/step_time_ms"}, tfpar_tags
+        assert "did not advance" in proc.stderr
+        return
+    assert tfpar_tags == {
+        "comm/step_time_ms",
+        "comm/time_ms",
+        "comm/compute_ms",
+        "comm/fraction",
+        *(f"{w}/{t}" for w in workers for t in ("busy_ms", "comm_ms")),
+    }
+    assert {"host/rss_mib", "host/peak_rss_mib"} <= set(scalars)
+    # Samples after steps 5, 9 and 12; one whose steps had not finished on
+    # a worker yet (asynchronous training) has no communication numbers.
+    assert [s for s, _ in scalars["comm/step_time_ms"]] == [5, 9, 12]
+    assert [s for s, _ in scalars["comm/time_ms"]] in ([5, 9, 12], [9, 12])
+    for (_, step), (_, comm), (_, compute), (_, fraction) in zip(
+        scalars["comm/step_time_ms"][-len(scalars["comm/time_ms"]) :],
+        scalars["comm/time_ms"],
+        scalars["comm/compute_ms"],
+        scalars["comm/fraction"],
+        strict=True,
+    ):
+        assert comm > 0 and 0 < fraction <= 1
+        assert compute == pytest.approx(max(0.0, step - comm), rel=1e-4, abs=1e-4)
+    # Workers take steps as they come free: each sample has some busy time,
+    # not necessarily on every worker.
+    busy = [[v for _, v in scalars[f"{w}/busy_ms"]] for w in workers]
+    assert all(a >= 0 and b >= 0 and a + b > 0 for a, b in zip(*busy, strict=True))

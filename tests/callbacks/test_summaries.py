@@ -2,10 +2,12 @@
 
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -52,6 +54,35 @@ def test_writer_is_lazy_batched_and_writes_to_train(tmp_path: str) -> None:
         "host/rss_mib": [(3, 10.5), (7, 11.0)],
         "device/CPU:1/utilization": [(7, 42.0)],
     }
+
+
+def test_a_failing_write_is_logged_once_and_dropped(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file where the run folder should be: every write fails, for real.
+    (tmp_path / "train").write_text("not a folder")
+    writer = ScalarWriter(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        for step in range(3):
+            writer.add(step, "host/rss_mib", 1.0)
+            writer.flush()  # returns at once: the write runs on another thread
+        writer.close()
+    failures = [r.message for r in caplog.records if "writing scalars" in r.message]
+    assert len(failures) == 1 and "train" in failures[0], failures
+    assert event_files(str(tmp_path)) == []
+
+
+def test_writes_run_on_a_background_thread_that_close_joins(tmp_path: str) -> None:
+    writer = ScalarWriter(str(tmp_path))
+    writer.add(1, "host/rss_mib", 1.0)
+    writer.flush()
+    thread_names = {t.name for t in threading.enumerate()}
+    assert any(n.startswith("tfpar-summary-writer") for n in thread_names)
+    writer.close()
+    assert read_scalars(os.path.join(tmp_path, "train")) == {"host/rss_mib": [(1, 1.0)]}
+    assert not any(
+        t.name.startswith("tfpar-summary-writer") for t in threading.enumerate()
+    )
 
 
 def test_layout_charts_match_every_device() -> None:
@@ -176,11 +207,12 @@ def test_live_tensorboard_serves_keras_and_tfpar_tags(tmp_path: str) -> None:
         layout = _get(base + "data/plugin/custom_scalars/layout")
         titles = [c["title"] for c in layout["category"]]
         assert titles == ["tfpar: devices", "tfpar: communication"]
-        # The kept trace of steps 4-5 opens in the profile plugin, as a session
-        # of the train run.
-        if _get(base + "data/plugins_listing").get("profile", {}).get("enabled"):
-            sessions = _get(base + "data/plugin/profile/runs")
-            assert len(sessions) == 1 and sessions[0].startswith("train/")
+        # The kept trace of steps 4-5 opens in the profile plugin (installed
+        # by `make test`: the `profile` extra), as a session of the train run.
+        listing = _get(base + "data/plugins_listing")
+        assert listing.get("profile", {}).get("enabled"), listing.get("profile")
+        sessions = _get(base + "data/plugin/profile/runs")
+        assert len(sessions) == 1 and sessions[0].startswith("train/"), sessions
     finally:
         proc.kill()
         proc.wait(timeout=30)

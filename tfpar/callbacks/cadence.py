@@ -94,8 +94,10 @@ class Trigger:
     ) -> None:
         self._cadence = cadence
         self._clock = clock
-        self._last_step: int | None = None
-        self._last_time = 0.0
+        # Called every training step: the common answer ("not yet") costs one
+        # integer compare and, with a time cadence, one clock read.
+        self._next_step: float = cadence.warmup_steps
+        self._deadline: float | None = None  # no time condition before warm-up
 
     def due(self, step: int) -> bool:
         """Returns whether a sample is due at `step`, and if so records it.
@@ -106,22 +108,16 @@ class Trigger:
         Returns:
             `True` when a sample should be taken now.
         """
-        if step < self._cadence.warmup_steps:
+        if step < self._next_step and (
+            self._deadline is None or self._clock() < self._deadline
+        ):
             return False
-        now = self._clock()
-        if self._last_step is None or self._elapsed(step, now):
-            self._last_step = step
-            self._last_time = now
-            return True
-        return False
-
-    def _elapsed(self, step: int, now: float) -> bool:
         every_steps = self._cadence.every_steps
         every_seconds = self._cadence.every_seconds
-        assert self._last_step is not None
-        if every_steps is not None and step - self._last_step >= every_steps:
-            return True
-        return every_seconds is not None and now - self._last_time >= every_seconds
+        self._next_step = math.inf if every_steps is None else step + every_steps
+        if every_seconds is not None:
+            self._deadline = self._clock() + every_seconds
+        return True
 
 
 def optimizer_step(model: keras.Model) -> int:

@@ -44,7 +44,9 @@ class CommunicationTime(keras.callbacks.Callback):
     - `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../bytes_sent_per_step`,
       and `.../idle_ms` (`.../bubble_ms` for a pipeline stage), where the
       strategy counts per device. A counter that is zero on every device is
-      taken as not kept by the strategy and is not logged.
+      taken as not kept by the strategy and is not logged; so are all the
+      communication numbers of a sample over which no counter moved (no
+      step finished yet under the asynchronous parameter-server strategy).
 
     Under a strategy without `communication_stats()` (the stock
     `tf.distribute` strategies, or none) it says once, with a warning, what it
@@ -99,17 +101,20 @@ class CommunicationTime(keras.callbacks.Callback):
     def _reset_run(self) -> None:
         self._step = 0
         self._first_step = 0
+        self._per_call = 1
         self._batch_start = 0.0
         self._busy = 0.0  # seconds inside batches since the last sample
         self._steps = 0  # steps since the last sample
         self._previous: CommunicationStats | None = None
         self._baseline = False
+        self._counted = False  # whether any sample of this fit had counters
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Finds the strategy's counters, or says once what cannot be measured."""
         self._reset_run()
         self._trigger = Trigger(self.cadence)
         self._first_step = optimizer_step(self.model)
+        self._per_call = steps_per_call(self.model)
         strategy = self.model.distribute_strategy
         stats = getattr(strategy, "communication_stats", None)
         self._stats = stats if callable(stats) else None
@@ -124,12 +129,13 @@ class CommunicationTime(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Adds the batch's time; takes a sample when the cadence says so."""
+        # Runs every step: two clock reads, two additions and one compare;
+        # counters are read only when a sample is due.
         elapsed = time.perf_counter() - self._batch_start
-        per_call = steps_per_call(self.model)
-        self._step += per_call
+        self._step += self._per_call
         if self._baseline:
             self._busy += elapsed
-            self._steps += per_call
+            self._steps += self._per_call
         if self._trigger.due(self._step):
             self._sample()
 
@@ -137,6 +143,14 @@ class CommunicationTime(keras.callbacks.Callback):
         """Writes the steps since the last sample and closes the event file."""
         if self._steps:
             self._sample()
+        idle = self._stats is not None and self._baseline and not self._counted
+        if idle and not self._failed:
+            self._failed = True
+            logger.warning(
+                "tfpar CommunicationTime: the strategy's communication counters "
+                "did not advance during this fit; logged step time only. Logged "
+                "once."
+            )
         self._writer.close()
 
     def _sample(self) -> None:
@@ -145,7 +159,7 @@ class CommunicationTime(keras.callbacks.Callback):
             step = self._first_step + self._step
             delta = None
             if current is not None and self._previous is not None:
-                delta = current.since(self._previous)
+                delta = self._advanced(current.since(self._previous))
             for sample in step_samples(self._busy, self._steps, delta):
                 self._writer.add(step, sample.tag, sample.value)
             self._writer.flush()
@@ -153,6 +167,19 @@ class CommunicationTime(keras.callbacks.Callback):
         self._previous = current
         self._busy = 0.0
         self._steps = 0
+
+    def _advanced(self, delta: CommunicationStats) -> CommunicationStats | None:
+        """Returns `delta`, or `None` when the counters did not move at all.
+
+        No counted step, time or byte over the sample's steps means nothing
+        was measured (counters the strategy does not keep for this loop, or,
+        under an asynchronous strategy, no step finished yet): logging them
+        would show a made-up zero communication time.
+        """
+        if delta.steps or delta.comm_seconds or delta.bytes_moved:
+            self._counted = True
+            return delta
+        return None
 
     def _read_stats(self) -> CommunicationStats | None:
         if self._stats is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -67,7 +68,9 @@ class DeviceUtilization(keras.callbacks.Callback):
     holds it (e.g. Keras's `TensorBoard(profile_batch=...)`), utilization
     windows that collide with it are skipped, with one warning. Remote devices
     (cluster workers) are not traced by this process's profiler; their
-    utilization is not logged.
+    utilization is not logged (under a parameter-server strategy no window
+    is traced at all). Utilization is sampled: each point covers the
+    `window_steps` steps traced when the sample came due.
 
     Args:
         log_dir: Folder for the event files, the same as Keras's `TensorBoard`
@@ -133,6 +136,12 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._failed: set[str] = set()
         self._step = 0
         self._first_step = 0
+        self._per_call = 1
+        self._trace = False
+        self._epoch_steps: float = math.inf
+        first, last = self.profile_steps or (-1, math.inf)
+        self._capture_first: int = first
+        self._capture_last: float = last
         self._collecting_graphs = False
         self._op_devices = OpDevices({})
         self._reported: list[str] = []
@@ -157,6 +166,9 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._reported = list(self.devices or strategy_devices)
         self._fallback = strategy_devices[0] if len(strategy_devices) == 1 else None
         self._first_step = optimizer_step(self.model)
+        # What the per-step hooks compare against, read once per fit.
+        self._per_call = steps_per_call(self.model)
+        self._epoch_steps = (self.params or {}).get("steps") or math.inf
         gpus = [d for d in self._reported if "GPU" in d]
         if "host" in self.metrics:
             self._open(HostSource.name, HostSource)
@@ -166,23 +178,29 @@ class DeviceUtilization(keras.callbacks.Callback):
             )
         if "utilization" in self.metrics and gpus:
             self._open(NvmlSource.name, lambda: NvmlSource(gpus))
-        if "utilization" in self.metrics:
+        # Under a parameter-server strategy every step runs on remote workers,
+        # which this process's profiler does not see: no windows to trace.
+        self._trace = "utilization" in self.metrics and not isinstance(
+            self.model.distribute_strategy, tf.distribute.ParameterServerStrategy
+        )
+        if self._trace:
             self._find_placement()
         self._writer.add_layout(custom_scalars_layout())
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Starts a profiler window (for utilization or a kept capture) when due."""
-        if self.profile_steps is not None and self._step == self.profile_steps[0]:
+        # Runs every step: between samples, two integer compares and a clock read.
+        if self._step == self._capture_first:
             self._start_window(self._capture)
         if self._window is None and self._trigger.due(self._step):
-            if "utilization" in self.metrics:
+            if self._trace:
                 self._start_window(self._sampler)
             if self._window is None:  # no trace (not asked for, or profiler busy)
                 self._window = (self._step + self.window_steps, 0)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Closes a window when its last step ends, then samples and writes."""
-        self._step += steps_per_call(self.model)
+        self._step += self._per_call
         if self._collecting_graphs:
             self._collecting_graphs = False
             placement = OpDevices.from_run_metadata(_compat.stop_graph_collection())
@@ -190,13 +208,12 @@ class DeviceUtilization(keras.callbacks.Callback):
             self._use_placement(placement)
         # A window also ends with the epoch: what follows (validation, the
         # next epoch's iterator) is not training.
-        epoch_steps = (self.params or {}).get("steps")
-        last_of_epoch = epoch_steps is not None and batch + 1 >= epoch_steps
         if self._window is not None and (
-            self._step >= self._window[0] or last_of_epoch
+            self._step >= self._window[0] or batch + 1 >= self._epoch_steps
         ):
             self._end_window()
-        if self.profile_steps is not None and self._step > self.profile_steps[1]:
+        if self._step > self._capture_last:
+            self._capture_last = math.inf
             self._capture.stop()
 
     def set_model(self, model: keras.Model) -> None:
@@ -382,12 +399,12 @@ def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:
 
 def _strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
     """Lists the devices a strategy computes on, in order."""
-    try:
-        devices = [canonical_device(d) for d in strategy.extended.worker_devices]
-    except RuntimeError:
-        # The default (no) strategy: TensorFlow places ops on the first GPU,
-        # else on the first CPU.
-        devices = default_devices()[:1]
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        # The coordinator computes nothing: the workers do, in other processes
+        # (their counters name them below; their utilization is not traced).
+        devices = []
+    else:
+        devices = _local_devices(strategy)
     # A tfpar strategy also names its devices in its counters (for a pipeline:
     # one per stage, while its host side is a one-device strategy).
     stats = getattr(strategy, "communication_stats", None)
@@ -398,3 +415,12 @@ def _strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
             counted = []
         devices += [d for d in counted if d not in devices]
     return devices
+
+
+def _local_devices(strategy: tf.distribute.Strategy) -> list[str]:
+    try:
+        return [canonical_device(d) for d in strategy.extended.worker_devices]
+    except RuntimeError:
+        # The default (no) strategy: TensorFlow places ops on the first GPU,
+        # else on the first CPU.
+        return default_devices()[:1]

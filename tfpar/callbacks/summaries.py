@@ -4,7 +4,8 @@ Both callbacks write into the run folder Keras's own `TensorBoard` callback
 uses (`<log_dir>/train`), with the optimizer's step, so their charts sit beside
 Keras's. TensorBoard merges several event files in one folder into one run.
 Writes are buffered and flushed in one batch per sample, because one
-`tf.summary` write per training step costs about a millisecond.
+`tf.summary` write per training step costs about a millisecond, and the batch
+is written on a background thread, so the training thread never waits on it.
 
 Tag scheme (device names lose their leading `/device:`; remote devices keep
 their job and task, e.g. `worker:1/CPU:0`):
@@ -20,10 +21,14 @@ their job and task, e.g. `worker:1/CPU:0`):
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 import threading
 
 import tensorflow as tf
+
+logger = logging.getLogger("tfpar")
 
 TRAIN_RUN = "train"
 
@@ -52,11 +57,17 @@ def device_label(device: str) -> str:
 
 
 class ScalarWriter:
-    """Buffers scalars and writes them to `<log_dir>/train` in batches.
+    """Buffers scalars and writes them to `<log_dir>/train` in batches, off-thread.
 
     The event file is created on the first flush that has something to write,
-    so a callback that never samples leaves no empty file behind. Thread-safe:
-    background samplers may `add` while the training thread flushes.
+    so a callback that never samples leaves no empty file behind. `flush`
+    hands the batch to one background thread and returns at once: writing a
+    handful of `tf.summary` scalars and flushing the file costs about 3 ms,
+    which would otherwise stall the training step it lands in. Batches are
+    written in the order they were flushed; `close` waits for all of them. A
+    write that fails is logged once and dropped: a measurement never stops
+    training. Thread-safe: background samplers may `add` while the training
+    thread flushes.
 
     Args:
         log_dir: The log directory shared with Keras's `TensorBoard` callback.
@@ -68,7 +79,7 @@ class ScalarWriter:
     writer = ScalarWriter("runs/x")
     writer.add(10, "host/rss_mib", 812.5)
     writer.flush()
-    writer.close()
+    writer.close()  # waits until the scalar is on disk
     ```
     """
 
@@ -78,6 +89,8 @@ class ScalarWriter:
         self._layout: bytes | None = None
         self._lock = threading.Lock()
         self._writer: tf.summary.SummaryWriter | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._failed = False
 
     @property
     def path(self) -> str:
@@ -95,27 +108,72 @@ class ScalarWriter:
             self._layout = layout
 
     def flush(self) -> None:
-        """Writes every queued scalar in one batch."""
+        """Hands every queued scalar to the background thread, in one batch."""
         with self._lock:
             pending, self._pending = self._pending, []
             layout, self._layout = self._layout, None
         if not pending and layout is None:
             return
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self._path)
-        with self._writer.as_default():
-            if layout is not None:
-                tf.summary.experimental.write_raw_pb(layout, step=0)
-            for step, tag, value in pending:
-                tf.summary.scalar(tag, value, step=step)
-        self._writer.flush()
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="tfpar-summary-writer"
+            )
+        self._thread.submit(self._write, pending, layout)
 
     def close(self) -> None:
-        """Flushes and closes the event file (a later flush opens a new one)."""
+        """Writes what is queued, waits for every batch, closes the event file.
+
+        A later `flush` opens a new event file.
+        """
         self.flush()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def _write(
+        self, pending: list[tuple[int, str, float]], layout: bytes | None
+    ) -> None:
+        """Runs on the writer thread."""
+        try:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self._path)
+            with self._writer.as_default():
+                if layout is not None:
+                    tf.summary.experimental.write_raw_pb(layout, step=0)
+                for step, summary in _summaries_by_step(pending).items():
+                    tf.summary.experimental.write_raw_pb(summary, step=step)
+            self._writer.flush()
+        except Exception as err:  # never break training over a measurement
+            if not self._failed:
+                self._failed = True
+                logger.warning(
+                    "tfpar: writing scalars to %s failed (%s: %s); dropping them. "
+                    "Training continues; this is logged once.",
+                    self._path,
+                    type(err).__name__,
+                    err,
+                )
+
+
+def _summaries_by_step(pending: list[tuple[int, str, float]]) -> dict[int, bytes]:
+    """Packs the scalars of each step into one serialized `Summary`.
+
+    The same records `tf.summary.scalar` writes (a float32 tensor with the
+    scalars plugin's metadata), but one write op per step instead of one per
+    scalar: eager summary ops cost about 0.3 ms each.
+    """
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
+    summaries: dict[int, summary_pb2.Summary] = {}
+    for step, tag, value in pending:
+        summaries.setdefault(step, summary_pb2.Summary()).MergeFrom(
+            scalar_pb(tag, value)
+        )
+    return {step: s.SerializeToString() for step, s in summaries.items()}
 
 
 def custom_scalars_layout() -> bytes:
