@@ -171,7 +171,7 @@ def test_sharded_variable_internals_differentiate_and_save_as_one_variable():
         assert hasattr(ps.ParameterServerStrategyExtended, name), name
     table = np.arange(10 * 2, dtype="float32").reshape(10, 2)
     sharded = ShardedVariable([tf.Variable(table[:5]), tf.Variable(table[5:])])
-    sharded.__class__ = _compat._TrainableShardedVariable
+    sharded.__class__ = _compat.sharding._TrainableShardedVariable
     variable = keras.Variable(np.zeros((10, 2), "float32"))
     variable._value = sharded  # how Keras wraps what the strategy created
     assert _compat.is_sharded(variable)

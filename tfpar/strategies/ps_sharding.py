@@ -11,7 +11,7 @@ unsharded layer). `prepare_sharded_model` adds what training needs:
 - gradients: `GradientTape` differentiates each shard and hands Keras's
   optimizer one gradient of the whole variable (`IndexedSlices` for an
   embedding lookup), and optimizer updates run on each shard's own PS
-  (`tfpar/_compat.py`);
+  (`tfpar/_compat/sharding.py`);
 - lookups: an `Embedding` with a sharded table gathers only the rows it needs
   from each PS (`tf.nn.embedding_lookup` on the shards), instead of Keras's
   `ops.take`, which would first concatenate the whole table on the worker.

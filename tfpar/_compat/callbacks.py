@@ -1,0 +1,67 @@
+"""Private TensorFlow internals of the callbacks, and why.
+
+Used by `tfpar/callbacks/profiling.py`, `device_utilization.py`, `sources.py`:
+
+- Graph collection (`context.enable_graph_collection`,
+  `export_run_metadata`): on CPU the profiler records the thread, not the
+  logical device (`/device:CPU:1` shares `/device:CPU:0`'s thread pool). Each
+  op's device is in the partition graphs TensorFlow builds when it
+  instantiates a function, exported through the eager context's run
+  metadata. `tf.summary.trace_on(graph=True)` switches the same collection
+  on but only writes it to an event file: no public path returns the graphs
+  to Python. Without them `DeviceUtilization` falls back to attributing ops by
+  name.
+- `device_lib.list_local_devices()`: NVML numbers GPUs differently from
+  TensorFlow (`CUDA_VISIBLE_DEVICES` renumbers TensorFlow's), so they are
+  matched by PCI bus id, which TensorFlow reports only in these device
+  descriptions.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.eager import context
+
+
+def start_graph_collection() -> None:
+    """Starts recording the partition graphs of functions instantiated from now on."""
+    context.context().enable_graph_collection()
+
+
+def stop_graph_collection() -> config_pb2.RunMetadata:
+    """Stops recording and returns what was recorded.
+
+    Returns:
+        A `RunMetadata` proto whose `function_graphs[i].partition_graphs` hold
+        the placed (post-optimization) graphs, one per device.
+    """
+    ctx = context.context()
+    metadata = ctx.export_run_metadata()
+    ctx.disable_graph_collection()
+    return metadata if metadata is not None else config_pb2.RunMetadata()
+
+
+def gpu_bus_ids() -> dict[str, str]:
+    """Maps local TensorFlow GPU names to their PCI bus ids.
+
+    Returns:
+        Canonical device name to bus id (e.g. `"0000:00:04.0"`); empty on a
+        machine without GPUs.
+    """
+    from tensorflow.python.client import device_lib
+
+    result = {}
+    for device in device_lib.list_local_devices():
+        if device.device_type != "GPU":
+            continue
+        for part in device.physical_device_desc.split(","):
+            key, _, value = part.partition(":")
+            if key.strip() == "pci bus id":
+                result[_local_name(device.name)] = value.strip()
+    return result
+
+
+def _local_name(name: str) -> str:
+    spec = tf.DeviceSpec.from_string(name)
+    return f"/device:{(spec.device_type or 'CPU').upper()}:{spec.device_index or 0}"

@@ -1,0 +1,152 @@
+"""Private TensorFlow and Keras internals of MirroredStrategy, and why.
+
+Used by `tfpar/strategies/mirrored.py`, `allreduce.py`:
+
+- `values.PerReplica`, `values.Mirrored`: a `CrossDeviceOps` subclass that
+  compresses or packs gradients must hand the wrapped algorithm new
+  per-replica values and return mirrored ones; `tf.distribute` exposes only
+  the abstract `DistributedValues`, with no constructor.
+- `MirroredExtended._collective_ops`: the stock default reduction (collective
+  all-reduce with its group keys: ring on CPUs, NCCL on GPUs, reduction to one
+  device on mixed devices) is built inside the constructor and only kept
+  there. Wrapping that very object makes the tfpar strategy bit-identical to
+  the stock one; building our own would need the private
+  `CollectiveAllReduce` class and the strategy's private collective keys.
+- `MirroredStrategy._collective_key_base`: every stock `MirroredStrategy` in
+  a process starts its collective group keys at 1, so two strategies over the
+  same devices share collective instance keys. When their tensors differ in
+  dtype (a compressed bf16 reduction after a float32 one) TensorFlow aborts
+  all collectives of the process ("Collective instance 100 expected ...
+  data_type 1 but got ... data_type 14"). Each tfpar strategy gets its own
+  base.
+- Keras's `TensorFlowTrainer._maybe_symbolic_build`: it averages the first
+  distributed batch over the replicas (`strategy.reduce("MEAN", batch,
+  axis=None)`) only to get shapes for building the model, which fails with an
+  AddN shape error when that batch does not split evenly (keras-team/keras
+  issue 19246). `called_from_keras_symbolic_build` recognizes that one
+  caller, so the strategy can answer it and still reject the same call from
+  user code.
+- `MirroredExtended._initialize_strategy`, `_input_workers_devices`,
+  `_host_input_device`, `_default_device` (`use_remote_devices`): in eager
+  mode the stock constructor refuses devices of several tasks ("In-graph
+  multi-worker training ... not supported in eager mode"), although its
+  single-worker set-up works for them once the input pipeline stays on this
+  process's CPU. The strategy is built on a local placeholder device, then
+  set up again on the remote devices; no public path exists.
+- `MirroredExtended._use_merge_call`, `_get_cross_device_ops`,
+  `mirrored_run._MirroredReplicaThread.graph`
+  (`reduce_without_merge_call_in_nested_graphs`): Keras 3 reduces gradients
+  inside a `tf.cond` when `gradient_accumulation_steps` is set, where
+  `merge_call` is refused. TensorFlow's own no-`merge_call` path (used for XLA
+  on GPUs) is selected only by `_use_merge_call`, and its reductions go to the
+  strategy's private collective ops, not to `cross_device_ops`. No public
+  switch exists for either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.distribute import mirrored_run as _mirrored_run
+from tensorflow.python.distribute import numpy_dataset as _numpy_dataset
+from tensorflow.python.distribute import values as _values
+
+# Far above the group keys any stock strategy of the process uses (1, 2, ...).
+_KEY_BASES = itertools.count(start=10_000, step=10_000)
+
+
+def per_replica(tensors: Sequence[Any]) -> tf.distribute.DistributedValues:
+    """Wraps one tensor per replica (in replica order) as a `PerReplica`."""
+    return _values.PerReplica(tuple(tensors))
+
+
+def mirrored(tensors: Sequence[Any]) -> tf.distribute.DistributedValues:
+    """Wraps one equal tensor per replica (in replica order) as `Mirrored`."""
+    return _values.Mirrored(tuple(tensors))
+
+
+def stock_default_cross_device_ops(
+    extended: tf.distribute.StrategyExtended,
+) -> tf.distribute.CrossDeviceOps:
+    """Returns the reduction a stock `MirroredStrategy` uses by default."""
+    return extended._collective_ops
+
+
+def reserve_collective_keys(strategy: tf.distribute.MirroredStrategy) -> None:
+    """Gives `strategy` collective group keys no other strategy uses.
+
+    Must run before `MirroredStrategy.__init__`, which reads the base.
+    """
+    strategy._collective_key_base = next(_KEY_BASES)
+
+
+def called_from_keras_symbolic_build() -> bool:
+    """Whether the running `Strategy.reduce` was called by Keras's model build."""
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(6):  # reduce() -> our override -> Keras, with slack.
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
+            frame.f_code.co_filename
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def use_remote_devices(
+    extended: tf.distribute.StrategyExtended, devices: Sequence[str], host: str
+) -> None:
+    """Sets a `MirroredExtended` built on a placeholder up on `devices`.
+
+    The single-worker set-up of the stock class, minus its eager-mode refusal
+    of several tasks, with the input pipeline and default device kept on
+    `host` (this process's CPU): batches are prefetched from here to each
+    remote replica, and nothing runs on a worker unless placed there.
+    """
+    extended._initialize_strategy(tuple(devices))
+    extended._input_workers_devices = ((host, tuple(devices)),)
+    extended._host_input_device = _numpy_dataset.SingleDevice(host)
+    extended._default_device = None
+
+
+def reduce_without_merge_call_in_nested_graphs(
+    extended: tf.distribute.StrategyExtended,
+    cross_device_ops: tf.distribute.CrossDeviceOps,
+) -> None:
+    """Lets replicas reduce inside a `tf.cond` branch, where `merge_call` fails.
+
+    Keras 3 with `gradient_accumulation_steps` reduces gradients inside a
+    `tf.cond`; a `merge_call` from a replica thread in a graph other than the
+    replica function's own fails ("`merge_call` called while defining a new
+    graph"). There, as TensorFlow does for XLA on GPUs, the strategy now says
+    it does not use `merge_call`: Keras's `maybe_merge_call` and the replica
+    context's `all_reduce` then run per replica, the reduction through
+    `cross_device_ops._all_reduce` (collective ops). Everywhere else the stock
+    answers stand, so the default path is unchanged.
+    """
+    stock_use_merge_call = extended._use_merge_call
+    stock_get_cross_device_ops = extended._get_cross_device_ops
+
+    def use_merge_call() -> bool:
+        thread = threading.current_thread()
+        if (
+            isinstance(thread, _mirrored_run._MirroredReplicaThread)
+            and tf.compat.v1.get_default_graph() is not thread.graph
+        ):
+            return False
+        return bool(stock_use_merge_call())
+
+    def get_cross_device_ops(value: Any) -> tf.distribute.CrossDeviceOps:
+        if not use_merge_call():
+            return cross_device_ops
+        return stock_get_cross_device_ops(value)
+
+    extended._use_merge_call = use_merge_call
+    extended._get_cross_device_ops = get_cross_device_ops

@@ -1,0 +1,191 @@
+"""Private TensorFlow and Keras internals of ParameterServerStrategy, and why.
+
+Used by `tfpar/strategies/parameter_server.py`, `ps_training.py`:
+
+- `find_keras_caller`: Keras 3's `fit`, `evaluate` and `predict` never tell
+  the strategy which model they run; their only call into it before the first
+  step is `strategy.experimental_distribute_dataset(dataset)`, from the
+  constructor of their `TFEpochIterator`. The strategy needs that model (to
+  give it coordinator-aware train, test and predict functions) and the epoch
+  iterator (for the epoch length): both are found from the caller frames.
+- `schedule_callable`: `ClusterCoordinator.schedule` accepts only a
+  `tf.function`; the coordinator's internal cluster object runs plain Python
+  callables on its worker threads (with the same retries), which tfpar needs
+  to time each step and enforce a step deadline.
+- `current_worker_index`: the coordinator's dispatch context names the worker
+  of the running closure; the public accessor works only while tracing.
+- `make_updates_atomic`: Keras 3's `Variable.assign_add` reads then writes,
+  which loses concurrent updates from several workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+from tensorflow.python.distribute.coordinator import coordinator_context
+
+# Keras's call chain is Trainer.fit/evaluate/predict -> TFEpochIterator.__init__
+# -> strategy.experimental_distribute_dataset: two frames; a few more are
+# searched so that a subclass overriding one of them still works.
+_MAX_FRAMES = 6
+
+# The Keras methods that create epoch iterators.
+KERAS_ENTRY_POINTS = ("fit", "evaluate", "predict")
+
+
+def find_keras_caller(strategy: object) -> tuple[keras.Model, Any] | None:
+    """Returns the Keras model and epoch iterator that called into `strategy`.
+
+    Args:
+        strategy: The strategy whose method is running.
+
+    Returns:
+        `(model, epoch_iterator)` when a Keras `fit`, `evaluate` or `predict`
+        of a model built under `strategy` is on the stack, else `None` (a
+        custom training loop: stock behaviour applies).
+    """
+    frame = inspect.currentframe()
+    epoch_iterator = None
+    try:
+        for _ in range(_MAX_FRAMES):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if epoch_iterator is None and hasattr(owner, "num_batches"):
+                epoch_iterator = owner
+            if (
+                isinstance(owner, keras.Model)
+                and frame.f_code.co_name in KERAS_ENTRY_POINTS
+                and getattr(owner, "_distribute_strategy", None) is strategy
+            ):
+                return owner, epoch_iterator
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # frames hold references to every local: break the cycle
+
+
+def schedule_callable(
+    coordinator: Any, function: Callable[..., Any], args: tuple[Any, ...]
+) -> Any:
+    """Schedules a plain Python callable on the coordinator's workers.
+
+    Why: the public `ClusterCoordinator.schedule` accepts only a
+    `tf.function`, whose Python body runs once, at tracing. tfpar needs a
+    Python hook around every execution (which worker, when it started, when
+    it ended) to enforce a step deadline and to count steps per worker; the
+    coordinator's internal cluster object runs plain callables on its worker
+    threads (with the same retry-on-worker-failure), and this is the call
+    the public method makes after its type check.
+
+    Args:
+        coordinator: A `tf.distribute.coordinator.ClusterCoordinator`.
+        function: The callable; it runs on a coordinator worker thread, with
+            that worker as the default device.
+        args: Its arguments (per-worker values are resolved per worker).
+
+    Returns:
+        The `RemoteValue` of the call.
+    """
+    with coordinator.strategy.scope():
+        return coordinator._cluster.schedule(function, args=args, kwargs=None)
+
+
+def current_worker_index() -> int:
+    """The index of the worker whose coordinator thread runs the caller.
+
+    Why: the public `experimental_get_current_worker_index` works only while
+    tracing a function; a callable scheduled with `schedule_callable` runs
+    eagerly, in the coordinator's dispatch context of that worker.
+
+    Raises:
+        RuntimeError: If called outside a scheduled callable.
+    """
+    context = coordinator_context.get_current_dispatch_context()
+    if context is None:
+        raise RuntimeError("Not running in a ClusterCoordinator worker thread.")
+    return int(context.worker_index)
+
+
+def _atomic_assign_add(self: Any, value: Any) -> Any:
+    value = self._convert_to_tensor(value, dtype=self._dtype)
+    return self.value.assign_add(value)
+
+
+def _atomic_assign_sub(self: Any, value: Any) -> Any:
+    value = self._convert_to_tensor(value, dtype=self._dtype)
+    return self.value.assign_sub(value)
+
+
+_ATOMIC_CLASSES: dict[type, type] = {}
+
+
+def make_updates_atomic(variables: Iterable[Any]) -> None:
+    """Makes `assign_add`/`assign_sub` of these Keras variables atomic.
+
+    Why: Keras 3's `Variable.assign_add(v)` is `assign(self + v)`, a read then
+    a write. Under a parameter server, workers update the same variables
+    concurrently (the optimizer's `iterations`, metric totals and counts), and
+    a read-then-write loses updates: 10 scheduled steps were seen to leave
+    `optimizer.iterations` at 7. TensorFlow's own `assign_add` is one op on
+    the parameter server, atomic. Only the variables given here, those of a
+    model trained under `tfpar.ParameterServerStrategy`, change class (to a
+    subclass defined here); other Keras variables are untouched, and saved
+    files never record a variable's Python class.
+
+    Args:
+        variables: Keras variables (backed by TensorFlow variables).
+    """
+    for variable in variables:
+        cls = type(variable)
+        if cls in _ATOMIC_CLASSES.values() or not hasattr(
+            variable, "_convert_to_tensor"
+        ):
+            continue
+        atomic = _ATOMIC_CLASSES.get(cls)
+        if atomic is None:
+            atomic = type(
+                cls.__name__,  # the same name: reprs and error messages stay Keras's
+                (cls,),
+                {"assign_add": _atomic_assign_add, "assign_sub": _atomic_assign_sub},
+            )
+            _ATOMIC_CLASSES[cls] = atomic
+        variable.__class__ = atomic
+
+
+_SCHEDULED = threading.local()
+_UNSCHEDULED_WARNING = "A `tf.distribute.experimental.ParameterServerStrategy` method"
+
+
+class _DropSchedulingWarning(logging.Filter):
+    """Drops TensorFlow's "not scheduled" warning, for tfpar's own closures.
+
+    TensorFlow warns when `strategy.run` is traced outside
+    `ClusterCoordinator.schedule`; `schedule_callable` closures trace their
+    step functions on the worker's dispatch thread, where the warning is
+    wrong. Everywhere else it is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scheduled = getattr(_SCHEDULED, "active", False)
+        return not (scheduled and str(record.msg).startswith(_UNSCHEDULED_WARNING))
+
+
+@contextlib.contextmanager
+def scheduled_tracing() -> Iterator[None]:
+    """Marks the current thread as running a tfpar scheduled closure."""
+    _SCHEDULED.active = True
+    try:
+        yield
+    finally:
+        _SCHEDULED.active = False
+
+
+tf.get_logger().addFilter(_DropSchedulingWarning())

@@ -1,0 +1,129 @@
+"""Private TensorFlow and Keras internals of PipelineStrategy, and why.
+
+Used by `tfpar/strategies/pipeline.py`, `pipeline_engine.py`:
+
+- `OneDeviceExtended`, `UpdateContext` (tensorflow.python.distribute): the
+  pipeline's host side (input pipeline, replica context, reductions) is
+  exactly a one-device strategy. Subclassing its extended object is the only
+  way to build a `tf.distribute.Strategy` whose `run` and `update` we control.
+- `keras_step`: Keras passes its step function to `strategy.run` as the bound
+  method `model.train_step` / `model.test_step`, or, for predict, as a
+  `functools.wraps` wrapper of a closure over the model. The strategy needs
+  the model to cut it into stages; nothing else hands it over.
+- `loss_tracker`: Keras's train and test steps update `model._loss_tracker`
+  (the "loss" shown by `fit`); a pipelined step must update it the same way.
+- `move_variable`: a Keras variable's backing `tf.Variable` is fixed to one
+  device when created, before the model can be partitioned. Moving it means
+  swapping `KerasVariable._value`, keeping the `_unique_id` that Keras
+  optimizers use as the variable's key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+from tensorflow.python.distribute.distribute_lib import UpdateContext
+from tensorflow.python.distribute.one_device_strategy import OneDeviceExtended
+
+from tfpar.devices import canonical_device
+
+__all__ = [
+    "OneDeviceExtended",
+    "UpdateContext",
+    "backing_variable",
+    "keras_step",
+    "loss_tracker",
+    "move_variable",
+    "seed_states",
+]
+
+
+_STOCK_STEPS = {
+    "train": TensorFlowTrainer.train_step,
+    "test": TensorFlowTrainer.test_step,
+    "predict": TensorFlowTrainer.predict_step,
+}
+
+
+def keras_step(fn: Any) -> tuple[keras.Model, str] | None:
+    """Recognizes the step function Keras passes to `strategy.run`.
+
+    Returns:
+        `(model, kind)` with kind `"train"`, `"test"` or `"predict"` when `fn`
+        is Keras's own step of a model that does not override that step, else
+        `None`.
+    """
+    # `strategy.run` wraps `fn` for autograph (functools.wraps), and Keras
+    # wraps the predict step the same way: unwrap down to Keras's function.
+    inner = fn
+    while hasattr(inner, "__wrapped__") or isinstance(inner, functools.partial):
+        model = getattr(inner, "__self__", None)
+        if isinstance(model, keras.Model):
+            break
+        inner = getattr(inner, "__wrapped__", None) or getattr(inner, "func", None)
+    model = getattr(inner, "__self__", None)
+    name = getattr(inner, "__name__", "")
+    if isinstance(model, keras.Model) and name in ("train_step", "test_step"):
+        kind = name.removesuffix("_step")
+        return (model, kind) if _is_stock(model, kind) else None
+    inner = getattr(inner, "python_function", inner)  # a tf.function (jit)
+    if getattr(inner, "__name__", "") != "one_step_on_data":
+        return None
+    for cell in getattr(inner, "__closure__", None) or ():
+        candidate = cell.cell_contents
+        if isinstance(candidate, keras.Model):
+            return (candidate, "predict") if _is_stock(candidate, "predict") else None
+    return None
+
+
+def _is_stock(model: keras.Model, kind: str) -> bool:
+    return getattr(type(model), f"{kind}_step", None) is _STOCK_STEPS[kind]
+
+
+def loss_tracker(model: keras.Model) -> keras.metrics.Metric | None:
+    """Returns the `Mean` metric behind the "loss" Keras reports, if any."""
+    return getattr(model, "_loss_tracker", None)
+
+
+def move_variable(variable: keras.Variable, device: str) -> None:
+    """Re-creates the `tf.Variable` behind `variable` on `device`.
+
+    Call outside any `tf.function` (or under `tf.init_scope()`).
+    """
+    old = variable.value
+    if canonical_device(old.device or "/device:CPU:0") == canonical_device(device):
+        return
+    with tf.device(device):
+        new = tf.Variable(
+            old.read_value(),
+            trainable=old.trainable,
+            name=old.name.split(":")[0],
+            aggregation=old.aggregation,
+            synchronization=old.synchronization,
+        )
+    new._unique_id = old._unique_id  # Keras optimizers key variables by this id.
+    variable._value = new
+
+
+def backing_variable(variable: Any) -> tf.Variable:
+    """Returns the `tf.Variable` behind a Keras variable (or itself)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def seed_states(model: keras.Model) -> list[keras.Variable]:
+    """The state variables of every `SeedGenerator` of `model`'s layers.
+
+    Keras tracks a layer's seed generators only in the private
+    `Layer._seed_generators` (no public accessor); a recomputed forward reads
+    these states as they were in the original forward, so that Dropout draws
+    the same mask.
+    """
+    return [
+        generator.state
+        for layer in model._flatten_layers(include_self=False)
+        for generator in getattr(layer, "_seed_generators", [])
+    ]
