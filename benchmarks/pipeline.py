@@ -10,11 +10,14 @@ Two parts, each in its own process (TensorFlow configures devices once):
   on two workers against the same micro-batches on one worker (target >= 0.85
   of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
 
-Configurations are timed side by side in alternating rounds; the table shows
-medians. Also reported: the measured bubble (idle / (busy + idle) from
+Configurations are timed side by side in alternating rounds, from the end of
+each `fit`'s first step to its return (Keras's per-`fit` set-up excluded); the
+table shows medians. Also reported: the measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
-planned) for 1F1B and GPipe.
+planned) for 1F1B and GPipe, and the CPU time per step of this process (the
+`fit` loop, input pipeline and, for the cluster, the coordinator, which shares
+the machine's cores with the pinned workers).
 
 Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
 [--out FILE.json]
@@ -49,7 +52,7 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
     from tfpar.strategies.schedules import get_schedule
 
     width, depth, batch = (256, 8, 256) if quick else (512, 8, 512)
-    steps, rounds, m, k = (4, 3, 8, 2) if quick else (20, 7, 8, 2)
+    steps, rounds, m, k = (9, 3, 8, 2) if quick else (21, 7, 8, 2)
     cluster = None
     if part == "logical":
         devices = tfpar.simulate_devices(2)
@@ -75,17 +78,23 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
                 model = build_model(width, depth)
                 model.compile(optimizer="sgd", loss="mse")
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace, warm up
-            runs.append({"name": name, "model": model, "strategy": strategy, "t": []})
+            runs.append(
+                {"name": name, "model": model, "strategy": strategy, "t": [], "cpu": []}
+            )
         stats: dict[str, Any] = {}
         for _ in range(rounds):
             for run in runs:
                 before = run["strategy"].communication_stats()
-                start = time.perf_counter()
-                run["model"].fit(x, y, batch_size=batch, epochs=1, verbose=0)
-                run["t"].append((time.perf_counter() - start) / steps)
+                timer = _step_timer()
+                run["model"].fit(
+                    x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer]
+                )
+                run["t"].append((time.perf_counter() - timer.start) / (steps - 1))
+                run["cpu"].append((time.process_time() - timer.cpu) / (steps - 1))
                 delta = run["strategy"].communication_stats().since(before)
                 stats.setdefault(run["name"], []).append(delta)
         base = {r["name"]: statistics.median(r["t"]) for r in runs}
+        cpu = {r["name"]: statistics.median(r["cpu"]) for r in runs}
         strategies = {r["name"]: r["strategy"] for r in runs}
         one = base["same micro-batches, 1 device"]
         unsplit = base["unsplit batch, 1 device"]
@@ -102,6 +111,7 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
                 {
                     "config": name,
                     "step_ms": 1000 * base[name],
+                    "host_cpu_ms": 1000 * cpu[name],
                     "speedup_vs_same_microbatches": one / base[name],
                     "speedup_vs_unsplit": unsplit / base[name],
                     "bubble_measured": idle / (busy + idle) if busy + idle else 0.0,
@@ -130,6 +140,23 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
             cluster.stop()
 
 
+def _step_timer() -> Any:
+    """A callback starting the clock when `fit`'s first step returns, so that
+    Keras's per-`fit` set-up (data adapter, iterator) is not counted."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        start = 0.0
+        cpu = 0.0
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 0:
+                self.start = time.perf_counter()
+                self.cpu = time.process_time()
+
+    return StepTimer()
+
+
 def _devs(configs: list[tuple[str, list[str], int, str]], name: str) -> list[str]:
     return next(c[1] for c in configs if c[0] == name)
 
@@ -146,14 +173,15 @@ def print_table(result: dict[str, Any]) -> None:
         "(vs same micro-batches on 1 device)"
     )
     header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
-    header += f"{'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7}"
+    header += f"{'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} {'host CPU':>8}"
     print(header)
     for row in result["rows"]:
         print(
             f"{row['config']:32} {row['step_ms']:8.1f} "
             f"{row['speedup_vs_same_microbatches']:9.2f} {row['speedup_vs_unsplit']:10.2f} "
             f"{row['bubble_measured']:7.2f} {row['bubble_planned']:7.2f} "
-            f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d}"
+            f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d} "
+            f"{row['host_cpu_ms']:8.1f}"
         )
 
 

@@ -62,9 +62,28 @@ def test_auto_balances_cost() -> None:
         + [keras.layers.Dense(4, name=f"small{i}") for i in range(1, 5)]
     )
     table, stages = partition_model(model, DEVICES)
-    assert table.cost_source == "measured"
-    assert len(stages) == 2 and sum(len(s.layers) for s in table.stages) == 7
+    assert table.cost_source == "flops"
+    assert len(stages) == 2 and table.cut_points == ["big1"]
     assert all(s.cost > 0 for s in table.stages)
+
+
+def test_auto_partition_is_stable_and_balances_equal_layers() -> None:
+    # FLOPs are counted, not timed: every construction chooses the same cut,
+    # and 8 equal layers plus a tiny head split 4 / 5.
+    def table() -> partition_lib.Partition:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((32,))]
+            + [keras.layers.Dense(32, name=f"d{i}") for i in range(8)]
+            + [keras.layers.Dense(1, name="head")]
+        )
+        return partition_model(model, DEVICES)[0]
+
+    first, second = table(), table()
+    assert first == second
+    assert first.cut_points == ["d4"]
+    # 2 * 32 * 32 multiply-adds plus 32 bias adds per example, batch 16.
+    assert first.stages[0].cost == 4 * 16 * (2 * 32 * 32 + 32)
 
 
 def test_balance_minimizes_the_largest_stage() -> None:

@@ -240,6 +240,34 @@ def test_batch_normalization_trains_per_microbatch() -> None:
     assert_same_weights(models[False], models[True])
 
 
+def test_recompute_replays_the_same_dropout_masks() -> None:
+    # Recomputed forwards read the seed state of the original forward, so the
+    # masks, and therefore the gradients and weights, match no recompute.
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(5)
+        return keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16, activation="relu", name="d0"),
+                keras.layers.Dropout(0.5, name="drop0"),
+                keras.layers.Dense(16, activation="relu", name="d1"),
+                keras.layers.Dropout(0.5, name="drop1"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+
+    models = {}
+    for recompute in (False, True):
+        strategy = PipelineStrategy(
+            DEVICES, num_microbatches=2, partition=["d1"], recompute=recompute
+        )
+        models[recompute] = train(strategy, build, batch_size=8, epochs=2)
+    assert_same_weights(models[False], models[True])
+    # The masks were drawn: the seed states advanced once per forward.
+    state = models[True].get_layer("drop1").seed_generator.state.numpy()
+    assert not np.array_equal(state, build().get_layer("drop1").seed_generator.state)
+
+
 def test_exception_in_last_stage_reaches_fit_promptly() -> None:
     class Fail(keras.layers.Layer):
         def call(self, x: tf.Tensor) -> tf.Tensor:
@@ -429,3 +457,33 @@ def test_stages_on_cluster_workers_match_and_fail_cleanly() -> None:
         """,
         timeout=240,
     )
+
+
+def test_stages_are_not_ordered_against_each_other_by_control_edges() -> None:
+    # tf.function runs stateful ops without resources (tf.timestamp) in program
+    # order across devices; the stages' timestamps must not form such a chain,
+    # which made two workers slower than one. Data edges are the only links
+    # between stages, apart from the input checks of the micro-batch split.
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d2"])
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse")
+    strategy.partition_model(model)
+    model.optimizer.build(model.trainable_variables)
+    step = tf.function(lambda x, y: strategy.run(model.train_step, args=((x, y),)))
+    graph = step.get_concrete_function(
+        tf.TensorSpec([8, 6], tf.float32), tf.TensorSpec([8, 2], tf.float32)
+    ).graph
+    stage_of = {device: s for s, device in enumerate(DEVICES)}
+    crossing = collections.Counter(
+        (source.type, op.type)
+        for op in graph.get_operations()
+        for source in op.control_inputs
+        if {source.device, op.device} <= stage_of.keys() and source.device != op.device
+    )
+    assert {op.device for op in graph.get_operations()} >= set(DEVICES)
+    assert set(crossing) <= {("Assert", "Assert")}
+    # Per (stage, micro-batch, forward or backward): arrived, start and end
+    # timestamps; one more when stage 1's backward sends a gradient back.
+    clocks = sum(op.type == "StatefulPartitionedCall" for op in graph.get_operations())
+    assert clocks == 2 * 4 * 2 * 3 + 4

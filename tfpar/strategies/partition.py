@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 
@@ -33,8 +31,8 @@ class Stage:
         device: Canonical name of the device running the stage.
         layers: Names of the stage's layers, in model order.
         parameters: Number of weights (trainable and not) of those layers.
-        cost: Estimated forward cost: seconds per sample-batch when measured,
-            else the parameter count.
+        cost: Estimated forward cost: FLOPs of a forward pass over a sample
+            batch, else the parameter count.
     """
 
     index: int
@@ -50,7 +48,7 @@ class Partition:
 
     Attributes:
         stages: One `Stage` per device, in pipeline order.
-        cost_source: `"measured"` (timed forward passes), `"parameters"` (the
+        cost_source: `"flops"` (counted forward FLOPs), `"parameters"` (the
             fallback when a layer's input shape is not fully known) or
             `"explicit"` (cut points given by the user; costs still estimated).
 
@@ -71,7 +69,7 @@ class Partition:
 
     def format(self) -> str:
         """Returns the table as aligned text."""
-        unit = "s" if self.cost_source == "measured" else "params"
+        unit = "FLOPs" if self.cost_source == "flops" else "params"
         header = ("stage", "device", "layers", "parameters", f"est. cost ({unit})")
         rows = [header]
         for stage in self.stages:
@@ -137,8 +135,8 @@ def partition_model(
         devices: One device per stage.
         partition: `"auto"` to balance the stages' estimated cost, or a list of
             `len(devices) - 1` layer names, each the first layer of a new stage.
-        sample_batch_size: Batch size of the timed forward passes used by
-            `"auto"`.
+        sample_batch_size: Batch size of the forward pass whose FLOPs are
+            counted for `"auto"`.
 
     Returns:
         A tuple `(table, stage_models)`: the `Partition` and one functional
@@ -281,38 +279,51 @@ def _layer_costs(
     cuts: list[int],
     batch_size: int,
 ) -> tuple[list[float], str]:
-    """Per-layer cost: timed forward passes of each cuttable segment.
+    """Per-layer cost: the forward FLOPs of each cuttable segment.
 
-    A segment between two neighbouring cut points is indivisible, so it is
-    timed as a whole and its time is spread over its layers by parameter
-    count. When an input has an unknown non-batch dimension, the parameter
-    count is the cost.
+    FLOPs are counted, not timed, so the same model always gets the same cut
+    (timing a layer of a few microseconds measures mostly call overhead and
+    noise, which once put 3 of 9 equal layers on one stage and 6 on the
+    other). A segment between two neighbouring cut points is indivisible, so
+    it is counted as a whole and its FLOPs are spread over its layers by
+    parameter count. When an input has an unknown non-batch dimension, or no
+    op of the model has a registered FLOP count, the parameter count is the
+    cost.
     """
     params = [float(layer.count_params()) for layer in layers]
     shapes = [tuple(t.shape[1:]) for t in model.inputs]
     if any(d is None for shape in shapes for d in shape):
         return params, "parameters"
     bounds = [0, *cuts, len(layers)]
-    x: Any = [np.zeros((batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
-    x = x[0] if len(x) == 1 else x
+    specs: Any = [
+        tf.TensorSpec((batch_size, *t.shape[1:]), t.dtype) for t in model.inputs
+    ]
+    specs = specs[0] if len(specs) == 1 else specs
     costs: list[float] = []
     for a, b in itertools.pairwise(bounds):
         segment = _sub_model(model, layers, a, b, a)
         forward = tf.function(lambda t, m=segment: m(t, training=False))
-        y = forward(x)  # warm-up: traces once
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            _ = [t.numpy() for t in tf.nest.flatten(forward(x))]
-            times.append(time.perf_counter() - start)
-        x = y
-        total = sorted(times)[1]
+        graph = forward.get_concrete_function(specs).graph
+        total = float(_float_ops(graph))
         weight = sum(params[a:b])
         costs += [
             total * (params[i] / weight if weight else 1.0 / (b - a))
             for i in range(a, b)
         ]
-    return costs, "measured"
+        outputs = tf.nest.flatten(graph.structured_outputs)
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in outputs]
+        specs = specs[0] if len(specs) == 1 else specs
+    if not any(costs):
+        return params, "parameters"
+    return costs, "flops"
+
+
+def _float_ops(graph: tf.Graph) -> int:
+    """Floating-point operations of one run of `graph` (static shapes)."""
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    stats = tf.compat.v1.profiler.profile(graph=graph, options=options)
+    return int(stats.total_float_ops)
 
 
 def _balance(costs: list[float], starts: list[int], num_stages: int) -> list[int]:

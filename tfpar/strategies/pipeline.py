@@ -31,7 +31,8 @@ from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies import microbatch
 from tfpar.strategies.partition import Partition, partition_model
-from tfpar.strategies.pipeline_engine import PipelineEngine, StageCounters
+from tfpar.strategies.pipeline_engine import PipelineEngine
+from tfpar.strategies.pipeline_trace import StageClock, StageCounters
 from tfpar.strategies.schedules import Schedule, get_schedule, validate_schedule_name
 
 _HOST = "/device:CPU:0"
@@ -107,7 +108,7 @@ class PipelineStrategy(tf.distribute.Strategy):
             one example; a batch smaller than M is an error.
         schedule: `"1f1b"` (default; at most K micro-batches in flight per
             stage) or `"gpipe"` (all forwards, then all backwards).
-        partition: `"auto"` (default) balances the measured forward cost of
+        partition: `"auto"` (default) balances the counted forward FLOPs of
             the stages; or a list of `len(devices) - 1` layer names, each the
             first layer of a new stage.
         recompute: If `True`, a stage recomputes its forward pass during the
@@ -289,6 +290,7 @@ class _PipelineExtended(compat.OneDeviceExtended):
                 reference = self._colocated.pop(key, None)
                 if reference is not None and reference in stage_of:
                     compat.move_variable(variable, options.devices[stage_of[reference]])
+            clocks = [StageClock(device) for device in options.devices]
         finally:
             self._placing = False
         return PipelineEngine(
@@ -298,6 +300,7 @@ class _PipelineExtended(compat.OneDeviceExtended):
             schedule=self._pipeline.schedule,
             recompute=options.recompute,
             counters=self._pipeline._counters,
+            clocks=clocks,
         )
 
     def _create_variable(self, next_creator: Any, **kwargs: Any) -> Any:

@@ -5,7 +5,7 @@ test or predict step of a model from its partition (`partition.py`) and a
 schedule (`schedules.py`): the batch is split into micro-batches
 (`microbatch.py`), the forward and backward pass of every (stage, micro-batch)
 pair is created under `tf.device` of its stage in the schedule's order, and the
-actions of each stage are chained with control dependencies. `_Trace` records
+actions of each stage are chained with control dependencies. `StepTrace` (`pipeline_trace.py`) records
 the step's timestamps and byte counts on each stage's device and
 `StageCounters` accumulates them into per-stage busy, idle (bubble) and
 transfer time, bytes sent and peak micro-batches in flight.
@@ -22,77 +22,8 @@ from keras import tree
 from tfpar import _compat as compat
 from tfpar.strategies import microbatch
 from tfpar.strategies.partition import Partition
+from tfpar.strategies.pipeline_trace import StageClock, StageCounters, StepTrace
 from tfpar.strategies.schedules import BACKWARD, Action, Schedule
-
-
-class StageCounters:
-    """Cumulative per-stage counters in host variables, updated inside each step.
-
-    The variables belong to the strategy, never to the model, so they appear in
-    no saved model or checkpoint. Reading them is one small device-to-host copy.
-    """
-
-    def __init__(self, num_stages: int) -> None:
-        zeros = tf.zeros([num_stages], tf.float64)
-        self.busy = tf.Variable(zeros, trainable=False, name="pipeline_busy")
-        self.idle = tf.Variable(zeros, trainable=False, name="pipeline_idle")
-        self.comm = tf.Variable(zeros, trainable=False, name="pipeline_comm")
-        self.bytes = tf.Variable(
-            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_bytes"
-        )
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.peak = tf.Variable(
-            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_peak"
-        )
-
-    def read(self) -> dict[str, Any]:
-        """Returns the counters as numpy values."""
-        return {
-            name: getattr(self, name).numpy()
-            for name in ("busy", "idle", "comm", "bytes", "steps", "calls", "peak")
-        }
-
-
-class _Trace:
-    """Timestamps and byte counts of one step, kept on each stage's device.
-
-    Everything a stage records stays on its device until the end of the step,
-    when it travels to the host as one vector: the counters add one small
-    transfer per stage and step, not one per timestamp.
-    """
-
-    def __init__(self, num_stages: int, num_microbatches: int) -> None:
-        self.busy: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
-        self.starts: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
-        self.ends: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
-        self.sent: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
-        # [stage][kind][microbatch]: when an action finished / its input arrived.
-        self.done: list[dict[str, list[Any]]] = [
-            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
-        ]
-        self.arrived: list[dict[str, list[Any]]] = [
-            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
-        ]
-
-    def summary(self, stage: int) -> tf.Tensor:
-        """Packs the stage's record into one float64 vector (on its device):
-
-        [busy, first start, last end, bytes sent, done F, done B, arrived F,
-        arrived B], the last four with one entry per micro-batch.
-        """
-        scalars = [
-            tf.add_n(self.busy[stage]),
-            tf.reduce_min(tf.stack(self.starts[stage])),
-            tf.reduce_max(tf.stack(self.ends[stage])),
-            tf.cast(_total(self.sent[stage], tf.int64), tf.float64),
-        ]
-        vectors = [
-            tf.stack(record[kind])
-            for record in (self.done[stage], self.arrived[stage])
-            for kind in "FB"
-        ]
-        return tf.concat([tf.stack(scalars), *vectors], axis=0)
 
 
 class PipelineEngine:
@@ -105,6 +36,7 @@ class PipelineEngine:
         schedule: The schedule training steps follow.
         recompute: Whether backward passes recompute the stage's forward.
         counters: Where training steps accumulate their timings.
+        clocks: One `StageClock` per stage, created on its device.
     """
 
     def __init__(
@@ -116,6 +48,7 @@ class PipelineEngine:
         schedule: Schedule,
         recompute: bool,
         counters: StageCounters,
+        clocks: list[StageClock],
     ) -> None:
         self.model = model
         self.stages = stages
@@ -123,7 +56,13 @@ class PipelineEngine:
         self.schedule = schedule
         self.recompute = recompute
         self.counters = counters
+        self.clocks = clocks
         self.devices = [stage.device for stage in partition.stages]
+        # Seed-generator states per stage, and their values when each (stage,
+        # micro-batch) forward began: a recomputed forward reads those values,
+        # so Dropout draws the same mask twice.
+        self._seed_states = [compat.seed_states(stage) for stage in stages]
+        self._seeds: dict[tuple[int, int], list[tf.Tensor]] = {}
 
     def step(self, kind: str, data: Any) -> Any:
         """Builds the step of `kind` (`"train"`, `"test"` or `"predict"`)."""
@@ -176,7 +115,7 @@ class PipelineEngine:
         grads_out: dict[tuple[int, int], Any] = {}
         grads: dict[int, list[Any]] = {i: [] for i in range(len(weights))}
         last: list[tf.Tensor | None] = [None] * num_stages
-        trace = _Trace(num_stages, len(parts))
+        trace = StepTrace(num_stages, len(parts))
 
         def loss_of(j: int, y_pred: Any) -> tf.Tensor:
             # Micro-batch j's share of the whole batch's mean loss, then the
@@ -194,10 +133,10 @@ class PipelineEngine:
                 incoming = self._incoming(action, parts, outputs, grads_out)
                 received = tree.map_structure(tf.identity, incoming)
                 with tf.control_dependencies(tree.flatten(received)):
-                    arrived = tf.timestamp()
+                    arrived = self.clocks[s]()
                 deps = [arrived] + ([last[s]] if last[s] is not None else [])
                 with tf.control_dependencies(deps):
-                    start = tf.timestamp()
+                    start = self.clocks[s]()
                 with tf.control_dependencies([start]):
                     if action.kind == BACKWARD:
                         done = self._backward(
@@ -218,9 +157,10 @@ class PipelineEngine:
                             action, received, outputs, tapes, targets, loss_of
                         )
                 with tf.control_dependencies(done):
-                    end = tf.timestamp()
+                    end = self.clocks[s]()
                 trace.busy[s].append(end - start)
                 trace.done[s][action.kind][j] = end
+                trace.ready[s][action.kind][j] = self._ready(action, end, grads_out)
                 trace.arrived[s][action.kind][j] = arrived
                 if action.kind != BACKWARD and s < num_stages - 1:
                     trace.sent[s].append(_num_bytes(outputs[(s, j)]))
@@ -239,6 +179,18 @@ class PipelineEngine:
             model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
         self._accumulate(trace)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _ready(
+        self, action: Action, end: tf.Tensor, grads_out: dict[tuple[int, int], Any]
+    ) -> tf.Tensor:
+        # When the input gradient a backward sends on was ready; otherwise
+        # what an action sends is ready when it ends.
+        s, j = action.stage, action.microbatch
+        if action.kind != BACKWARD or s == 0:
+            return end
+        sent = [g for g in tree.flatten(grads_out[(s - 1, j)]) if g is not None]
+        with tf.control_dependencies(sent):
+            return self.clocks[s]()
 
     def _incoming(
         self,
@@ -264,6 +216,11 @@ class PipelineEngine:
         s, j = action.stage, action.microbatch
         is_last = s == len(self.stages) - 1
         if self.recompute:  # the backward pass recomputes the loss as well
+            # Read before the forward advances the state (automatic control
+            # dependencies keep program order on the same variable).
+            self._seeds[(s, j)] = [
+                tf.identity(compat.backing_variable(v)) for v in self._seed_states[s]
+            ]
             out = self.stages[s](h, training=True)
         else:
             tape = tf.GradientTape()
@@ -295,9 +252,11 @@ class PipelineEngine:
         h = inputs[(s, j)]
         if self.recompute:
             # Replays the forward without applying its state updates a second
-            # time (BatchNormalization statistics, seed generators).
+            # time (BatchNormalization statistics, seed generators), from the
+            # seed states the original forward started with.
+            seeds = zip(self._seed_states[s], self._seeds.pop((s, j)), strict=True)
             tape = tf.GradientTape()
-            with keras.StatelessScope(), tape:
+            with keras.StatelessScope(state_mapping=list(seeds)), tape:
                 if s > 0:
                     tape.watch(h)
                 out = self.stages[s](h, training=True)
@@ -326,7 +285,7 @@ class PipelineEngine:
             first = next(t for t in tree.flatten(x) if t is not None)
             tracker.update_state(loss, sample_weight=tf.shape(first)[0])
 
-    def _accumulate(self, trace: _Trace) -> None:
+    def _accumulate(self, trace: StepTrace) -> None:
         counters = self.counters
         num_stages, m = len(self.stages), self.schedule.num_microbatches
         summaries = []
@@ -339,12 +298,15 @@ class PipelineEngine:
             span = tf.reduce_max(rows[:, 2]) - tf.reduce_min(rows[:, 1])
             done_f, done_b = rows[:, 4 : 4 + m], rows[:, 4 + m : 4 + 2 * m]
             arrived_f = rows[:, 4 + 2 * m : 4 + 3 * m]
-            arrived_b = rows[:, 4 + 3 * m :]
-            # A transfer lasts from the sender finishing to the receiver
-            # having the tensor; it is counted on the sender.
+            arrived_b = rows[:, 4 + 3 * m : 4 + 4 * m]
+            ready_f, ready_b = rows[:, 4 + 4 * m : 4 + 5 * m], rows[:, 4 + 5 * m :]
+            # A transfer lasts from the tensor being ready on the sender to the
+            # receiver having it; it is counted on the sender. The two
+            # timestamps run on different threads, so a transfer shorter than
+            # their scheduling jitter can come out negative: it counts as 0.
             zero = tf.zeros([1], tf.float64)
-            forward = tf.reduce_sum(arrived_f[1:] - done_f[:-1], axis=1)
-            backward = tf.reduce_sum(arrived_b[:-1] - done_b[1:], axis=1)
+            forward = _sum_positive(arrived_f[1:] - ready_f[:-1])
+            backward = _sum_positive(arrived_b[:-1] - ready_b[1:])
             comm = tf.concat([forward, zero], 0) + tf.concat([zero, backward], 0)
             counters.busy.assign_add(busy)
             counters.idle.assign_add(span - busy)
@@ -360,8 +322,8 @@ class PipelineEngine:
             counters.peak.assign(tf.maximum(counters.peak, tf.reduce_max(in_flight, 1)))
 
 
-def _total(values: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
-    return tf.add_n(values) if values else tf.constant(0, dtype)
+def _sum_positive(seconds: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.maximum(seconds, 0.0), axis=1)
 
 
 def _num_bytes(structure: Any) -> tf.Tensor:
