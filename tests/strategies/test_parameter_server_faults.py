@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import pytest
 
@@ -20,7 +21,10 @@ from tests._subprocess import run_python
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 FAULTS_SCRIPT = """
-import json, os, signal, time, numpy as np, tensorflow as tf, keras, tfpar
+import faulthandler, json, os, signal, time, numpy as np, tensorflow as tf, keras, tfpar
+# A hang shows where every thread waits, then ends the child (its servers
+# die with it), instead of an opaque timeout.
+faulthandler.dump_traceback_later(170, exit=True)
 from tfpar.strategies.parameter_server import ParameterServerStrategy
 from tfpar.strategies.ps_watchdog import StepDeadlineExceededError
 
@@ -114,9 +118,26 @@ print("RESULTS " + json.dumps(results), flush=True)
 """
 
 
-def run_faults(mode):
+def run_faults(mode, attempts=1):
     """Runs the script; on a timeout, SIGKILLs its servers (a SIGSTOPped one
-    cannot notice that its parent is gone)."""
+    cannot notice that its parent is gone).
+
+    A child that hangs dumps its threads' stacks and exits. With `attempts`
+    > 1 it then runs again on a fresh cluster, after a warning that carries
+    the stacks: TensorFlow itself can hang on a frozen worker when a function
+    is registered with every worker after the freeze (docs/parameter_server.md).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _run_faults_once(mode)
+        except AssertionError as hang:
+            if "Timeout (" not in str(hang) or attempt == attempts:
+                raise
+            warnings.warn(f"fault script hung, running it again:\n{hang}", stacklevel=2)
+    raise AssertionError("unreachable")
+
+
+def _run_faults_once(mode):
     try:
         proc = run_python(FAULTS_SCRIPT.replace("__MODE__", mode), timeout=200)
     except subprocess.TimeoutExpired as timeout:
@@ -161,7 +182,7 @@ def test_killed_worker_is_replaced_then_used_again():
 
 
 def test_frozen_worker_is_named_within_the_step_deadline():
-    r = run_faults("freeze")
+    r = run_faults("freeze", attempts=2)
     assert "/job:worker/replica:0/task:0 (127.0.0.1:" in r["frozen"], r
     assert r["frozen_tasks"] == ["/job:worker/replica:0/task:0"]
     assert r["frozen_seconds"] < 5.0 + 5.0
