@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar import _compat
+from tfpar.strategies.ps_locking import lock_optimizer_updates
 from tfpar.strategies.ps_sharding import prepare_sharded_model
 from tfpar.strategies.ps_watchdog import StepTracker
 
@@ -218,6 +219,8 @@ class CoordinatedFunctions:
         if model.optimizer is not None:
             variables += model.optimizer.variables
         _compat.make_updates_atomic(variables)
+        if model.optimizer is not None:
+            lock_optimizer_updates(model.optimizer)
         prepare_sharded_model(model, variables)
         self._variables_checked = True
 
