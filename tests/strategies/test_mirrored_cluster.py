@@ -70,6 +70,20 @@ def test_fit_on_two_workers_matches_one_device_and_saves_without_tfpar(
             np.testing.assert_allclose(evaluated, expected, rtol=1e-5)
             model.save("{tmp_path}/m.keras")
             np.save("{tmp_path}/x.npy", x)
+            # Gradient accumulation reduces inside a tf.cond: a clear error,
+            # at the first step, naming the option.
+            with strategy.scope():
+                accumulating = build()
+                accumulating.compile(
+                    optimizer=keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+                    loss="mse")
+            try:
+                accumulating.fit(x, y, batch_size=16, epochs=1, verbose=0)
+            except ValueError as err:
+                assert "gradient_accumulation_steps" in str(err), err
+                assert "cluster workers" in str(err), err
+            else:
+                raise AssertionError("gradient_accumulation_steps trained remotely")
         print("OK")
         """,
         timeout=240,

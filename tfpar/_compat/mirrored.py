@@ -35,7 +35,8 @@ Used by `tfpar/strategies/mirrored.py`, `allreduce.py`:
   set up again on the remote devices; no public path exists.
 - `MirroredExtended._use_merge_call`, `_get_cross_device_ops`,
   `mirrored_run._MirroredReplicaThread.graph`
-  (`reduce_without_merge_call_in_nested_graphs`): Keras 3 reduces gradients
+  (`reduce_without_merge_call_in_nested_graphs`,
+  `refuse_reductions_in_nested_graphs`): Keras 3 reduces gradients
   inside a `tf.cond` when `gradient_accumulation_steps` is set, where
   `merge_call` is refused. TensorFlow's own no-`merge_call` path (used for XLA
   on GPUs) is selected only by `_use_merge_call`, and its reductions go to the
@@ -135,11 +136,7 @@ def reduce_without_merge_call_in_nested_graphs(
     stock_get_cross_device_ops = extended._get_cross_device_ops
 
     def use_merge_call() -> bool:
-        thread = threading.current_thread()
-        if (
-            isinstance(thread, _mirrored_run._MirroredReplicaThread)
-            and tf.compat.v1.get_default_graph() is not thread.graph
-        ):
+        if _in_nested_replica_graph():
             return False
         return bool(stock_use_merge_call())
 
@@ -150,3 +147,32 @@ def reduce_without_merge_call_in_nested_graphs(
 
     extended._use_merge_call = use_merge_call
     extended._get_cross_device_ops = get_cross_device_ops
+
+
+def refuse_reductions_in_nested_graphs(
+    extended: tf.distribute.StrategyExtended, error: Exception
+) -> None:
+    """Raises `error` for a reduction inside a `tf.cond` branch of a replica.
+
+    Where `reduce_without_merge_call_in_nested_graphs` cannot apply (devices
+    of several tasks, which TensorFlow's collective ops do not span from one
+    client), the stock `merge_call` would fail there with an error naming
+    neither the option nor the strategy.
+    """
+    stock_use_merge_call = extended._use_merge_call
+
+    def use_merge_call() -> bool:
+        if _in_nested_replica_graph():
+            raise error
+        return bool(stock_use_merge_call())
+
+    extended._use_merge_call = use_merge_call
+
+
+def _in_nested_replica_graph() -> bool:
+    """Whether a replica thread is building a graph other than its own."""
+    thread = threading.current_thread()
+    return (
+        isinstance(thread, _mirrored_run._MirroredReplicaThread)
+        and tf.compat.v1.get_default_graph() is not thread.graph
+    )

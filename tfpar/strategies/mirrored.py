@@ -126,6 +126,18 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
                 devices=["/device:CPU:0"], cross_device_ops=self._tfpar_reducer
             )
             compat.use_remote_devices(self.extended, names, _HOST)
+            compat.refuse_reductions_in_nested_graphs(
+                self.extended,
+                ValueError(
+                    "tfpar.MirroredStrategy with devices on cluster workers "
+                    f"({names}) cannot reduce inside a tf.cond, which Keras "
+                    "does for an optimizer with gradient_accumulation_steps: "
+                    "there only collective all-reduce can run, and "
+                    "TensorFlow's collective ops do not span the tasks of a "
+                    "cluster driven from one process. Use local devices, or "
+                    "a larger batch instead of gradient_accumulation_steps."
+                ),
+            )
         else:
             super().__init__(devices=names, cross_device_ops=self._tfpar_reducer)
             # Reductions inside a tf.cond (gradient accumulation) can only use
