@@ -31,6 +31,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.distribute.coordinator import coordinator_context
 
+from tfpar._subclass import use_overrides
+
 # Keras's call chain is Trainer.fit/evaluate/predict -> TFEpochIterator.__init__
 # -> strategy.experimental_distribute_dataset: two frames; a few more are
 # searched so that a subclass overriding one of them still works.
@@ -143,21 +145,10 @@ def make_updates_atomic(variables: Iterable[Any]) -> None:
     Args:
         variables: Keras variables (backed by TensorFlow variables).
     """
+    overrides = {"assign_add": _atomic_assign_add, "assign_sub": _atomic_assign_sub}
     for variable in variables:
-        cls = type(variable)
-        if cls in _ATOMIC_CLASSES.values() or not hasattr(
-            variable, "_convert_to_tensor"
-        ):
-            continue
-        atomic = _ATOMIC_CLASSES.get(cls)
-        if atomic is None:
-            atomic = type(
-                cls.__name__,  # the same name: reprs and error messages stay Keras's
-                (cls,),
-                {"assign_add": _atomic_assign_add, "assign_sub": _atomic_assign_sub},
-            )
-            _ATOMIC_CLASSES[cls] = atomic
-        variable.__class__ = atomic
+        if hasattr(variable, "_convert_to_tensor"):  # a Keras TensorFlow variable
+            use_overrides(variable, overrides, _ATOMIC_CLASSES)
 
 
 _SCHEDULED = threading.local()

@@ -37,6 +37,7 @@ from tensorflow.python.distribute.sharded_variable import ShardedVariable
 from tensorflow.python.framework import composite_tensor_gradient
 
 from tfpar._compat.pipeline import backing_variable
+from tfpar._subclass import use_overrides
 
 
 def is_sharded(variable: Any) -> bool:
@@ -145,19 +146,9 @@ def support_sharded_variables(extended: tf.distribute.StrategyExtended) -> None:
 
     Must run before any variable is created under the strategy.
     """
-    cls = type(extended)
-    if cls in _SHARDING_CLASSES.values():
-        return
-    subclass = _SHARDING_CLASSES.get(cls)
-    if subclass is None:
-        subclass = type(
-            cls.__name__,
-            (cls,),
-            {
-                "_create_variable": _create_variable,
-                "_update": _update,
-                "colocate_vars_with": _colocate_vars_with,
-            },
-        )
-        _SHARDING_CLASSES[cls] = subclass
-    extended.__class__ = subclass
+    overrides = {
+        "_create_variable": _create_variable,
+        "_update": _update,
+        "colocate_vars_with": _colocate_vars_with,
+    }
+    use_overrides(extended, overrides, _SHARDING_CLASSES)

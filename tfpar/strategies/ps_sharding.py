@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from tfpar import _compat
+from tfpar._subclass import use_overrides
 
 
 def prepare_sharded_model(model: keras.Model, variables: list[Any]) -> int:
@@ -45,7 +46,8 @@ def prepare_sharded_model(model: keras.Model, variables: list[Any]) -> int:
         if isinstance(layer, keras.layers.Embedding) and _compat.is_sharded(
             getattr(layer, "_embeddings", None)
         ):
-            layer.__class__ = _sharded_lookup_class(type(layer))
+            # Saved configs still name the stock class: loads without tfpar.
+            use_overrides(layer, {"call": _sharded_call}, _LOOKUP_CLASSES)
     return len(sharded)
 
 
@@ -69,26 +71,3 @@ def _sharded_call(self: Any, inputs: Any) -> Any:
     # Dispatches on the ShardedVariable: a gather on each shard's PS.
     outputs = tf.nn.embedding_lookup(_compat.backing_variable(self._embeddings), inputs)
     return tf.cast(outputs, self.compute_dtype)
-
-
-def _sharded_lookup_class(cls: type) -> type:
-    """A subclass of an `Embedding` class that looks rows up shard by shard.
-
-    It keeps the class's name and module, so saved configs name the stock
-    class and load without tfpar.
-    """
-    if cls in _LOOKUP_CLASSES.values():
-        return cls
-    subclass = _LOOKUP_CLASSES.get(cls)
-    if subclass is None:
-        subclass = type(
-            cls.__name__,
-            (cls,),
-            {
-                "call": _sharded_call,
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-            },
-        )
-        _LOOKUP_CLASSES[cls] = subclass
-    return subclass
