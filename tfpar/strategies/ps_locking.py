@@ -21,9 +21,8 @@ and backward passes, which take the time.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -61,32 +60,21 @@ def lock_optimizer_updates(optimizer: keras.optimizers.Optimizer) -> None:
             finally:
                 del lock  # deleting the lock releases the mutex
         graph = tf.compat.v1.get_default_graph()
-        with _on(device):
+        # Both on the mutex's device: a lock (a variant tensor) cannot be sent
+        # between tasks, and a sharded variable's update has no device scope.
+        with tf.device(device):
             lock = tf.raw_ops.MutexLock(mutex=mutex)
         existing = len(graph.get_operations())
         with tf.control_dependencies([lock]):
             result = update_step(gradient, variable, learning_rate)
         # Release only once every op of the update ran (reads included).
         update_ops = graph.get_operations()[existing:]
-        with tf.control_dependencies(update_ops), _on(device):
+        with tf.control_dependencies(update_ops), tf.device(device):
             tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
         return result
 
     setattr(locked_update_step, _LOCKED, True)
     optimizer.update_step = locked_update_step
-
-
-@contextlib.contextmanager
-def _on(device: str) -> Iterator[None]:
-    """Places ops on `device`, whatever the colocation around.
-
-    A lock (a variant tensor) cannot be sent between tasks: the lock and the
-    op that releases it must both run on the mutex's device, where Keras
-    would colocate them with the variable (another parameter server, for a
-    variable sharded over several).
-    """
-    with tf.compat.v1.colocate_with(None, ignore_existing=True), tf.device(device):
-        yield
 
 
 def _mutex_of(
