@@ -43,12 +43,18 @@ def build_model() -> keras.Model:
 def synthetic_ratings(
     count: int, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Ratings from hidden user and item factors, so there is something to learn."""
+    """Ratings from hidden user and item biases, so there is something to learn.
+
+    The biases are the same for every call (training and validation data
+    share them); `seed` draws which users rate which items. As in real logs,
+    a few users rate most: user ids follow a Zipf law.
+    """
+    hidden = np.random.default_rng(1234)
+    user_bias = hidden.normal(size=NUM_USERS).astype("float32")
+    item_bias = hidden.normal(size=NUM_ITEMS).astype("float32")
     rng = np.random.default_rng(seed)
-    users = rng.integers(0, NUM_USERS, count).astype("int32")
+    users = ((rng.zipf(1.3, count) - 1) % NUM_USERS).astype("int32")
     items = rng.integers(0, NUM_ITEMS, count).astype("int32")
-    user_bias = rng.normal(size=NUM_USERS).astype("float32")
-    item_bias = rng.normal(size=NUM_ITEMS).astype("float32")
     ratings = (user_bias[users] + item_bias[items])[:, None]
     return {"user": users, "item": items}, ratings
 
@@ -67,7 +73,7 @@ def cluster_resolver(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
@@ -103,7 +109,9 @@ def main() -> None:
         )
         with strategy.scope():
             model = build_model()
-            model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+            model.compile(
+                optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"]
+            )
         for variable in model.weights[:2]:
             value = variable.value
             parts = getattr(value, "variables", [value])  # a ShardedVariable's shards
