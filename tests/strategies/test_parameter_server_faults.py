@@ -2,8 +2,11 @@
 
 Two coordinator subprocesses, each on its own cluster: a fault-free fit (the
 reference band) then a worker SIGKILLed in the middle of `fit` and restarted;
-a worker SIGSTOPped in the middle of `fit` and never resumed. Every run has a
-hard time limit.
+a worker SIGSTOPped in the middle of `fit` and never resumed: from a callback
+(while it runs a step, most likely), right after it finished a step (which
+hung TensorFlow's coordinator threads between steps), or before a new model's
+step function is registered with every worker (which hung the whole process,
+holding the GIL). Every run has a hard time limit.
 """
 
 import contextlib
@@ -12,7 +15,6 @@ import os
 import signal
 import subprocess
 import time
-import warnings
 
 import pytest
 
@@ -85,21 +87,39 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
                and time.monotonic() < give_up):
             model.fit(dataset, epochs=1, steps_per_epoch=20, verbose=0)
         results["worker1_final"] = strategy.tracker.records[1].steps
-    if MODE == "freeze":
+    if MODE.startswith("freeze"):
         model = build(strategy)
         model.fit(dataset, epochs=1, steps_per_epoch=20, verbose=0)
         # (c) On a fresh cluster, after a fault-free fit, SIGSTOP worker 0 in
-        # the middle of a fit, once both workers ran steps of it; never resume
-        # it. (Frozen earlier, while TensorFlow still registers functions with
-        # every worker, it hangs TensorFlow itself, holding the GIL: see
-        # docs/parameter_server.md.)
+        # the middle of a fit (once both workers ran steps of it) or as it
+        # begins; never resume it.
         frozen_from = [r.steps for r in strategy.tracker.records]
+        def freeze_once():
+            steps = [r.steps - s for r, s in zip(strategy.tracker.records, frozen_from)]
+            if "frozen_at" not in results and min(steps) > 2:
+                cluster.kill("worker", 0, signal.SIGSTOP)
+                results["frozen_at"] = time.monotonic()
         class Freeze(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                steps = [r.steps - s for r, s in zip(strategy.tracker.records, frozen_from)]
-                if "frozen_at" not in results and min(steps) > 2:
+            def on_train_begin(self, logs=None):
+                if MODE == "freeze_before_new_functions":
                     cluster.kill("worker", 0, signal.SIGSTOP)
                     results["frozen_at"] = time.monotonic()
+            def on_train_batch_end(self, batch, logs=None):
+                if MODE == "freeze_in_step":
+                    freeze_once()
+        if MODE == "freeze_before_new_functions":
+            # A new model: its step function is traced, and registered with
+            # every worker, after the freeze.
+            model = build(strategy)
+        if MODE == "freeze_after_step":
+            # On worker 0's coordinator thread, right after its step returned
+            # and before TensorFlow deletes the step's remote result there.
+            finish = strategy.tracker.finish
+            def finish_then_freeze(worker, *args, **kwargs):
+                finish(worker, *args, **kwargs)
+                if worker == 0:
+                    freeze_once()
+            strategy.tracker.finish = finish_then_freeze
         try:
             model.fit(dataset, epochs=1, steps_per_epoch=200, callbacks=[Freeze()], verbose=0)
             results["frozen"] = "no error"
@@ -118,26 +138,10 @@ print("RESULTS " + json.dumps(results), flush=True)
 """
 
 
-def run_faults(mode, attempts=1):
+def run_faults(mode):
     """Runs the script; on a timeout, SIGKILLs its servers (a SIGSTOPped one
-    cannot notice that its parent is gone).
-
-    A child that hangs dumps its threads' stacks and exits. With `attempts`
-    > 1 it then runs again on a fresh cluster, after a warning that carries
-    the stacks: TensorFlow itself can hang on a frozen worker when a function
-    is registered with every worker after the freeze (docs/parameter_server.md).
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return _run_faults_once(mode)
-        except AssertionError as hang:
-            if "Timeout (" not in str(hang) or attempt == attempts:
-                raise
-            warnings.warn(f"fault script hung, running it again:\n{hang}", stacklevel=2)
-    raise AssertionError("unreachable")
-
-
-def _run_faults_once(mode):
+    cannot notice that its parent is gone). A child that hangs dumps its
+    threads' stacks and exits: the failure shows them."""
     try:
         proc = run_python(FAULTS_SCRIPT.replace("__MODE__", mode), timeout=200)
     except subprocess.TimeoutExpired as timeout:
@@ -181,9 +185,11 @@ def test_killed_worker_is_replaced_then_used_again():
     assert leftover(r["pids"]) == []
 
 
-def test_frozen_worker_is_named_within_the_step_deadline():
-    r = run_faults("freeze", attempts=2)
+@pytest.mark.parametrize("moment", ["in_step", "after_step", "before_new_functions"])
+def test_frozen_worker_is_named_within_the_step_deadline(moment):
+    r = run_faults(f"freeze_{moment}")
     assert "/job:worker/replica:0/task:0 (127.0.0.1:" in r["frozen"], r
-    assert r["frozen_tasks"] == ["/job:worker/replica:0/task:0"]
-    assert r["frozen_seconds"] < 5.0 + 5.0
+    # Only the frozen worker is named: the other one kept running steps.
+    assert r["frozen_tasks"] == ["/job:worker/replica:0/task:0"], r
+    assert r["frozen_seconds"] < 5.0 + 5.0, r
     assert leftover(r["pids"]) == []

@@ -4,6 +4,8 @@ A stub stands in for `ClusterCoordinator`: the tracker only calls its
 `done()`, which returns or raises the first error of a scheduled function.
 """
 
+import contextlib
+import socket
 import threading
 import time
 
@@ -14,6 +16,7 @@ from tfpar.strategies.ps_watchdog import (
     ClusterTaskError,
     StepDeadlineExceededError,
     StepTracker,
+    silent_servers,
 )
 
 TASKS = {
@@ -106,3 +109,102 @@ def test_errors_naming_only_an_address_or_nothing():
     unknown = t.describe(tf.errors.InternalError(None, None, "something broke"))
     assert unknown.task is None
     assert "from a cluster task: something broke" in str(unknown)
+
+
+def test_work_that_no_worker_picks_up_past_the_deadline_names_every_worker():
+    # A coordinator thread blocked between two functions (inside TensorFlow,
+    # on a frozen worker) runs nothing: no function is past the deadline,
+    # yet scheduled work waits forever.
+    # Both ports refuse connections: no server is silent, so both are named.
+    t = StepTracker([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], 0.2, {})
+    for _ in range(3):
+        t.scheduled()
+    t.finish(0, t.start(0), steps=1, device_seconds=0.0, logs=None)
+    start = time.monotonic()
+    with pytest.raises(StepDeadlineExceededError) as info:
+        t.join(StubCoordinator())
+    assert 0.2 <= time.monotonic() - start < 1.0
+    assert info.value.tasks == (
+        "/job:worker/replica:0/task:0",
+        "/job:worker/replica:0/task:1",
+    )
+    assert str(info.value).startswith(
+        "2 scheduled function(s) wait, but no worker started or finished one"
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def servers():
+    """A live server (answers every connection), a frozen one (its kernel
+    accepts connections, nobody reads them) and a dead port."""
+    live, frozen = socket.socket(), socket.socket()
+    for server in (live, frozen):
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+
+    def answer():
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = live.accept()
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in (live, frozen)]
+    yield [*addresses, f"127.0.0.1:{free_port()}"]
+    live.close()
+    frozen.close()
+
+
+def test_only_servers_that_accept_but_never_answer_are_silent(servers):
+    start = time.monotonic()
+    assert silent_servers(servers, 0.3) == [1]
+    assert 0.3 <= time.monotonic() - start < 1.0
+    assert silent_servers([servers[0], servers[2]], 0.3) == []
+
+
+@pytest.mark.parametrize("late", [[0], [0, 1]])
+def test_the_frozen_worker_is_told_apart_by_a_probe_of_the_servers(servers, late):
+    # Functions run past the deadline, but only worker 1's server is silent:
+    # a frozen worker (or a lock it holds) can make another one late.
+    t = StepTracker(servers[:2], 0.2, {})
+    for worker in late:
+        t.scheduled()
+        t.start(worker)
+    with pytest.raises(StepDeadlineExceededError) as info:
+        t.join(StubCoordinator())
+    assert info.value.tasks == ("/job:worker/replica:0/task:1",)
+
+
+def test_a_silent_worker_stops_a_function_registration(servers):
+    t = StepTracker(servers[:2], 0.2, {})
+    with pytest.raises(StepDeadlineExceededError) as info:
+        t.check_workers_answer()
+    assert info.value.tasks == ("/job:worker/replica:0/task:1",)
+    assert "Before registering a new TensorFlow function" in str(info.value)
+    StepTracker([servers[0], servers[2]], 0.2, {}).check_workers_answer()
+
+
+def test_steady_progress_never_trips_the_deadline():
+    # Each function is shorter than the deadline, the whole join is longer.
+    t = tracker(deadline=0.2)
+    for _ in range(6):
+        t.scheduled()
+
+    def work():
+        for i in range(6):
+            started = t.start(i % 2)
+            time.sleep(0.1)
+            t.finish(i % 2, started, steps=1, device_seconds=0.0, logs=None)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    t.join(StubCoordinator())
+    thread.join()
+    assert t.in_flight == 0

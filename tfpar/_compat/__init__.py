@@ -12,7 +12,11 @@ from tfpar._compat.callbacks import (
     start_graph_collection,
     stop_graph_collection,
 )
-from tfpar._compat.cluster import detach_from_cluster
+from tfpar._compat.cluster import (
+    check_before_function_registration,
+    detach_from_cluster,
+    free_coordinator_threads,
+)
 from tfpar._compat.mirrored import (
     called_from_keras_symbolic_build,
     mirrored,
@@ -52,9 +56,11 @@ __all__ = [
     "UpdateContext",
     "backing_variable",
     "called_from_keras_symbolic_build",
+    "check_before_function_registration",
     "current_worker_index",
     "detach_from_cluster",
     "find_keras_caller",
+    "free_coordinator_threads",
     "gpu_bus_ids",
     "is_sharded",
     "keras_step",

@@ -44,8 +44,13 @@ class ParameterServerOptions:
             and parameter server to accept a connection. Defaults to 30.
         step_deadline: Seconds a scheduled function may run on one worker
             before tfpar stops waiting and raises
-            `StepDeadlineExceededError` naming that worker; `None` waits
-            forever (TensorFlow's behaviour). Defaults to `None`.
+            `StepDeadlineExceededError` naming the frozen worker, and
+            seconds scheduled work may wait while no worker starts or
+            finishes any; with a deadline, a worker whose server does not
+            answer for that long also stops the registration of a new
+            function (see docs/parameter_server.md, "Fault tolerance").
+            `None` waits forever (TensorFlow's behaviour). Defaults to
+            `None`.
         max_in_flight: Scheduled functions that may wait or run at once;
             `None` means 4 per worker. Defaults to `None`.
 
@@ -180,6 +185,13 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
                 for i, address in enumerate(addresses)
             },
         )
+        if options.step_deadline is not None:
+            # TensorFlow registers each new function with every worker while
+            # holding the GIL: probe the workers first, or a frozen one hangs
+            # the whole process.
+            _compat.check_before_function_registration(
+                self.tracker.check_workers_answer
+            )
         self._functions: weakref.WeakKeyDictionary[Any, CoordinatedFunctions] = (
             weakref.WeakKeyDictionary()
         )
@@ -193,7 +205,11 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
     def coordinator(self) -> tf.distribute.coordinator.ClusterCoordinator:
         """The strategy's `ClusterCoordinator`, created on first use."""
         if self._coordinator is None:
-            self._coordinator = tf.distribute.coordinator.ClusterCoordinator(self)
+            coordinator = tf.distribute.coordinator.ClusterCoordinator(self)
+            # Otherwise one frozen worker blocks every coordinator thread
+            # between two closures, out of reach of the step deadline.
+            _compat.free_coordinator_threads(coordinator)
+            self._coordinator = coordinator
         return self._coordinator
 
     def experimental_distribute_dataset(

@@ -60,9 +60,13 @@ def lock_optimizer_updates(optimizer: keras.optimizers.Optimizer) -> None:
             finally:
                 del lock  # deleting the lock releases the mutex
         graph = tf.compat.v1.get_default_graph()
+        # Locked once the gradient is there, not from the start of the step:
+        # held only while updating, never while waiting for a worker.
+        inputs = tf.nest.flatten((gradient, learning_rate), expand_composites=True)
+        ready = [t for t in inputs if isinstance(t, tf.Tensor)]
         # Both on the mutex's device: a lock (a variant tensor) cannot be sent
         # between tasks, and a sharded variable's update has no device scope.
-        with tf.device(device):
+        with tf.control_dependencies(ready), tf.device(device):
             lock = tf.raw_ops.MutexLock(mutex=mutex)
         existing = len(graph.get_operations())
         with tf.control_dependencies([lock]):

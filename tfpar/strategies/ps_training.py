@@ -240,12 +240,14 @@ class CoordinatedFunctions:
         try:
             with _compat.scheduled_tracing():
                 outputs = self._predict_fn(batches)
-            tf.nest.map_structure(lambda t: t.numpy(), outputs)  # wait for it
+            # Fetched here, under the step deadline: fetched later, a worker
+            # frozen in between would block the main thread.
+            values = tf.nest.map_structure(lambda t: t.numpy(), outputs)
         except BaseException:
             self.tracker.fail(worker)
             raise
         self.tracker.finish(worker, started, steps=0, device_seconds=0.0, logs=None)
-        return outputs
+        return values
 
     def _closure_runner(
         self, kind: str, steps: int

@@ -6,7 +6,14 @@ on one of its worker threads and offers only blocking waits (`join`,
 host) makes them wait forever. tfpar therefore schedules a small Python
 closure around each step function; the closure reports to a `StepTracker`
 when it starts and ends on which worker, and the coordinator thread waits on
-the tracker with a deadline instead of calling `join()`.
+the tracker with a deadline instead of calling `join()`. Three checks raise
+`StepDeadlineExceededError`: a function running for longer than the
+deadline; scheduled work on which no worker started or finished anything for
+longer than the deadline (a thread blocked inside TensorFlow between two
+functions); and, before a new function is registered with every worker
+(which TensorFlow does holding the GIL), a worker whose server does not
+answer. The frozen worker is told from merely late ones by probing each
+worker's gRPC server from plain Python (`silent_servers`).
 
 The same records give per-worker step counts and times for
 `ParameterServerStrategy.communication_stats()`.
@@ -16,15 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import selectors
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 # How often a waiting coordinator wakes up to check deadlines and errors.
 _POLL_SECONDS = 0.05
+# Workers that answered a probe this recently are not probed again.
+_PROBE_INTERVAL_SECONDS = 0.1
+# How long the probe that tells a frozen worker from late ones waits (a
+# live server answers within milliseconds).
+_PROBE_SECONDS = 0.5
 
 
 class StepDeadlineExceededError(TimeoutError):
@@ -82,9 +96,10 @@ class StepTracker:
 
     Args:
         workers: Address of each worker task, in task order.
-        step_deadline: Seconds a scheduled function may run on one worker
-            before waits raise `StepDeadlineExceededError`; `None` waits
-            forever, like TensorFlow.
+        step_deadline: Seconds a scheduled function may run on one worker,
+            and seconds scheduled work may wait while no worker starts or
+            finishes one, before waits raise `StepDeadlineExceededError`;
+            `None` waits forever, like TensorFlow.
         tasks: Every task of the cluster (`"/job:ps/replica:0/task:0"` to its
             address), to name failed tasks in errors.
     """
@@ -102,6 +117,10 @@ class StepTracker:
         self.latest_logs: dict[str, Any] | None = None
         self._scheduled = 0
         self._finished = 0
+        # Latest start, end or failure of a function, or the moment work
+        # became pending: the stall rule measures from there.
+        self._last_progress = time.monotonic()
+        self._last_answer = -float("inf")  # latest probe every worker answered
         self._condition = threading.Condition()
 
     # Called on the coordinator's worker threads.
@@ -111,6 +130,7 @@ class StepTracker:
         now = time.monotonic()
         with self._condition:
             self.records[worker].running_since = now
+            self._last_progress = now
         return now
 
     def finish(
@@ -131,6 +151,7 @@ class StepTracker:
             record.wall_seconds += time.monotonic() - started
             record.device_seconds += device_seconds
             self._finished += 1
+            self._last_progress = time.monotonic()
             if logs is not None:
                 self.latest_logs = logs
             self._condition.notify_all()
@@ -140,6 +161,7 @@ class StepTracker:
         with self._condition:
             self.records[worker].running_since = None
             self.records[worker].failures += 1
+            self._last_progress = time.monotonic()
             self._condition.notify_all()
 
     # Called on the coordinator (the main thread).
@@ -147,6 +169,8 @@ class StepTracker:
     def scheduled(self) -> None:
         """Counts one scheduled function."""
         with self._condition:
+            if self._scheduled == self._finished:
+                self._last_progress = time.monotonic()
             self._scheduled += 1
 
     @property
@@ -164,7 +188,10 @@ class StepTracker:
 
         Raises:
             StepDeadlineExceededError: If a function runs longer than the
-                step deadline; the message names the frozen worker(s).
+                step deadline, or scheduled work waits that long while no
+                worker starts or finishes one; the message names the workers
+                whose servers do not answer, else the late ones (all of
+                them when none runs a function).
             ClusterTaskError: If a scheduled function failed; the message
                 names the failed task when TensorFlow's error does.
         """
@@ -202,21 +229,81 @@ class StepTracker:
                 if record.running_since is not None
                 and now - record.running_since > self.step_deadline
             ]
+            running = any(r.running_since is not None for r in self.records)
+            waiting = self._scheduled - self._finished
+            stalled = (
+                not running
+                and waiting > 0
+                and now - self._last_progress > self.step_deadline
+            )
         if frozen:
-            names = [f"/job:worker/replica:0/task:{i}" for i in frozen]
-            listed = ", ".join(
-                f"{name} ({self.workers[i]})"
-                for name, i in zip(names, frozen, strict=True)
+            raise self._frozen_error(self._silent(frozen), "No answer from worker")
+        if stalled:
+            # A coordinator thread blocked between two functions (inside
+            # TensorFlow, on a frozen worker).
+            raise self._frozen_error(
+                self._silent(range(len(self.workers))),
+                f"{waiting} scheduled function(s) wait, but no worker started "
+                "or finished one: no answer from worker",
             )
-            raise StepDeadlineExceededError(
-                f"No answer from worker {listed} for more than step_deadline="
-                f"{self.step_deadline}s: the task is frozen or far too slow. "
-                "Training stopped. TensorFlow cannot cancel the call, so its "
-                "coordinator threads stay blocked on that worker: end this "
-                "process, restart or replace the worker and resume from a "
-                "backup, or raise step_deadline if steps are this long.",
-                names,
+
+    def _silent(self, suspects: Iterable[int]) -> list[int]:
+        """The workers whose servers do not answer, else the suspects.
+
+        A late function does not always run on the frozen worker: one frozen
+        worker makes every coordinator thread wait (between functions, or
+        registering a new function with every worker), and any lock it holds
+        on a parameter server stops the others' steps. A probe of every
+        server tells the frozen one; if every server answers, the late
+        workers are named.
+        """
+        timeout = min(_PROBE_SECONDS, self.step_deadline or _PROBE_SECONDS)
+        return silent_servers(self.workers, timeout) or list(suspects)
+
+    def check_workers_answer(self) -> None:
+        """Raises if a worker's server accepts connections but never answers.
+
+        Run before this process registers a new function with every worker:
+        TensorFlow's registration waits for each worker while holding
+        Python's GIL, so a frozen worker would hang the whole process, this
+        deadline included. Probes at most every 0.1 s (tracing registers
+        functions in bursts).
+
+        Raises:
+            StepDeadlineExceededError: Naming the workers that did not answer
+                within the step deadline.
+        """
+        if self.step_deadline is None:
+            return
+        if time.monotonic() - self._last_answer < _PROBE_INTERVAL_SECONDS:
+            return
+        silent = silent_servers(self.workers, self.step_deadline)
+        if silent:
+            raise self._frozen_error(
+                silent,
+                "Before registering a new TensorFlow function with every "
+                "worker (which would wait forever, holding Python's GIL): no "
+                "gRPC answer from worker",
             )
+        self._last_answer = time.monotonic()
+
+    def _frozen_error(
+        self, indices: Iterable[int], what: str
+    ) -> StepDeadlineExceededError:
+        frozen = list(indices)
+        names = [f"/job:worker/replica:0/task:{i}" for i in frozen]
+        listed = ", ".join(
+            f"{name} ({self.workers[i]})" for name, i in zip(names, frozen, strict=True)
+        )
+        return StepDeadlineExceededError(
+            f"{what} {listed} for more than step_deadline="
+            f"{self.step_deadline}s: the task is frozen or far too slow. "
+            "Training stopped. TensorFlow cannot cancel the call, so its "
+            "coordinator threads stay blocked on that worker: end this "
+            "process, restart or replace the worker and resume from a "
+            "backup, or raise step_deadline if steps are this long.",
+            names,
+        )
 
     def describe(self, err: tf.errors.OpError) -> ClusterTaskError:
         """Turns a TensorFlow error from a cluster task into a clear one."""
@@ -248,3 +335,55 @@ def _failed_task(message: str, tasks: Mapping[str, str]) -> str | None:
             if address == task_address:
                 return name
     return None
+
+
+# An HTTP/2 client connection preface and an empty SETTINGS frame: a live
+# gRPC server answers with its own SETTINGS frame at once.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(
+    [0, 0, 0, 4, 0, 0, 0, 0, 0]
+)
+
+
+def silent_servers(addresses: Sequence[str], timeout: float) -> list[int]:
+    """Indices of the gRPC servers that accept a connection but never answer.
+
+    A frozen process (SIGSTOP, a hung host) still completes TCP handshakes in
+    its kernel, but its gRPC server sends nothing back; a live one answers
+    an HTTP/2 connection preface with its SETTINGS frame within
+    milliseconds. A refused or failed connection (a dead task) does not
+    count: TensorFlow fails fast on those. The answers are awaited together,
+    in plain Python (no TensorFlow call, which could itself wait forever).
+
+    Args:
+        addresses: `host:port` of each server.
+        timeout: Seconds to wait for the answers.
+
+    Returns:
+        The indices, in `addresses`, of the servers that did not answer.
+    """
+    pending: dict[socket.socket, int] = {}
+    with selectors.DefaultSelector() as selector:
+        for index, address in enumerate(addresses):
+            host, _, port = address.rpartition(":")
+            try:
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+            except OSError:
+                continue
+            try:
+                sock.sendall(_HTTP2_PREFACE)
+            except OSError:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            pending[sock] = index
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                answered = next(x for x in pending if x is key.fileobj)
+                selector.unregister(answered)
+                answered.close()
+                del pending[answered]
+        for sock in pending:
+            sock.close()
+    return sorted(pending.values())
