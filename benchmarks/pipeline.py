@@ -11,16 +11,21 @@ Two parts, each in its own process (TensorFlow configures devices once):
   of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
 
 Configurations are timed side by side in alternating rounds, from the end of
-each `fit`'s first step to its return (Keras's per-`fit` set-up excluded); the
-table shows medians. Also reported: the measured bubble (idle / (busy + idle) from
+each `fit`'s first call of the train function to the end of its last (Keras's
+per-`fit` set-up and tear-down excluded); the table shows medians. Also reported: the measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
 planned) for 1F1B and GPipe, and the CPU time per step of this process (the
 `fit` loop, input pipeline and, for the cluster, the coordinator, which shares
 the machine's cores with the pinned workers).
 
+The model is an MLP of 8 Dense layers plus a head: `--model small` (width
+256, batch 256; the default with `--quick`), `medium` (512, 512; the default)
+or `large` (1024, 512). `--steps-per-execution N` sets Keras's
+`steps_per_execution` for every configuration alike.
+
 Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
-[--out FILE.json]
+[--model small|medium|large] [--steps-per-execution N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -42,7 +47,12 @@ def build_model(width: int, depth: int) -> Any:
     return keras.Sequential([keras.Input((width,)), *layers, keras.layers.Dense(1)])
 
 
-def run_part(part: str, quick: bool) -> dict[str, Any]:
+# Benchmark models: (width, depth, batch). The MLP has `depth` hidden Dense
+# layers of `width` units plus a Dense(1) head.
+MODELS = {"small": (256, 8, 256), "medium": (512, 8, 512), "large": (1024, 8, 512)}
+
+
+def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
     """Runs one part in this process and returns its results."""
     import numpy as np
     import tensorflow as tf
@@ -51,8 +61,11 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
     from tfpar.strategies.pipeline import PipelineStrategy
     from tfpar.strategies.schedules import get_schedule
 
-    width, depth, batch = (256, 8, 256) if quick else (512, 8, 512)
-    steps, rounds, m, k = (9, 3, 8, 2) if quick else (21, 7, 8, 2)
+    width, depth, batch = MODELS[size]
+    steps, rounds, m, k = (17, 3, 8, 2) if quick else (21, 5, 8, 2)
+    if size == "large":  # each step takes 4x longer: fewer of them
+        steps //= 2
+    steps = spe * max(2, -(-steps // spe))  # whole executions, the first untimed
     cluster = None
     if part == "logical":
         devices = tfpar.simulate_devices(2)
@@ -76,7 +89,7 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
             )
             with strategy.scope():
                 model = build_model(width, depth)
-                model.compile(optimizer="sgd", loss="mse")
+                model.compile(optimizer="sgd", loss="mse", steps_per_execution=spe)
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace, warm up
             runs.append(
                 {"name": name, "model": model, "strategy": strategy, "t": [], "cpu": []}
@@ -89,13 +102,17 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
                 run["model"].fit(
                     x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer]
                 )
-                run["t"].append((time.perf_counter() - timer.start) / (steps - 1))
-                run["cpu"].append((time.process_time() - timer.cpu) / (steps - 1))
+                wall, cpu_seconds = timer.per_step(spe)
+                run["t"].append(wall)
+                run["cpu"].append(cpu_seconds)
                 delta = run["strategy"].communication_stats().since(before)
                 stats.setdefault(run["name"], []).append(delta)
         base = {r["name"]: statistics.median(r["t"]) for r in runs}
         cpu = {r["name"]: statistics.median(r["cpu"]) for r in runs}
         strategies = {r["name"]: r["strategy"] for r in runs}
+        partitions = {
+            r["name"]: r["strategy"].partition_model(r["model"]) for r in runs
+        }
         one = base["same micro-batches, 1 device"]
         unsplit = base["unsplit batch, 1 device"]
         rows = []
@@ -118,6 +135,7 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
                     "bubble_planned": planned.bubble_fraction(),
                     "peak_in_flight_planned": planned.peak_in_flight(),
                     "peak_in_flight_measured": max(strategies[name].peak_in_flight()),
+                    "partition": str(partitions[name]),
                 }
             )
         bound = k * m / (m + k - 1)
@@ -129,6 +147,8 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
             "num_microbatches": m,
             "stages": k,
             "steps_per_round": steps,
+            "steps_per_execution": spe,
+            "model": size,
             "rounds": rounds,
             "bound": bound,
             "target": 0.95 if part == "logical" else 0.85 * bound,
@@ -141,18 +161,24 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
 
 
 def _step_timer() -> Any:
-    """A callback starting the clock when `fit`'s first step returns, so that
-    Keras's per-`fit` set-up (data adapter, iterator) is not counted."""
+    """A callback timing `fit`'s steady state: from the end of its first call
+    of the train function to the end of its last, so that Keras's per-`fit`
+    set-up (data adapter, iterator) and tear-down are not counted."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        start = 0.0
-        cpu = 0.0
+        def __init__(self) -> None:
+            super().__init__()
+            self.marks: list[tuple[float, float]] = []
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if batch == 0:
-                self.start = time.perf_counter()
-                self.cpu = time.process_time()
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+        def per_step(self, steps_per_execution: int) -> tuple[float, float]:
+            """Wall and CPU seconds per step after the first call."""
+            (t0, c0), (t1, c1) = self.marks[0], self.marks[-1]
+            steps = (len(self.marks) - 1) * steps_per_execution
+            return (t1 - t0) / steps, (c1 - c0) / steps
 
     return StepTimer()
 
@@ -168,9 +194,13 @@ def _m(configs: list[tuple[str, list[str], int, str]], name: str) -> int:
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"\n[{result['part']}] MLP {result['depth']}x{result['width']}, batch "
-        f"{result['batch']}, M={result['num_microbatches']}, K={result['stages']}; "
+        f"{result['batch']}, M={result['num_microbatches']}, K={result['stages']}, "
+        f"steps_per_execution={result['steps_per_execution']}; "
         f"bound K*M/(M+K-1)={result['bound']:.2f}, target >= {result['target']:.2f} "
         "(vs same micro-batches on 1 device)"
+    )
+    print(
+        f"partition ({result['rows'][0]['config']}):\n{result['rows'][0]['partition']}"
     )
     header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
     header += f"{'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} {'host CPU':>8}"
@@ -189,16 +219,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument("--part", choices=["logical", "cluster", "all"], default="all")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=None,
+        help="MLP size (default: small with --quick, else medium)",
+    )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=1,
+        help="Keras steps_per_execution, the same for every configuration",
+    )
     parser.add_argument("--out", default="pipeline_benchmark.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    size = args.model or ("small" if args.quick else "medium")
+    spe = args.steps_per_execution
     if args.child:
-        print(json.dumps(run_part(args.part, args.quick)))
+        print(json.dumps(run_part(args.part, args.quick, size, spe)))
         return
     parts = ["logical", "cluster"] if args.part == "all" else [args.part]
     results = []
     for part in parts:
         command = [sys.executable, __file__, "--child", "--part", part]
+        command += ["--model", size, "--steps-per-execution", str(spe)]
         command += ["--quick"] if args.quick else []
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

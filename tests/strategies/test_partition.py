@@ -53,7 +53,7 @@ def test_table_lists_every_stage() -> None:
     assert str(table) == table.format()
 
 
-def test_auto_balances_cost() -> None:
+def test_flops_balances_counted_cost() -> None:
     # Large layers first: a balanced cut is not the middle layer.
     model = keras.Sequential(
         [keras.Input((64,))]
@@ -61,13 +61,14 @@ def test_auto_balances_cost() -> None:
         + [keras.layers.Dense(4, name="small0")]
         + [keras.layers.Dense(4, name=f"small{i}") for i in range(1, 5)]
     )
-    table, stages = partition_model(model, DEVICES)
+    table, stages = partition_model(model, DEVICES, "flops")
     assert table.cost_source == "flops"
     assert len(stages) == 2 and table.cut_points == ["big1"]
     assert all(s.cost > 0 for s in table.stages)
+    assert "est. cost (FLOPs)" in table.format()
 
 
-def test_auto_partition_is_stable_and_balances_equal_layers() -> None:
+def test_flops_partition_is_stable_and_balances_equal_layers() -> None:
     # FLOPs are counted, not timed: every construction chooses the same cut,
     # and 8 equal layers plus a tiny head split 4 / 5.
     def table() -> partition_lib.Partition:
@@ -77,13 +78,73 @@ def test_auto_partition_is_stable_and_balances_equal_layers() -> None:
             + [keras.layers.Dense(32, name=f"d{i}") for i in range(8)]
             + [keras.layers.Dense(1, name="head")]
         )
-        return partition_model(model, DEVICES)[0]
+        return partition_model(model, DEVICES, "flops")[0]
 
     first, second = table(), table()
     assert first == second
     assert first.cut_points == ["d4"]
     # 2 * 32 * 32 multiply-adds plus 32 bias adds per example, batch 16.
     assert first.stages[0].cost == 4 * 16 * (2 * 32 * 32 + 32)
+
+
+class Tanhs(keras.layers.Layer):
+    """Many elementwise ops: real work without a registered FLOP count."""
+
+    def call(self, h):  # type: ignore[no-untyped-def]
+        for _ in range(600):
+            h = keras.ops.tanh(h)
+        return h
+
+
+def tanh_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((256,)), Tanhs(name="t")]
+        + [keras.layers.Dense(256, name=f"d{i}") for i in range(4)]
+    )
+
+
+def test_auto_measures_what_flops_cannot_see() -> None:
+    counted, _ = partition_model(tanh_model(), DEVICES, "flops")
+    assert counted.cut_points == ["d2"]  # the tanh layer counts as free
+    model = tanh_model()
+    before = [w.numpy() for w in model.weights]
+    measured, _ = partition_model(model, DEVICES)
+    assert measured.cost_source == "measured"
+    # The tanh layer weighs about as much as 10 Dense layers: alone on
+    # stage 0, or (were the timing off by 3x) with one Dense layer.
+    assert measured.cut_points in (["d0"], ["d1"]), measured
+    assert all(s.cost > 0 for s in measured.stages)
+    assert "est. cost (ms)" in measured.format()
+    for a, b in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_measuring_leaves_layer_state_alone() -> None:
+    # The timed passes run in training mode under StatelessScope: moving
+    # statistics and seed generators keep their values.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(16, name="a"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dropout(0.5, name="drop"),
+            keras.layers.Dense(2, name="b"),
+        ]
+    )
+    before = [v.numpy() for v in model.variables]
+    table, _ = partition_model(model, DEVICES)
+    assert table.cost_source == "measured"
+    for a, b in zip(before, model.variables, strict=True):
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=b.path)
+
+
+def test_params_balances_parameter_counts() -> None:
+    table, _ = partition_model(residual_model(), DEVICES, "params")
+    assert table.cost_source == "parameters"
+    assert [s.cost for s in table.stages] == [s.parameters for s in table.stages]
+    assert "est. cost (params)" in table.format()
 
 
 def test_balance_minimizes_the_largest_stage() -> None:

@@ -67,7 +67,9 @@ def validate_num_microbatches(num_microbatches: object) -> int:
     return num_microbatches
 
 
-def split(data: Any, num_microbatches: int) -> tuple[list[Any], tf.Tensor]:
+def split(
+    data: Any, num_microbatches: int, *, check: bool = True
+) -> tuple[list[Any], tf.Tensor]:
     """Splits every tensor of `data` along axis 0 into micro-batches.
 
     Works in graph mode with a dynamic batch size. `None` leaves stay `None`.
@@ -75,6 +77,10 @@ def split(data: Any, num_microbatches: int) -> tuple[list[Any], tf.Tensor]:
     Args:
         data: A nested structure of tensors sharing their first dimension.
         num_microbatches: Number of micro-batches M, an int >= 1.
+        check: Whether to check, when run, that the batch has at least M
+            examples (otherwise the last micro-batches come out empty).
+            Defaults to `True`; pass `False` for a second split of the same
+            batch.
 
     Returns:
         A tuple `(parts, sizes)`: `parts` is a list of M structures like
@@ -90,17 +96,21 @@ def split(data: Any, num_microbatches: int) -> tuple[list[Any], tf.Tensor]:
     if not leaves:
         raise ValueError(f"Cannot split a batch without tensors. Received: {data!r}.")
     batch = tf.shape(leaves[0], out_type=tf.int32)[0]
-    check = tf.debugging.assert_greater_equal(
-        batch,
-        num_microbatches,
-        message=(
-            f"PipelineStrategy(num_microbatches={num_microbatches}) cannot split "
-            f"a batch with fewer than {num_microbatches} examples into non-empty "
-            "micro-batches: use a batch size >= num_microbatches "
-            "(or drop the last, smaller batch)."
-        ),
-    )
-    with tf.control_dependencies([check]):
+    checks = []
+    if check:
+        checks.append(
+            tf.debugging.assert_greater_equal(
+                batch,
+                num_microbatches,
+                message=(
+                    f"PipelineStrategy(num_microbatches={num_microbatches}) cannot "
+                    f"split a batch with fewer than {num_microbatches} examples into "
+                    "non-empty micro-batches: use a batch size >= num_microbatches "
+                    "(or drop the last, smaller batch)."
+                ),
+            )
+        )
+    with tf.control_dependencies(checks):
         base = batch // num_microbatches
         extra = batch % num_microbatches
     index = tf.range(num_microbatches, dtype=tf.int32)

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
+
+from tfpar.strategies import pipeline_cost
+
+logger = logging.getLogger("tfpar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +36,10 @@ class Stage:
         device: Canonical name of the device running the stage.
         layers: Names of the stage's layers, in model order.
         parameters: Number of weights (trainable and not) of those layers.
-        cost: Estimated forward cost: FLOPs of a forward pass over a sample
-            batch, else the parameter count.
+        cost: Estimated cost, in the unit of the partition's `cost_source`:
+            milliseconds of a measured forward and backward pass over a
+            sample micro-batch, FLOPs of a forward pass over it, or the
+            parameter count.
     """
 
     index: int
@@ -48,9 +55,12 @@ class Partition:
 
     Attributes:
         stages: One `Stage` per device, in pipeline order.
-        cost_source: `"flops"` (counted forward FLOPs), `"parameters"` (the
-            fallback when a layer's input shape is not fully known) or
-            `"explicit"` (cut points given by the user; costs still estimated).
+        cost_source: `"measured"` (milliseconds per forward and backward
+            pass, timed), `"flops"` (counted forward FLOPs: asked for, the
+            estimate shown for explicit cut points, or the fallback when a
+            segment cannot be run alone), `"parameters"` (asked for, or the
+            fallback when an input shape is not fully known) or `"explicit"`
+            (cut points given by the user, costs from parameter counts).
 
     Example:
 
@@ -69,7 +79,7 @@ class Partition:
 
     def format(self) -> str:
         """Returns the table as aligned text."""
-        unit = "FLOPs" if self.cost_source == "flops" else "params"
+        unit = {"measured": "ms", "flops": "FLOPs"}.get(self.cost_source, "params")
         header = ("stage", "device", "layers", "parameters", f"est. cost ({unit})")
         rows = [header]
         for stage in self.stages:
@@ -133,10 +143,16 @@ def partition_model(
     Args:
         model: A built Sequential or functional Keras model.
         devices: One device per stage.
-        partition: `"auto"` to balance the stages' estimated cost, or a list of
-            `len(devices) - 1` layer names, each the first layer of a new stage.
-        sample_batch_size: Batch size of the forward pass whose FLOPs are
-            counted for `"auto"`.
+        partition: How to cut. `"auto"` balances the stages' measured cost
+            (each indivisible segment's forward and backward pass timed on
+            `devices[0]`; counted FLOPs when a segment cannot run alone,
+            parameter counts when an input shape is not fully known);
+            `"flops"` balances counted forward FLOPs (no run: a given model
+            always gets the same cut); `"params"` balances parameter counts.
+            Or a list of `len(devices) - 1` layer names, each the first layer
+            of a new stage (the table then shows FLOPs).
+        sample_batch_size: Batch size of the sample micro-batch whose passes
+            are timed or whose FLOPs are counted. Defaults to `16`.
 
     Returns:
         A tuple `(table, stage_models)`: the `Partition` and one functional
@@ -161,11 +177,15 @@ def partition_model(
                 f"({[names[i] for i in cuts]}). Received: devices={list(devices)} "
                 f"(must have at most {len(cuts) + 1} devices for this model)."
             )
-        costs, source = _layer_costs(model, layers, cuts, sample_batch_size)
+        costs, source = _layer_costs(
+            model, layers, cuts, sample_batch_size, partition, devices[0]
+        )
         starts = _balance(costs, [0, *cuts], num_stages)
     else:
         starts = [0, *_explicit_cuts(model, names, cuts, list(partition))]
-        costs, source = _layer_costs(model, layers, cuts, sample_batch_size)
+        costs, source = _layer_costs(
+            model, layers, cuts, sample_batch_size, "flops", devices[0]
+        )
         source = "explicit" if source == "parameters" else source
     bounds = [*starts, len(layers)]
     stages, stage_models = [], []
@@ -278,52 +298,62 @@ def _layer_costs(
     layers: list[keras.layers.Layer],
     cuts: list[int],
     batch_size: int,
+    method: str,
+    device: str,
 ) -> tuple[list[float], str]:
-    """Per-layer cost: the forward FLOPs of each cuttable segment.
+    """Per-layer cost, and its source (see `Partition.cost_source`).
 
-    FLOPs are counted, not timed, so the same model always gets the same cut
-    (timing a layer of a few microseconds measures mostly call overhead and
-    noise, which once put 3 of 9 equal layers on one stage and 6 on the
-    other). A segment between two neighbouring cut points is indivisible, so
-    it is counted as a whole and its FLOPs are spread over its layers by
-    parameter count. When an input has an unknown non-batch dimension, or no
-    op of the model has a registered FLOP count, the parameter count is the
-    cost.
+    A segment between two neighbouring cut points is indivisible, so it is
+    costed as a whole (timed, or its FLOPs counted) and its cost is spread
+    over its layers by parameter count. FLOPs are counted for every segment
+    anyway: tracing the segment gives the input spec of the next one, and they
+    are the fallback when a segment cannot be timed alone. When an input has
+    an unknown non-batch dimension, or no op of the model has a registered
+    FLOP count, the parameter count is the cost.
     """
     params = [float(layer.count_params()) for layer in layers]
     shapes = [tuple(t.shape[1:]) for t in model.inputs]
-    if any(d is None for shape in shapes for d in shape):
+    if method == "params" or any(d is None for shape in shapes for d in shape):
         return params, "parameters"
     bounds = [0, *cuts, len(layers)]
     specs: Any = [
         tf.TensorSpec((batch_size, *t.shape[1:]), t.dtype) for t in model.inputs
     ]
     specs = specs[0] if len(specs) == 1 else specs
-    costs: list[float] = []
+    segments, inputs, flops = [], [], []
     for a, b in itertools.pairwise(bounds):
         segment = _sub_model(model, layers, a, b, a)
         forward = tf.function(lambda t, m=segment: m(t, training=False))
         graph = forward.get_concrete_function(specs).graph
-        total = float(_float_ops(graph))
+        segments.append(segment)
+        inputs.append(specs)
+        flops.append(float(pipeline_cost.count_flops(graph)))
+        outputs = tf.nest.flatten(graph.structured_outputs)
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in outputs]
+        specs = specs[0] if len(specs) == 1 else specs
+    totals, source = flops, "flops"
+    if method == "auto":
+        try:
+            seconds = pipeline_cost.measure_seconds(segments, inputs, device)
+            totals = [1000.0 * t for t in seconds]
+            source = "measured"
+        except (tf.errors.OpError, ValueError, TypeError) as err:
+            logger.warning(
+                "partition='auto' balances counted FLOPs instead of measured "
+                "time: a segment of model %r cannot run alone (%s).",
+                model.name,
+                err,
+            )
+    if not any(totals):
+        return params, "parameters"
+    costs: list[float] = []
+    for (a, b), total in zip(itertools.pairwise(bounds), totals, strict=True):
         weight = sum(params[a:b])
         costs += [
             total * (params[i] / weight if weight else 1.0 / (b - a))
             for i in range(a, b)
         ]
-        outputs = tf.nest.flatten(graph.structured_outputs)
-        specs = [tf.TensorSpec(t.shape, t.dtype) for t in outputs]
-        specs = specs[0] if len(specs) == 1 else specs
-    if not any(costs):
-        return params, "parameters"
-    return costs, "flops"
-
-
-def _float_ops(graph: tf.Graph) -> int:
-    """Floating-point operations of one run of `graph` (static shapes)."""
-    builder = tf.compat.v1.profiler.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    stats = tf.compat.v1.profiler.profile(graph=graph, options=options)
-    return int(stats.total_float_ops)
+    return costs, source
 
 
 def _balance(costs: list[float], starts: list[int], num_stages: int) -> list[int]:

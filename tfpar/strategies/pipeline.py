@@ -31,6 +31,7 @@ from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies import microbatch
 from tfpar.strategies.partition import Partition, partition_model
+from tfpar.strategies.pipeline_cost import COST_METHODS
 from tfpar.strategies.pipeline_engine import PipelineEngine
 from tfpar.strategies.pipeline_trace import StageClock, StageCounters
 from tfpar.strategies.schedules import Schedule, get_schedule, validate_schedule_name
@@ -46,7 +47,8 @@ class PipelineOptions:
         devices: Canonical device names, one per stage.
         num_microbatches: Micro-batches per batch, >= 1.
         schedule: `"gpipe"` or `"1f1b"`.
-        partition: `"auto"` or a tuple of `len(devices) - 1` layer names.
+        partition: `"auto"`, `"flops"`, `"params"` or a tuple of
+            `len(devices) - 1` layer names.
         recompute: Whether backward passes recompute their stage's forward.
     """
 
@@ -64,15 +66,16 @@ class PipelineOptions:
                 f"`recompute` must be a bool. Received: recompute={self.recompute!r}."
             )
         if isinstance(self.partition, str):
-            if self.partition != "auto":
+            if self.partition not in COST_METHODS:
                 raise ValueError(
-                    "`partition` must be 'auto' or a list of layer names. "
-                    f"Received: partition={self.partition!r}."
+                    "`partition` must be one of 'auto', 'flops', 'params' or a "
+                    f"list of layer names. Received: partition={self.partition!r}."
                 )
             return
         if not all(isinstance(name, str) for name in self.partition):
             raise TypeError(
-                "`partition` must be 'auto' or a list of layer names. "
+                "`partition` must be one of 'auto', 'flops', 'params' or a "
+                "list of layer names. "
                 f"Received: partition={list(self.partition)!r}."
             )
         if len(self.partition) != len(self.devices) - 1:
@@ -108,9 +111,13 @@ class PipelineStrategy(tf.distribute.Strategy):
             one example; a batch smaller than M is an error.
         schedule: `"1f1b"` (default; at most K micro-batches in flight per
             stage) or `"gpipe"` (all forwards, then all backwards).
-        partition: `"auto"` (default) balances the counted forward FLOPs of
-            the stages; or a list of `len(devices) - 1` layer names, each the
-            first layer of a new stage.
+        partition: `"auto"` (default) balances the stages' measured cost:
+            each indivisible segment's forward and backward pass is timed on
+            a sample micro-batch of 16 examples on the first device (counted
+            FLOPs if a segment cannot run alone). `"flops"` balances counted
+            forward FLOPs (no run: the same cut every time), `"params"`
+            parameter counts. Or a list of `len(devices) - 1` layer names,
+            each the first layer of a new stage.
         recompute: If `True`, a stage recomputes its forward pass during the
             backward pass instead of keeping activations. Defaults to `False`.
 

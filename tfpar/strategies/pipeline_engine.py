@@ -74,8 +74,12 @@ class PipelineEngine:
             inputs, sizes = microbatch.split(x, m)
         targets: list[Any] = [(y, sample_weight)] * m
         if any(t is not None for t in tree.flatten((y, sample_weight))):
+            # The inputs' split checks the batch size; a second check here
+            # would be chained to the first by tf.function (both are
+            # stateful), making the last stage wait for the first at every
+            # step. The loss weights use these sizes, which live here.
             with tf.device(self.devices[-1]):
-                targets, _ = microbatch.split((y, sample_weight), m)
+                targets, sizes = microbatch.split((y, sample_weight), m, check=False)
         parts = [(inputs[j], *targets[j]) for j in range(m)]
         if kind == "train":
             return self._train_step(x, y, sample_weight, parts, sizes)
@@ -103,9 +107,10 @@ class PipelineEngine:
         model = self.model
         num_stages = len(self.stages)
         weights = list(model.trainable_weights)
-        fraction = tf.cast(sizes, tf.float32) / tf.cast(
-            tf.reduce_sum(sizes), tf.float32
-        )
+        with tf.device(self.devices[-1]):
+            fraction = tf.cast(sizes, tf.float32) / tf.cast(
+                tf.reduce_sum(sizes), tf.float32
+            )
         inputs: dict[tuple[int, int], Any] = {}
         outputs: dict[tuple[int, int], Any] = {}
         tapes: dict[tuple[int, int], tf.GradientTape] = {}
