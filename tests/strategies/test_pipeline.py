@@ -3,6 +3,7 @@
 import collections
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -224,12 +225,7 @@ def test_batch_normalization_trains_per_microbatch() -> None:
             ]
         )
 
-    models = {}
-    for recompute in (False, True):
-        strategy = PipelineStrategy(
-            DEVICES, num_microbatches=2, partition=["out"], recompute=recompute
-        )
-        models[recompute] = train(strategy, build, batch_size=8, epochs=3)
+    models = train_with_and_without_recompute(build, cut="out", epochs=3)
     losses = models[True].history_.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     bn = models[True].get_layer("bn")
@@ -238,6 +234,19 @@ def test_batch_normalization_trains_per_microbatch() -> None:
     # Recomputing replays the forward without updating the moving statistics
     # a second time: everything, statistics included, matches no recompute.
     assert_same_weights(models[False], models[True])
+
+
+def train_with_and_without_recompute(
+    build: Callable[[], keras.Model], cut: str, epochs: int
+) -> dict[bool, keras.Model]:
+    """The same model trained on 2 stages cut at `cut`, by `recompute`."""
+    models = {}
+    for recompute in (False, True):
+        strategy = PipelineStrategy(
+            DEVICES, num_microbatches=2, partition=[cut], recompute=recompute
+        )
+        models[recompute] = train(strategy, build, batch_size=8, epochs=epochs)
+    return models
 
 
 def test_recompute_replays_the_same_dropout_masks() -> None:
@@ -256,12 +265,7 @@ def test_recompute_replays_the_same_dropout_masks() -> None:
             ]
         )
 
-    models = {}
-    for recompute in (False, True):
-        strategy = PipelineStrategy(
-            DEVICES, num_microbatches=2, partition=["d1"], recompute=recompute
-        )
-        models[recompute] = train(strategy, build, batch_size=8, epochs=2)
+    models = train_with_and_without_recompute(build, cut="d1", epochs=2)
     assert_same_weights(models[False], models[True])
     # The masks were drawn: the seed states advanced once per forward.
     state = models[True].get_layer("drop1").seed_generator.state.numpy()
