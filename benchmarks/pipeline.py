@@ -10,22 +10,26 @@ Two parts, each in its own process (TensorFlow configures devices once):
   on two workers against the same micro-batches on one worker (target >= 0.85
   of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
 
-Configurations are timed side by side in alternating rounds, from the end of
-each `fit`'s first call of the train function to the end of its last (Keras's
-per-`fit` set-up and tear-down excluded); the table shows medians. Also reported: the measured bubble (idle / (busy + idle) from
+Configurations are timed side by side in alternating rounds, from the start
+of each `fit`'s second call of the train function to the start of its last
+(Keras's per-`fit` set-up, first call and tear-down excluded); the table shows
+medians. Also reported: the stages' busy time per step, summed over stages
+(what splitting the model adds to the work shows against one device), the
+measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
 planned) for 1F1B and GPipe, and the CPU time per step of this process (the
 `fit` loop, input pipeline and, for the cluster, the coordinator, which shares
 the machine's cores with the pinned workers).
 
-The model is an MLP of 8 Dense layers plus a head: `--model small` (width
-256, batch 256; the default with `--quick`), `medium` (512, 512; the default)
-or `large` (1024, 512). `--steps-per-execution N` sets Keras's
+The model is an MLP of Dense layers plus a head: `--model small` (8 layers
+of width 256, batch 256; the default with `--quick`), `medium` (8 x 512,
+batch 512), `deep` (16 x 512, batch 512; the default) or `large` (8 x 1024,
+batch 512). `--steps-per-execution N` sets Keras's
 `steps_per_execution` for every configuration alike.
 
 Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
-[--model small|medium|large] [--steps-per-execution N] [--out FILE.json]
+[--model small|medium|deep|large] [--steps-per-execution N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -49,7 +53,12 @@ def build_model(width: int, depth: int) -> Any:
 
 # Benchmark models: (width, depth, batch). The MLP has `depth` hidden Dense
 # layers of `width` units plus a Dense(1) head.
-MODELS = {"small": (256, 8, 256), "medium": (512, 8, 512), "large": (1024, 8, 512)}
+MODELS = {
+    "small": (256, 8, 256),
+    "medium": (512, 8, 512),
+    "deep": (512, 16, 512),
+    "large": (1024, 8, 512),
+}
 
 
 def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
@@ -63,9 +72,9 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
 
     width, depth, batch = MODELS[size]
     steps, rounds, m, k = (17, 3, 8, 2) if quick else (21, 5, 8, 2)
-    if size == "large":  # each step takes 4x longer: fewer of them
+    if size in ("deep", "large"):  # each step takes 2-4x longer: fewer of them
         steps //= 2
-    steps = spe * max(2, -(-steps // spe))  # whole executions, the first untimed
+    steps = spe * max(3, -(-steps // spe))  # whole executions, 2 untimed
     cluster = None
     if part == "logical":
         devices = tfpar.simulate_devices(2)
@@ -119,6 +128,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
         for name, _, _, schedule in configs:
             busy = sum(d.busy_seconds for s in stats[name] for d in s.devices)
             idle = sum(d.idle_seconds for s in stats[name] for d in s.devices)
+            measured_steps = sum(s.steps for s in stats[name])
             planned = get_schedule(
                 schedule,
                 num_stages=len(_devs(configs, name)),
@@ -132,6 +142,9 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     "speedup_vs_same_microbatches": one / base[name],
                     "speedup_vs_unsplit": unsplit / base[name],
                     "bubble_measured": idle / (busy + idle) if busy + idle else 0.0,
+                    # Busy time summed over stages: compared across configs,
+                    # it shows what splitting the model adds to the work.
+                    "busy_ms_per_step": 1000 * busy / max(measured_steps, 1),
                     "bubble_planned": planned.bubble_fraction(),
                     "peak_in_flight_planned": planned.peak_in_flight(),
                     "peak_in_flight_measured": max(strategies[name].peak_in_flight()),
@@ -161,9 +174,12 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
 
 
 def _step_timer() -> Any:
-    """A callback timing `fit`'s steady state: from the end of its first call
-    of the train function to the end of its last, so that Keras's per-`fit`
-    set-up (data adapter, iterator) and tear-down are not counted."""
+    """A callback timing `fit`'s steady state: from the start of its second
+    call of the train function to the start of its last, so that Keras's
+    per-`fit` set-up (data adapter, iterator, first call) and tear-down are not
+    counted. It marks batch *begins*: a callback with `on_train_batch_end`
+    would make Keras convert every step's logs to numbers (a fetch from the
+    last stage per step, which `fit` with `verbose=0` does not do)."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
@@ -171,13 +187,14 @@ def _step_timer() -> Any:
             super().__init__()
             self.marks: list[tuple[float, float]] = []
 
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             self.marks.append((time.perf_counter(), time.process_time()))
 
         def per_step(self, steps_per_execution: int) -> tuple[float, float]:
-            """Wall and CPU seconds per step after the first call."""
-            (t0, c0), (t1, c1) = self.marks[0], self.marks[-1]
-            steps = (len(self.marks) - 1) * steps_per_execution
+            """Wall and CPU seconds per step, between the marks of the second
+            and the last call."""
+            (t0, c0), (t1, c1) = self.marks[1], self.marks[-1]
+            steps = (len(self.marks) - 2) * steps_per_execution
             return (t1 - t0) / steps, (c1 - c0) / steps
 
     return StepTimer()
@@ -203,12 +220,14 @@ def print_table(result: dict[str, Any]) -> None:
         f"partition ({result['rows'][0]['config']}):\n{result['rows'][0]['partition']}"
     )
     header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
-    header += f"{'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} {'host CPU':>8}"
+    header += f"{'busy ms':>8} {'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} "
+    header += f"{'host CPU':>8}"
     print(header)
     for row in result["rows"]:
         print(
             f"{row['config']:32} {row['step_ms']:8.1f} "
             f"{row['speedup_vs_same_microbatches']:9.2f} {row['speedup_vs_unsplit']:10.2f} "
+            f"{row['busy_ms_per_step']:8.1f} "
             f"{row['bubble_measured']:7.2f} {row['bubble_planned']:7.2f} "
             f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d} "
             f"{row['host_cpu_ms']:8.1f}"
@@ -223,7 +242,7 @@ def main() -> None:
         "--model",
         choices=sorted(MODELS),
         default=None,
-        help="MLP size (default: small with --quick, else medium)",
+        help="MLP size (default: small with --quick, else deep)",
     )
     parser.add_argument(
         "--steps-per-execution",
@@ -234,7 +253,7 @@ def main() -> None:
     parser.add_argument("--out", default="pipeline_benchmark.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = args.model or ("small" if args.quick else "medium")
+    size = args.model or ("small" if args.quick else "deep")
     spe = args.steps_per_execution
     if args.child:
         print(json.dumps(run_part(args.part, args.quick, size, spe)))
@@ -248,7 +267,7 @@ def main() -> None:
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"part {part!r} failed")
+            raise SystemExit(f"part {part!r} failed (exit status {proc.returncode})")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         print_table(result)
         results.append(result)
