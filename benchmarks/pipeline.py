@@ -14,7 +14,8 @@ Configurations are timed side by side in alternating rounds, from the start
 of each `fit`'s second call of the train function to the start of its last
 (Keras's per-`fit` set-up, first call and tear-down excluded); the table shows
 medians. Also reported: the stages' busy time per step, summed over stages
-(what splitting the model adds to the work shows against one device), the
+(what splitting the model adds to the work shows against one device; on
+logical devices, which time-share, overlapping time counts twice), the
 measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
