@@ -30,6 +30,7 @@ per-call costs included), so short timings understate steady-state speed:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import subprocess
@@ -147,6 +148,8 @@ def main() -> int:
     rounds = args.rounds or (3 if args.quick else 5)
     if CHILD in rest:
         workers = int(rest[rest.index(CHILD) + 1])
+        # A crash in TensorFlow's native code then leaves the Python stacks.
+        faulthandler.enable()
         print(json.dumps(run_child(workers, steps, rounds)))
         return 0
 
@@ -159,7 +162,15 @@ def main() -> int:
             command, capture_output=True, text=True, env=env, timeout=1800, check=False
         )
         if proc.returncode != 0:
+            log = f"{args.out}.workers{workers}.stderr"
+            with open(log, "w") as f:
+                f.write(proc.stderr)
             print(proc.stderr[-3000:], file=sys.stderr)
+            print(
+                f"{workers} workers failed (exit status {proc.returncode}); "
+                f"the whole stderr is in {log}",
+                file=sys.stderr,
+            )
             return 1
         measured[workers] = json.loads(proc.stdout.strip().splitlines()[-1])
 

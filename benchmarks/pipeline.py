@@ -36,6 +36,7 @@ Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import statistics
 import subprocess
@@ -256,7 +257,11 @@ def main() -> None:
     args = parser.parse_args()
     size = args.model or ("small" if args.quick else "deep")
     spe = args.steps_per_execution
+    if spe < 1:
+        parser.error(f"--steps-per-execution must be at least 1, got {spe}")
     if args.child:
+        # A crash in TensorFlow's native code then leaves the Python stacks.
+        faulthandler.enable()
         print(json.dumps(run_part(args.part, args.quick, size, spe)))
         return
     parts = ["logical", "cluster"] if args.part == "all" else [args.part]
@@ -267,8 +272,14 @@ def main() -> None:
         command += ["--quick"] if args.quick else []
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
+            log = f"{args.out}.{part}.stderr"
+            with open(log, "w") as f:
+                f.write(proc.stderr)
             print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"part {part!r} failed (exit status {proc.returncode})")
+            raise SystemExit(
+                f"part {part!r} failed (exit status {proc.returncode}); "
+                f"its whole stderr is in {log}"
+            )
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         print_table(result)
         results.append(result)
