@@ -33,10 +33,11 @@ import argparse
 import faulthandler
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
+
+from _child import child_result
 
 CHILD = "--child"
 
@@ -158,21 +159,9 @@ def main() -> int:
         command = [sys.executable, __file__, "--steps", str(steps)]
         command += ["--rounds", str(rounds), CHILD, str(workers)]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        proc = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=1800, check=False
+        measured[workers] = child_result(
+            command, name=f"workers{workers}", out=args.out, env=env, timeout=1800
         )
-        if proc.returncode != 0:
-            log = f"{args.out}.workers{workers}.stderr"
-            with open(log, "w") as f:
-                f.write(proc.stderr)
-            print(proc.stderr[-3000:], file=sys.stderr)
-            print(
-                f"{workers} workers failed (exit status {proc.returncode}); "
-                f"the whole stderr is in {log}",
-                file=sys.stderr,
-            )
-            return 1
-        measured[workers] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     two = {name: median(v) for name, v in measured[2].items()}
     one = median(measured[1]["fit"])

@@ -39,10 +39,11 @@ import argparse
 import faulthandler
 import json
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
+
+from _child import child_result
 
 
 def build_model(width: int, depth: int) -> Any:
@@ -270,17 +271,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "--part", part]
         command += ["--model", size, "--steps-per-execution", str(spe)]
         command += ["--quick"] if args.quick else []
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            log = f"{args.out}.{part}.stderr"
-            with open(log, "w") as f:
-                f.write(proc.stderr)
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(
-                f"part {part!r} failed (exit status {proc.returncode}); "
-                f"its whole stderr is in {log}"
-            )
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = child_result(command, name=part, out=args.out)
         print_table(result)
         results.append(result)
     with open(args.out, "w") as f:
