@@ -41,7 +41,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfpar.strategies.mirrored import MirroredStrategy  # noqa: E402
+from tfpar.strategies.mirrored.strategy import MirroredStrategy  # noqa: E402
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 # CPU seconds per step of every `fit_runner` run, keyed by the runner's id.

@@ -68,7 +68,7 @@ def run_child(num_workers: int, steps: int, rounds: int) -> dict[str, list[float
     import tensorflow as tf
 
     import tfpar
-    from tfpar.strategies.parameter_server import ParameterServerStrategy
+    from tfpar import ParameterServerStrategy
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64 * 16, 256)).astype("float32")

@@ -70,8 +70,8 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
     import tensorflow as tf
 
     import tfpar
-    from tfpar.strategies.pipeline import PipelineStrategy
-    from tfpar.strategies.schedules import get_schedule
+    from tfpar import PipelineStrategy
+    from tfpar.strategies.pipeline.schedules import get_schedule
 
     width, depth, batch = MODELS[size]
     steps, rounds, m, k = (17, 3, 8, 2) if quick else (21, 5, 8, 2)

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 import tfpar
-from tfpar.strategies.mirrored import MirroredStrategy
+from tfpar import MirroredStrategy
 
 
 def load_data(synthetic: bool) -> tuple[tuple, tuple, int]:

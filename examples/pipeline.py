@@ -39,7 +39,7 @@ def main() -> None:
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from tfpar.strategies.pipeline import PipelineStrategy
+    from tfpar import PipelineStrategy
 
     try:
         x, y = load_digits(return_X_y=True)

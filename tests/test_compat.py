@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute.coordinator import cluster_coordinator
 
-from tests.strategies.test_pipeline import mlp
+from tests.strategies.pipeline.test_strategy import mlp
 from tfpar import _compat
 from tfpar.callbacks.profiling import OpDevices
 

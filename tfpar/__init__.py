@@ -11,9 +11,9 @@ from tfpar._version import __version__
 from tfpar.cluster import LocalCluster
 from tfpar.devices import default_devices, simulate_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
-from tfpar.strategies.mirrored import MirroredStrategy
-from tfpar.strategies.parameter_server import ParameterServerStrategy
-from tfpar.strategies.pipeline import PipelineStrategy
+from tfpar.strategies.mirrored.strategy import MirroredStrategy
+from tfpar.strategies.parameter_server.strategy import ParameterServerStrategy
+from tfpar.strategies.pipeline.strategy import PipelineStrategy
 
 __all__ = [
     "CommunicationStats",

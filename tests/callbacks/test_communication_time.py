@@ -223,7 +223,7 @@ def test_bad_arguments_fail_at_construction(
 
 
 def _fraction_and_bytes(log_dir: str, features: int, width: int, batch: int) -> tuple:
-    mirrored = pytest.importorskip("tfpar.strategies.mirrored")
+    mirrored = pytest.importorskip("tfpar.strategies.mirrored.strategy")
     strategy = mirrored.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = tiny_model(features=features, width=width)
@@ -251,9 +251,9 @@ def test_large_gradients_and_tiny_batches_communicate_more(tmp_path: str) -> Non
 
 def _tfpar_strategy(kind: str) -> tf.distribute.Strategy:
     if kind == "mirrored":
-        mirrored = pytest.importorskip("tfpar.strategies.mirrored")
+        mirrored = pytest.importorskip("tfpar.strategies.mirrored.strategy")
         return mirrored.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    pipeline = pytest.importorskip("tfpar.strategies.pipeline")
+    pipeline = pytest.importorskip("tfpar.strategies.pipeline.strategy")
     return pipeline.PipelineStrategy(
         ["/cpu:0", "/cpu:1"], num_microbatches=2, partition=["stage1"]
     )

@@ -207,7 +207,7 @@ def test_unbalanced_pipeline_shows_stage_0_about_3x_busier(tmp_path: str) -> Non
     # first layer's input) stage 0 does 8 units of work per micro-batch and
     # stage 1 3: a ratio of 2.7. The profiler-measured utilization must show
     # it, and agree with the strategy's own in-graph busy counters.
-    pipeline = pytest.importorskip("tfpar.strategies.pipeline")
+    pipeline = pytest.importorskip("tfpar.strategies.pipeline.strategy")
     strategy = pipeline.PipelineStrategy(
         ["/cpu:0", "/cpu:1"], num_microbatches=4, partition=["stage1"]
     )

@@ -1,15 +1,32 @@
-"""tfpar's distribution strategies and their parts."""
+"""tfpar's distribution strategies, one subpackage per family.
 
-from tfpar.strategies.allreduce import AllReduceOptions, MeasuredAllReduce
-from tfpar.strategies.mirrored import MirroredStrategy
+- `mirrored`: synchronous data parallel in one client.
+- `parameter_server`: asynchronous training on parameter servers.
+- `pipeline`: the model cut into stages, micro-batches flowing through them.
+
+The families share only `tfpar.devices`, `tfpar.stats` and `tfpar.errors`;
+none imports another.
+"""
+
+from tfpar.errors import ClusterTaskError, StepDeadlineExceededError
+from tfpar.strategies.mirrored import (
+    AllReduceOptions,
+    MeasuredAllReduce,
+    MirroredStrategy,
+)
 from tfpar.strategies.parameter_server import (
     ParameterServerOptions,
     ParameterServerStrategy,
 )
-from tfpar.strategies.partition import Partition, Stage
-from tfpar.strategies.pipeline import PipelineOptions, PipelineStrategy
-from tfpar.strategies.ps_watchdog import ClusterTaskError, StepDeadlineExceededError
-from tfpar.strategies.schedules import Action, Schedule, get_schedule
+from tfpar.strategies.pipeline import (
+    Action,
+    Partition,
+    PipelineOptions,
+    PipelineStrategy,
+    Schedule,
+    Stage,
+    get_schedule,
+)
 
 __all__ = [
     "Action",

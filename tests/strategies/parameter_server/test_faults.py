@@ -27,8 +27,8 @@ import faulthandler, json, os, signal, time, numpy as np, tensorflow as tf, kera
 # A hang shows where every thread waits, then ends the child (its servers
 # die with it), instead of an opaque timeout.
 faulthandler.dump_traceback_later(170, exit=True)
-from tfpar.strategies.parameter_server import ParameterServerStrategy
-from tfpar.strategies.ps_watchdog import StepDeadlineExceededError
+from tfpar import ParameterServerStrategy
+from tfpar.errors import StepDeadlineExceededError
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(512, 8)).astype("float32")

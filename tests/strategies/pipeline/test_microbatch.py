@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfpar.strategies import microbatch
+from tfpar.strategies.pipeline import microbatch
 
 
 def test_sizes_differ_by_at_most_one() -> None:

@@ -29,12 +29,16 @@ from keras import tree
 from tfpar import _compat as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
-from tfpar.strategies import microbatch
-from tfpar.strategies.partition import Partition, partition_model
-from tfpar.strategies.pipeline_cost import COST_METHODS
-from tfpar.strategies.pipeline_engine import PipelineEngine
-from tfpar.strategies.pipeline_trace import StageClock, StageCounters
-from tfpar.strategies.schedules import Schedule, get_schedule, validate_schedule_name
+from tfpar.strategies.pipeline import microbatch
+from tfpar.strategies.pipeline.cost import COST_METHODS
+from tfpar.strategies.pipeline.engine import PipelineEngine
+from tfpar.strategies.pipeline.partition import Partition, partition_model
+from tfpar.strategies.pipeline.schedules import (
+    Schedule,
+    get_schedule,
+    validate_schedule_name,
+)
+from tfpar.strategies.pipeline.trace import StageClock, StageCounters
 
 _HOST = "/device:CPU:0"
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from tfpar.strategies.ps_watchdog import (
+from tfpar.strategies.parameter_server.watchdog import (
     ClusterTaskError,
     StepDeadlineExceededError,
     StepTracker,

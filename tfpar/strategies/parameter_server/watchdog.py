@@ -32,6 +32,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar.errors import ClusterTaskError, StepDeadlineExceededError
+
 # How often a waiting coordinator wakes up to check deadlines and errors.
 _POLL_SECONDS = 0.05
 # Workers that answered a probe this recently are not probed again.
@@ -39,31 +41,6 @@ _PROBE_INTERVAL_SECONDS = 0.1
 # How long the probe that tells a frozen worker from late ones waits (a
 # live server answers within milliseconds).
 _PROBE_SECONDS = 0.5
-
-
-class StepDeadlineExceededError(TimeoutError):
-    """A scheduled step ran longer than the step deadline on a worker.
-
-    Attributes:
-        tasks: The frozen workers, as `"/job:worker/replica:0/task:i"` names.
-    """
-
-    def __init__(self, message: str, tasks: Sequence[str]) -> None:
-        super().__init__(message)
-        self.tasks = tuple(tasks)
-
-
-class ClusterTaskError(RuntimeError):
-    """A cluster task failed (for example a killed parameter server).
-
-    Attributes:
-        task: The failed task, e.g. `"/job:ps/replica:0/task:0"`, or `None`
-            when TensorFlow's error does not name one.
-    """
-
-    def __init__(self, message: str, task: str | None) -> None:
-        super().__init__(message)
-        self.task = task
 
 
 @dataclasses.dataclass

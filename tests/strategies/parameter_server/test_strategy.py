@@ -18,8 +18,8 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python
+from tfpar import ParameterServerStrategy
 from tfpar.server import SECURITY_WARNING
-from tfpar.strategies.parameter_server import ParameterServerStrategy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -132,7 +132,7 @@ def test_unreachable_tasks_fail_within_the_connect_timeout_naming_each():
 # a cluster.
 FIT_SCRIPT = """
 import json, os, sys, numpy as np, tensorflow as tf, keras, tfpar
-from tfpar.strategies.parameter_server import ParameterServerStrategy
+from tfpar import ParameterServerStrategy
 
 out = sys.argv[-1] if len(sys.argv) > 1 else {out!r}
 rng = np.random.default_rng(0)

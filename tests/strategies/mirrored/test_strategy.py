@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python
-from tfpar.strategies.mirrored import MirroredStrategy
+from tfpar import MirroredStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 

@@ -1,8 +1,8 @@
-"""Tests for tfpar.strategies.schedules: the plans, without TensorFlow."""
+"""Tests for tfpar.strategies.pipeline.schedules: the plans, without TensorFlow."""
 
 import pytest
 
-from tfpar.strategies.schedules import (
+from tfpar.strategies.pipeline.schedules import (
     BACKWARD,
     FORWARD,
     SCHEDULE_NAMES,

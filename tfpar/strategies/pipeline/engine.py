@@ -20,10 +20,10 @@ import tensorflow as tf
 from keras import tree
 
 from tfpar import _compat as compat
-from tfpar.strategies import microbatch
-from tfpar.strategies.partition import Partition
-from tfpar.strategies.pipeline_trace import StageClock, StageCounters, StepTrace
-from tfpar.strategies.schedules import BACKWARD, Action, Schedule
+from tfpar.strategies.pipeline import microbatch
+from tfpar.strategies.pipeline.partition import Partition
+from tfpar.strategies.pipeline.schedules import BACKWARD, Action, Schedule
+from tfpar.strategies.pipeline.trace import StageClock, StageCounters, StepTrace
 
 
 class PipelineEngine:

@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 SCRIPT = """
 import json, os, sys, time, numpy as np, tensorflow as tf, keras, tfpar
-from tfpar.strategies.parameter_server import ParameterServerStrategy
-from tfpar.strategies.ps_watchdog import ClusterTaskError
+from tfpar import ParameterServerStrategy
+from tfpar.errors import ClusterTaskError
 
 backup, kill = {backup!r}, {kill}
 results = {{}}

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tfpar import _compat as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.allreduce import AllReduceOptions, MeasuredAllReduce
+from tfpar.strategies.mirrored.all_reduce import AllReduceOptions, MeasuredAllReduce
 
 # This process's CPU: where the input pipeline runs when the replicas are remote.
 _HOST = "/job:localhost/replica:0/task:0/device:CPU:0"

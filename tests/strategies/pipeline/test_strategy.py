@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python
-from tfpar.strategies.pipeline import PipelineStrategy
+from tfpar import PipelineStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 # Same ops in a different summation order (micro-batch gradients are summed
@@ -411,7 +411,7 @@ def test_stages_on_cluster_workers_match_and_fail_cleanly() -> None:
         """
         import time
         import keras, numpy as np, tensorflow as tf, tfpar
-        from tfpar.strategies.pipeline import PipelineStrategy
+        from tfpar import PipelineStrategy
 
         def build(extra=()):
             keras.utils.set_random_seed(7)

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import tensorflow as tf
 
-from tfpar.strategies.allreduce_options import AllReduceOptions
-from tfpar.strategies.allreduce_tensors import bucket_indices
+from tfpar.strategies.mirrored.options import AllReduceOptions
+from tfpar.strategies.mirrored.tensors import bucket_indices
 
 
 def test_buckets_pack_in_order_by_dtype_and_size() -> None:

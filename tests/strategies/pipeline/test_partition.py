@@ -1,4 +1,4 @@
-"""Tests for tfpar.strategies.partition: cut points, balancing, the table."""
+"""Tests for tfpar.strategies.pipeline.partition: cut points, balancing, the table."""
 
 import itertools
 
@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tfpar.strategies import partition as partition_lib
-from tfpar.strategies.partition import partition_model, valid_cut_points
+from tfpar.strategies.pipeline import partition as partition_lib
+from tfpar.strategies.pipeline.partition import partition_model, valid_cut_points
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 

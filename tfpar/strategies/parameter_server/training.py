@@ -29,12 +29,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar import _compat
-from tfpar.strategies.ps_locking import lock_optimizer_updates
-from tfpar.strategies.ps_sharding import prepare_sharded_model
-from tfpar.strategies.ps_watchdog import StepTracker
+from tfpar.strategies.parameter_server.locking import lock_optimizer_updates
+from tfpar.strategies.parameter_server.sharding import prepare_sharded_model
+from tfpar.strategies.parameter_server.watchdog import StepTracker
 
 if TYPE_CHECKING:
-    from tfpar.strategies.parameter_server import ParameterServerStrategy
+    from tfpar.strategies.parameter_server.strategy import ParameterServerStrategy
 
 
 class KerasInput:

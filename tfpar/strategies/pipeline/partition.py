@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar.strategies import pipeline_cost
+from tfpar.strategies.pipeline import cost as pipeline_cost
 
 logger = logging.getLogger("tfpar")
 

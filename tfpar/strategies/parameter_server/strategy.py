@@ -26,8 +26,8 @@ import tensorflow as tf
 from tfpar import _compat
 from tfpar.server import SECURITY_WARNING, read_tf_config, validate_cluster_spec
 from tfpar.stats import CommunicationStats, DeviceCommunication
-from tfpar.strategies.ps_training import CoordinatedFunctions, KerasInput
-from tfpar.strategies.ps_watchdog import StepTracker
+from tfpar.strategies.parameter_server.training import CoordinatedFunctions, KerasInput
+from tfpar.strategies.parameter_server.watchdog import StepTracker
 
 logger = logging.getLogger("tfpar")
 

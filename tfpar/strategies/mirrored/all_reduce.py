@@ -24,9 +24,9 @@ import tensorflow as tf
 from tfpar import _compat as compat
 from tfpar.devices import canonical_device
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.allreduce_counters import AllReduceCounters
-from tfpar.strategies.allreduce_options import AllReduceOptions
-from tfpar.strategies.allreduce_tensors import (
+from tfpar.strategies.mirrored.counters import AllReduceCounters
+from tfpar.strategies.mirrored.options import AllReduceOptions
+from tfpar.strategies.mirrored.tensors import (
     all_finite,
     bucket_indices,
     byte_size,

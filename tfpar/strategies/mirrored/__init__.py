@@ -1,0 +1,16 @@
+"""Synchronous data parallel in one client: `tfpar.MirroredStrategy` and its parts.
+
+- `strategy`: the strategy, a subclass of `tf.distribute.MirroredStrategy`.
+- `options`: `AllReduceOptions`, the validated all-reduce choices.
+- `all_reduce`: `MeasuredAllReduce`, the `tf.distribute.CrossDeviceOps`
+  that receives Keras's gradient all-reduce.
+- `tensors`: tensor-level helpers of the reduction (bucketing, packing,
+  casting, finiteness).
+- `counters`: the in-graph variables that measure every reduction.
+"""
+
+from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.options import AllReduceOptions
+from tfpar.strategies.mirrored.strategy import MirroredStrategy
+
+__all__ = ["AllReduceOptions", "MeasuredAllReduce", "MirroredStrategy"]
