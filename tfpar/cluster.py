@@ -24,7 +24,7 @@ from types import TracebackType
 
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import cluster as _compat
 from tfpar.server import READY_LINE, SECURITY_WARNING
 
 logger = logging.getLogger("tfpar")

@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tfpar import _compat
+from tfpar._compat import callbacks as _compat
 from tfpar.callbacks.sources import HostSource, NvmlSource, TensorFlowMemorySource
 
 

@@ -1,84 +1,28 @@
 """Every private TensorFlow and Keras internal tfpar relies on, and why.
 
-None of these has a public path in TensorFlow 2.21 / Keras 3. They live only
-in this package, one module per area of tfpar, each module's docstring saying
-which internals it uses and why; nothing else in tfpar touches a private
-TensorFlow or Keras name. `tests/test_compat.py` fails loudly if an upgrade
-removes or changes any of them.
+None of these has a public path in the supported TensorFlow and Keras
+(`SUPPORTED` below, the same range as `pyproject.toml`). They live only in
+this package, one module per area of tfpar, each module's docstring saying
+which internals it uses and why:
+
+- `callbacks`: graph collection for op placement, GPU bus ids, the
+  profiler's XPlane protos (the callbacks).
+- `cluster`: leaving a cluster (`tfpar.LocalCluster`).
+- `mirrored`: the cross-device ops hooks and reductions of
+  `tfpar.MirroredStrategy`.
+- `parameter_server`: the coordinator's internals used by
+  `tfpar.ParameterServerStrategy`.
+- `pipeline`: the one-device extended object under `tfpar.PipelineStrategy`.
+- `sharding`: sharded variables in Keras layers (parameter servers).
+
+Nothing imports this package's modules but the part of tfpar that needs
+them, so an internal that an upgrade removed breaks that strategy or
+callback alone (`tfpar.__getattr__` turns the failed import into an error
+that names the versions), and `import tfpar` still works.
+`tests/test_compat.py` checks every internal and names the TensorFlow and
+Keras versions when one changed.
 """
 
-from tfpar._compat.callbacks import (
-    gpu_bus_ids,
-    start_graph_collection,
-    stop_graph_collection,
-)
-from tfpar._compat.cluster import (
-    check_before_function_registration,
-    detach_from_cluster,
-    free_coordinator_threads,
-)
-from tfpar._compat.mirrored import (
-    called_from_keras_symbolic_build,
-    mirrored,
-    per_replica,
-    reduce_without_merge_call_in_nested_graphs,
-    refuse_reductions_in_nested_graphs,
-    reserve_collective_keys,
-    stock_default_cross_device_ops,
-    use_remote_devices,
-)
-from tfpar._compat.parameter_server import (
-    KERAS_ENTRY_POINTS,
-    current_worker_index,
-    find_keras_caller,
-    make_updates_atomic,
-    schedule_callable,
-    scheduled_tracing,
-)
-from tfpar._compat.pipeline import (
-    OneDeviceExtended,
-    UpdateContext,
-    backing_variable,
-    keras_step,
-    loss_tracker,
-    move_variable,
-    seed_states,
-)
-from tfpar._compat.sharding import (
-    is_sharded,
-    merge_shard_gradients,
-    support_sharded_variables,
-)
-
-__all__ = [
-    "KERAS_ENTRY_POINTS",
-    "OneDeviceExtended",
-    "UpdateContext",
-    "backing_variable",
-    "called_from_keras_symbolic_build",
-    "check_before_function_registration",
-    "current_worker_index",
-    "detach_from_cluster",
-    "find_keras_caller",
-    "free_coordinator_threads",
-    "gpu_bus_ids",
-    "is_sharded",
-    "keras_step",
-    "loss_tracker",
-    "make_updates_atomic",
-    "merge_shard_gradients",
-    "mirrored",
-    "move_variable",
-    "per_replica",
-    "reduce_without_merge_call_in_nested_graphs",
-    "refuse_reductions_in_nested_graphs",
-    "reserve_collective_keys",
-    "schedule_callable",
-    "scheduled_tracing",
-    "seed_states",
-    "start_graph_collection",
-    "stock_default_cross_device_ops",
-    "stop_graph_collection",
-    "support_sharded_variables",
-    "use_remote_devices",
-]
+# The TensorFlow and Keras releases whose internals tests/test_compat.py
+# checks; pyproject.toml declares the same range.
+SUPPORTED = {"tensorflow": ">=2.21,<2.22", "keras": ">=3.15,<3.16"}

@@ -34,7 +34,6 @@ from tfpar.devices import canonical_device
 __all__ = [
     "OneDeviceExtended",
     "UpdateContext",
-    "backing_variable",
     "keras_step",
     "loss_tracker",
     "move_variable",
@@ -107,11 +106,6 @@ def move_variable(variable: keras.Variable, device: str) -> None:
         )
     new._unique_id = old._unique_id  # Keras optimizers key variables by this id.
     variable._value = new
-
-
-def backing_variable(variable: Any) -> tf.Variable:
-    """Returns the `tf.Variable` behind a Keras variable (or itself)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def seed_states(model: keras.Model) -> list[keras.Variable]:

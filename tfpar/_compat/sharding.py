@@ -36,8 +36,8 @@ from tensorflow.python.distribute.distribute_lib import UpdateContext
 from tensorflow.python.distribute.sharded_variable import ShardedVariable
 from tensorflow.python.framework import composite_tensor_gradient
 
-from tfpar._compat.pipeline import backing_variable
 from tfpar._subclass import use_overrides
+from tfpar._variables import backing_variable
 
 
 def is_sharded(variable: Any) -> bool:

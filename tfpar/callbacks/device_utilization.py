@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import callbacks as _compat
 from tfpar.callbacks.cadence import (
     Cadence,
     Trigger,

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import callbacks as _compat
 from tfpar.callbacks.summaries import device_label
 
 logger = logging.getLogger("tfpar")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests._models import mlp
 from tests._subprocess import run_python
 from tfpar import PipelineStrategy
 
@@ -18,15 +19,6 @@ DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 # Same ops in a different summation order (micro-batch gradients are summed
 # per stage): float32 rounding only.
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def mlp() -> keras.Model:
-    keras.utils.set_random_seed(7)
-    return keras.Sequential(
-        [keras.Input((6,))]
-        + [keras.layers.Dense(8, activation="tanh", name=f"d{i}") for i in range(3)]
-        + [keras.layers.Dense(2, name="out")]
-    )
 
 
 def residual() -> keras.Model:

@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _compat as compat
+from tfpar._compat import mirrored as compat
 from tfpar.devices import canonical_device
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.counters import AllReduceCounters

@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _compat as compat
+from tfpar._compat import mirrored as compat
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import AllReduceOptions, MeasuredAllReduce

@@ -25,8 +25,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import sharding as _compat
 from tfpar._subclass import use_overrides
+from tfpar._variables import backing_variable
 
 
 def prepare_sharded_model(model: keras.Model, variables: list[Any]) -> int:
@@ -69,5 +70,5 @@ def _sharded_call(self: Any, inputs: Any) -> Any:
     if inputs.dtype not in (tf.int32, tf.int64):
         inputs = tf.cast(inputs, tf.int32)
     # Dispatches on the ShardedVariable: a gather on each shard's PS.
-    outputs = tf.nn.embedding_lookup(_compat.backing_variable(self._embeddings), inputs)
+    outputs = tf.nn.embedding_lookup(backing_variable(self._embeddings), inputs)
     return tf.cast(outputs, self.compute_dtype)

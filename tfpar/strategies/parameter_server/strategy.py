@@ -23,7 +23,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import cluster as compat_cluster
+from tfpar._compat import parameter_server as _compat
+from tfpar._compat import sharding as compat_sharding
 from tfpar.server import SECURITY_WARNING, read_tf_config, validate_cluster_spec
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.parameter_server.training import CoordinatedFunctions, KerasInput
@@ -174,7 +176,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         logger.warning(SECURITY_WARNING)
         super().__init__(cluster_resolver, variable_partitioner)
         if variable_partitioner is not None:
-            _compat.support_sharded_variables(self.extended)
+            compat_sharding.support_sharded_variables(self.extended)
         self.options = options
         self.tracker = StepTracker(
             cluster["worker"],
@@ -189,7 +191,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
             # TensorFlow registers each new function with every worker while
             # holding the GIL: probe the workers first, or a frozen one hangs
             # the whole process.
-            _compat.check_before_function_registration(
+            compat_cluster.check_before_function_registration(
                 self.tracker.check_workers_answer
             )
         self._functions: weakref.WeakKeyDictionary[Any, CoordinatedFunctions] = (
@@ -208,7 +210,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
             coordinator = tf.distribute.coordinator.ClusterCoordinator(self)
             # Otherwise one frozen worker blocks every coordinator thread
             # between two closures, out of reach of the step deadline.
-            _compat.free_coordinator_threads(coordinator)
+            compat_cluster.free_coordinator_threads(coordinator)
             self._coordinator = coordinator
         return self._coordinator
 

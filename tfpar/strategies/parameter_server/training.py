@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar import _compat
+from tfpar._compat import parameter_server as _compat
 from tfpar.strategies.parameter_server.locking import lock_optimizer_updates
 from tfpar.strategies.parameter_server.sharding import prepare_sharded_model
 from tfpar.strategies.parameter_server.watchdog import StepTracker

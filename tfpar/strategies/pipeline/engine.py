@@ -19,7 +19,8 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from tfpar import _compat as compat
+from tfpar._compat import pipeline as compat
+from tfpar._variables import backing_variable
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.partition import Partition
 from tfpar.strategies.pipeline.schedules import BACKWARD, Action, Schedule
@@ -224,7 +225,7 @@ class PipelineEngine:
             # Read before the forward advances the state (automatic control
             # dependencies keep program order on the same variable).
             self._seeds[(s, j)] = [
-                tf.identity(compat.backing_variable(v)) for v in self._seed_states[s]
+                tf.identity(backing_variable(v)) for v in self._seed_states[s]
             ]
             out = self.stages[s](h, training=True)
         else:

@@ -26,7 +26,8 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from tfpar import _compat as compat
+from tfpar._compat import pipeline as compat
+from tfpar._variables import backing_variable
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.pipeline import microbatch
@@ -292,12 +293,12 @@ class _PipelineExtended(compat.OneDeviceExtended):
             stage_of = {}
             for s, stage in enumerate(stage_models):
                 for variable in stage.variables:
-                    stage_of[compat.backing_variable(variable).ref()] = s
+                    stage_of[backing_variable(variable).ref()] = s
                     compat.move_variable(variable, options.devices[s])
             # Optimizer slots created before the partition follow their variable.
             optimizer = getattr(model, "optimizer", None)
             for variable in getattr(optimizer, "variables", []):
-                key = compat.backing_variable(variable).ref()
+                key = backing_variable(variable).ref()
                 reference = self._colocated.pop(key, None)
                 if reference is not None and reference in stage_of:
                     compat.move_variable(variable, options.devices[stage_of[reference]])
@@ -351,7 +352,7 @@ class _PipelineExtended(compat.OneDeviceExtended):
     def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
         # The stock one-device update runs on the host; optimizer math belongs
         # beside the variable, on its stage's device.
-        device = compat.backing_variable(var).device
+        device = backing_variable(var).device
         with tf.device(device), compat.UpdateContext(device):
             result = fn(var, *args, **kwargs)
         return result if group else tree.map_structure(self._local_results, result)
