@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine with Python 3.11, pip and venv:
+# Two commands do everything on a fresh machine with Python 3.10+, pip and venv:
 #   make demo   - set up .venv, install tfpar, run examples/quickstart.py
 #   make test   - set up or update .venv, lint, type-check, run the whole suite
 PYTHON ?= python3
