@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -43,7 +44,31 @@ def test_console_script_simulates_devices_in_a_fresh_process():
     )
 
 
-def test_server_without_tf_config_fails_clearly(monkeypatch):
+def test_server_without_tf_config_fails_in_one_line(monkeypatch, capsys):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ValueError, match="TF_CONFIG is not set"):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["server"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfpar server: error: TF_CONFIG is not set.")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["devices", "--simulate", "0"], r"`--simulate` must be an int >= 1"),
+        (["server", "--core", "-1"], r"`--core` must be an int >= 0"),
+        (["server", "--core", "4096"], r"`core` must be a CPU core this process"),
+    ],
+)
+def test_bad_options_fail_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker"}}',
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"tfpar {argv[0]}: error: {message}.*\n\Z", err)

@@ -17,11 +17,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"num_workers": 0}, ValueError, r"num_workers=0 \(must be >= 1\)"),
-        ({"num_workers": 1.0}, TypeError, r"num_workers=1.0 of type float"),
-        ({"num_ps": -1}, ValueError, r"num_ps=-1 \(must be >= 0\)"),
-        ({"num_ps": True}, TypeError, r"num_ps=True"),
-        ({"start_timeout": 0}, ValueError, r"start_timeout=0"),
+        ({"num_workers": 0}, ValueError, r"an int >= 1\. Received: num_workers=0\."),
+        ({"num_workers": 1.0}, TypeError, r"num_workers=1\.0 of type float"),
+        ({"num_ps": -1}, ValueError, r"an int >= 0\. Received: num_ps=-1\."),
+        ({"num_ps": True}, TypeError, r"an int\. Received: num_ps=True of type bool"),
+        ({"pin_cores": "yes"}, TypeError, r"True or False\. .*pin_cores='yes'"),
+        ({"start_timeout": 0}, ValueError, r"seconds > 0\. .*start_timeout=0\."),
+        ({"start_timeout": "60"}, TypeError, r"start_timeout='60' of type str"),
     ],
 )
 def test_bad_arguments_fail_before_any_process_starts(kwargs, error, message):

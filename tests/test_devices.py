@@ -18,9 +18,17 @@ def test_simulate_devices_after_initialization_says_why_and_what_to_do():
         tfpar.simulate_devices(3)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
-def test_simulate_devices_rejects_non_positive_ints(bad):
-    with pytest.raises(ValueError, match=rf"Received: n={bad!r}"):
+@pytest.mark.parametrize("bad", [0, -1])
+def test_simulate_devices_rejects_counts_below_one(bad):
+    with pytest.raises(ValueError, match=rf"an int >= 1\. Received: n={bad!r}\."):
+        tfpar.simulate_devices(bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, "2", True, None])
+def test_simulate_devices_rejects_non_ints(bad):
+    with pytest.raises(
+        TypeError, match=rf"an int\. Received: n={bad!r} of type {type(bad).__name__}"
+    ):
         tfpar.simulate_devices(bad)
 
 
@@ -93,7 +101,7 @@ def test_resolve_devices_accepts_any_spelling_and_keeps_order():
             r"list or tuple.*Received: devices='/cpu:0'.*write \['/cpu:0'\]",
         ),
         ({"/cpu:0"}, TypeError, r"Received: devices=\{'/cpu:0'\} of type set"),
-        ([0], TypeError, r"device name strings.*Received: 0 of type int"),
+        ([0], TypeError, r"Received: devices=\[0\], whose item 0 is of type int"),
         ([], ValueError, r"at least one device.*Available: \['/device:CPU:0'"),
         (
             ["/cpu:0", "/CPU:0"],
@@ -103,7 +111,14 @@ def test_resolve_devices_accepts_any_spelling_and_keeps_order():
         (["/gpu:7"], ValueError, r"do not exist: \['/gpu:7'\].*Available"),
         (["/cpu:0", "/cpu:9"], ValueError, r"do not exist: \['/cpu:9'\]"),
         (["/job:worker/task:0/device:CPU:0"], ValueError, r"do not exist"),
-        (["nonsense"], ValueError, r"nonsense"),
+        (
+            ["nonsense"],
+            ValueError,
+            r"device names like '/device:CPU:0'.*Received: devices=\['nonsense'\], "
+            r"whose item 'nonsense' is not a device name",
+        ),
+        (["/cpu:0", ""], ValueError, r"whose item '' is not a device name"),
+        (["/cpu:x"], ValueError, r"whose item '/cpu:x' is not a device name"),
     ],
 )
 def test_resolve_devices_rejects_bad_input(bad, error, message):

@@ -17,14 +17,28 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _type_error(name: str, value: object, allowed: str) -> TypeError:
+def type_error(name: str, value: object, allowed: str) -> TypeError:
+    """Returns the `TypeError` of this policy, for checks the helpers lack.
+
+    Args:
+        name: The argument's name.
+        value: What the caller passed.
+        allowed: What is accepted, in words (e.g. `"a list of layer names"`).
+    """
     return TypeError(
         f"`{name}` must be {allowed}. Received: {name}={value!r} "
         f"of type {type(value).__name__}."
     )
 
 
-def _value_error(name: str, value: object, allowed: str) -> ValueError:
+def value_error(name: str, value: object, allowed: str) -> ValueError:
+    """Returns the `ValueError` of this policy, for checks the helpers lack.
+
+    Args:
+        name: The argument's name.
+        value: What the caller passed.
+        allowed: What is accepted, in words.
+    """
     return ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}.")
 
 
@@ -53,11 +67,11 @@ def check_int(
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         allowed = "an int" + (" or None" if allow_none else "")
-        raise _type_error(name, value, allowed)
+        raise type_error(name, value, allowed)
     if (minimum is not None and value < minimum) or (
         maximum is not None and value > maximum
     ):
-        raise _value_error(name, value, _bounds("an int", minimum, maximum))
+        raise value_error(name, value, _bounds("an int", minimum, maximum))
     return value
 
 
@@ -89,13 +103,13 @@ def check_number(
         return None
     noun = f"a number of {unit}" if unit else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _type_error(name, value, noun + (" or None" if allow_none else ""))
+        raise type_error(name, value, noun + (" or None" if allow_none else ""))
     if not math.isfinite(value):
-        raise _value_error(name, value, f"a finite {noun[2:]}")
+        raise value_error(name, value, f"a finite {noun[2:]}")
     if positive and not value > 0:
-        raise _value_error(name, value, f"{noun} > 0")
+        raise value_error(name, value, f"{noun} > 0")
     if minimum is not None and value < minimum:
-        raise _value_error(name, value, f"{noun} >= {minimum}")
+        raise value_error(name, value, f"{noun} >= {minimum}")
     return value
 
 
@@ -106,7 +120,7 @@ def check_bool(name: str, value: object) -> bool:
         TypeError: If it is not (`1`, `"yes"` and `None` are not bools).
     """
     if not isinstance(value, bool):
-        raise _type_error(name, value, "True or False")
+        raise type_error(name, value, "True or False")
     return value
 
 
@@ -124,9 +138,9 @@ def check_choice(name: str, value: T, choices: Iterable[object]) -> T:
     choices = tuple(choices)
     listed = ", ".join(repr(c) for c in choices)
     if not any(type(value) is type(c) for c in choices):
-        raise _type_error(name, value, f"one of {listed}")
+        raise type_error(name, value, f"one of {listed}")
     if value not in choices:
-        raise _value_error(name, value, f"one of {listed}")
+        raise value_error(name, value, f"one of {listed}")
     return value
 
 
@@ -145,8 +159,37 @@ def check_instance(
         TypeError: If it is not.
     """
     if not isinstance(value, types):
-        raise _type_error(name, value, allowed)
+        raise type_error(name, value, allowed)
     return value
+
+
+def check_sequence(
+    name: str, value: object, item_type: type | tuple[type, ...], allowed: str
+) -> tuple[Any, ...]:
+    """Checks that `value` is a list or tuple of `item_type` and returns a tuple.
+
+    A string is not accepted as a sequence of strings: `devices="/gpu:0"` is
+    a mistake for `devices=["/gpu:0"]`.
+
+    Args:
+        name: The argument's name.
+        value: What the caller passed.
+        item_type: The accepted type or types of every item.
+        allowed: What is accepted, in words (e.g. `"a list of layer names"`).
+
+    Raises:
+        TypeError: If `value` is not a list or tuple, or an item is not an
+            `item_type` (the message names the item).
+    """
+    if not isinstance(value, list | tuple):
+        raise type_error(name, value, allowed)
+    for item in value:
+        if not isinstance(item, item_type):
+            raise TypeError(
+                f"`{name}` must be {allowed}. Received: {name}={value!r}, whose "
+                f"item {item!r} is of type {type(item).__name__}."
+            )
+    return tuple(value)
 
 
 def _bounds(noun: str, minimum: int | None, maximum: int | None) -> str:

@@ -1,11 +1,22 @@
-"""The `tfpar` command line: `tfpar --version`, `tfpar devices`, `tfpar server`."""
+"""The `tfpar` command line: `tfpar --version`, `tfpar devices`, `tfpar server`.
+
+A mistake in the command (a bad option, an invalid `TF_CONFIG`) ends it with
+one line on stderr, `tfpar COMMAND: error: ...`, and exit status 2, as
+argparse does for the options it checks itself; any other error shows its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
+from tfpar._validation import check_int
 from tfpar._version import __version__
+
+# What the checks of the user's input raise (TF_CONFIG's reader included).
+_USER_ERRORS = (ValueError, TypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code.
+
+    Raises:
+        SystemExit: With status 2 for a mistake in the command (argparse's
+            convention), after one line on stderr saying what is wrong.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,13 +78,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tfpar import devices
 
         if args.simulate is not None:
-            devices.simulate_devices(args.simulate)
+            with _user_errors(parser, "devices"):
+                check_int("--simulate", args.simulate, minimum=1)
+                devices.simulate_devices(args.simulate)
         print(devices.DeviceReport.collect().format())
         return 0
     if args.command == "server":
         from tfpar import server
 
-        task = server.read_tf_config()
+        with _user_errors(parser, "server"):
+            check_int("--core", args.core, minimum=0, allow_none=True)
+            check_int("--parent-pid", args.parent_pid, minimum=1, allow_none=True)
+            task = server.read_tf_config()
+            server.validate_task(
+                task.cluster,
+                task.task_type,
+                task.task_index,
+                core=args.core,
+                parent_pid=args.parent_pid,
+            )
         server.serve(
             task.cluster,
             task.task_type,
@@ -80,3 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help()
     return 0
+
+
+@contextlib.contextmanager
+def _user_errors(parser: argparse.ArgumentParser, command: str) -> Iterator[None]:
+    """Turns a `_USER_ERRORS` exception into one line on stderr and exit status 2."""
+    try:
+        yield
+    except _USER_ERRORS as err:
+        message = " ".join(str(err).splitlines())
+        parser.exit(2, f"{parser.prog} {command}: error: {message}\n")

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from tfpar._validation import check_int, check_sequence
+
 _LOCAL_JOBS = (None, "localhost")
+_DEVICE_NAMES = (
+    "device names like '/device:CPU:0', '/gpu:1' or "
+    "'/job:worker/replica:0/task:1/device:CPU:0'"
+)
 
 
 def simulate_devices(n: int) -> list[str]:
@@ -36,7 +42,8 @@ def simulate_devices(n: int) -> list[str]:
         "/device:CPU:1"]`.
 
     Raises:
-        ValueError: If `n` is not an `int` or is smaller than 1.
+        TypeError: If `n` is not an `int`.
+        ValueError: If `n` is smaller than 1.
         RuntimeError: If TensorFlow already initialized its devices with a
             different number of logical CPUs. Calling it again with the same
             `n` is a no-op.
@@ -49,11 +56,7 @@ def simulate_devices(n: int) -> list[str]:
     strategy = tfpar.MirroredStrategy()  # replicas on CPU:0 and CPU:1
     ```
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(
-            f"simulate_devices() needs a positive int. Received: n={n!r} "
-            "(must be an int >= 1)."
-        )
+    check_int("n", n, minimum=1)
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
@@ -114,11 +117,12 @@ def canonical_device(name: str) -> str:
     try:
         spec = tf.DeviceSpec.from_string(name)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"Not a device name: {name!r} ({err}).") from err
+        raise ValueError(
+            f"Not a device name: {name!r} (expected {_DEVICE_NAMES})."
+        ) from err
     if spec.device_type is None:
         raise ValueError(
-            f"Device name {name!r} names no device type (expected e.g. "
-            "'/device:CPU:0' or '/job:worker/task:1/device:CPU:0')."
+            f"Device name {name!r} names no device type (expected {_DEVICE_NAMES})."
         )
     spec = spec.replace(
         device_type=spec.device_type.upper(), device_index=spec.device_index or 0
@@ -148,31 +152,33 @@ def resolve_devices(
 
     Raises:
         TypeError: If `devices` is a string or not a list or tuple of strings.
-        ValueError: If it is empty, names a device twice, or names a device
-            that does not exist in this process or a connected cluster.
+        ValueError: If it is empty, holds a string that is not a device name,
+            names a device twice, or names a device that does not exist in
+            this process or a connected cluster.
     """
     if devices is None:
         return default_devices()
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, (list, tuple)):
+    if isinstance(devices, str):
         raise TypeError(
             f"`{argument}` must be a list or tuple of device names. "
             f"Received: {argument}={devices!r} (for one device, write [{devices!r}])."
-            if isinstance(devices, str)
-            else f"`{argument}` must be a list or tuple of device names. "
-            f"Received: {argument}={devices!r} of type {type(devices).__name__}."
         )
+    check_sequence(argument, devices, str, "a list or tuple of device names")
     if not devices:
         raise ValueError(
             f"`{argument}` must name at least one device. Received: {argument}=[]. "
             f"Available: {available_devices()}."
         )
+    names = []
     for d in devices:
-        if not isinstance(d, str):
-            raise TypeError(
-                f"`{argument}` must contain device name strings. Received: "
-                f"{d!r} of type {type(d).__name__} in {argument}={list(devices)!r}."
-            )
-    names = [canonical_device(d) for d in devices]
+        try:
+            names.append(canonical_device(d))
+        except ValueError as err:
+            raise ValueError(
+                f"`{argument}` must be a list of {_DEVICE_NAMES}. Received: "
+                f"{argument}={list(devices)!r}, whose item {d!r} is not a device "
+                "name."
+            ) from err
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(

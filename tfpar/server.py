@@ -24,6 +24,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from tfpar._validation import check_choice, check_int, value_error
+
 logger = logging.getLogger("tfpar")
 
 SECURITY_WARNING = (
@@ -49,9 +51,11 @@ def validate_cluster_spec(cluster: Mapping[str, Sequence[str]]) -> None:
         cluster: Job name to list of `"host:port"` addresses.
 
     Raises:
-        ValueError: If a job has no tasks, an address has no numeric port, or
-            an address binds every interface (`0.0.0.0`, `::`, empty host).
-        TypeError: If the spec is not a mapping of job names to address lists.
+        ValueError: If a job has no tasks, an address has no port from 1 to
+            65535, or an address binds every interface (`0.0.0.0`, `::`,
+            empty host).
+        TypeError: If the spec is not a mapping of job names to lists of
+            address strings.
     """
     if not isinstance(cluster, Mapping) or not cluster:
         raise TypeError(
@@ -59,6 +63,11 @@ def validate_cluster_spec(cluster: Mapping[str, Sequence[str]]) -> None:
             f"of 'host:port' addresses. Received: {cluster!r}."
         )
     for job, addresses in cluster.items():
+        if not isinstance(job, str):
+            raise TypeError(
+                f"Job names must be strings. Received: job {job!r} of type "
+                f"{type(job).__name__} in {cluster!r}."
+            )
         if isinstance(addresses, str) or not isinstance(addresses, Sequence):
             raise TypeError(
                 f"Job {job!r} must map to a list of 'host:port' addresses. "
@@ -67,11 +76,18 @@ def validate_cluster_spec(cluster: Mapping[str, Sequence[str]]) -> None:
         if not addresses:
             raise ValueError(f"Job {job!r} has no tasks. Received: {job}=[].")
         for address in addresses:
-            host, sep, port = str(address).rpartition(":")
-            if not sep or not port.isdigit():
+            if not isinstance(address, str):
+                raise TypeError(
+                    f"Job {job!r} must map to a list of 'host:port' strings. "
+                    f"Received: {job}={addresses!r}, whose item {address!r} is "
+                    f"of type {type(address).__name__}."
+                )
+            host, sep, port = address.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(
                     f"Address {address!r} of job {job!r} has no port "
-                    "(expected 'host:port', e.g. '10.0.0.2:2222')."
+                    "(expected 'host:port' with a port from 1 to 65535, e.g. "
+                    "'10.0.0.2:2222')."
                 )
             if host.strip("[]") in ("", "0.0.0.0", "::"):
                 raise ValueError(
@@ -105,19 +121,11 @@ def serve(
             even a SIGSTOPped one (on Linux).
 
     Raises:
-        ValueError: If the spec is invalid or does not contain the task.
+        ValueError: If the spec is invalid, does not contain the task, or
+            `core` is not a core this process may use.
+        TypeError: If an argument has the wrong type.
     """
-    validate_cluster_spec(cluster)
-    if job_name not in cluster:
-        raise ValueError(
-            f"Unknown job. Received: job_name={job_name!r} "
-            f"(the cluster has {sorted(cluster)})."
-        )
-    if not 0 <= task_index < len(cluster[job_name]):
-        raise ValueError(
-            f"Unknown task. Received: task_index={task_index} (job {job_name!r} "
-            f"has tasks 0 to {len(cluster[job_name]) - 1})."
-        )
+    validate_task(cluster, job_name, task_index, core=core, parent_pid=parent_pid)
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
     if core is not None:
@@ -145,6 +153,30 @@ def serve(
     )
     print(READY_LINE, flush=True)
     server.join()
+
+
+def validate_task(
+    cluster: Mapping[str, Sequence[str]],
+    job_name: str,
+    task_index: int,
+    *,
+    core: int | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """Checks the arguments of `serve` without starting anything.
+
+    Raises:
+        ValueError: If the spec is invalid, does not contain the task, or
+            `core` is not a core this process may use.
+        TypeError: If an argument has the wrong type.
+    """
+    validate_cluster_spec(cluster)
+    check_choice("job_name", job_name, sorted(cluster))
+    check_int("task_index", task_index, minimum=0, maximum=len(cluster[job_name]) - 1)
+    check_int("core", core, minimum=0, allow_none=True)
+    check_int("parent_pid", parent_pid, minimum=1, allow_none=True)
+    if core is not None and core not in (cores := sorted(os.sched_getaffinity(0))):
+        raise value_error("core", core, f"a CPU core this process may use, {cores}")
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -199,6 +231,8 @@ def read_tf_config(value: str | None = None) -> TaskConfig:
             job type TensorFlow rejects (`master`) or Kubeflow's
             `sparseCluster`, names a task that is not in the cluster, or has an
             invalid address.
+        TypeError: If an entry has the wrong JSON type (an object where a
+            list is expected, a string task index, ...).
 
     Example:
 
@@ -223,7 +257,7 @@ def read_tf_config(value: str | None = None) -> TaskConfig:
             f"TF_CONFIG is not valid JSON ({err}). Received: {text!r}."
         ) from err
     if not isinstance(config, dict):
-        raise ValueError(f"TF_CONFIG must be a JSON object. Received: {text!r}.")
+        raise TypeError(f"TF_CONFIG must be a JSON object. Received: {text!r}.")
     if "cluster" not in config:
         hint = (
             " It has 'sparseCluster' (Kubeflow's dynamic workers), which "
@@ -241,21 +275,28 @@ def read_tf_config(value: str | None = None) -> TaskConfig:
         )
     task = config.get("task")
     if not isinstance(task, dict) or "type" not in task:
-        raise ValueError(
+        error = ValueError if task is None or isinstance(task, dict) else TypeError
+        raise error(
             'TF_CONFIG needs a \'task\' entry like {"type": "worker", "index": 0}. '
             f"Received: task={task!r}."
         )
     task_type, task_index = task["type"], task.get("index", 0)
+    if not isinstance(task_type, str):
+        raise TypeError(
+            "TF_CONFIG's task type must be a job name string. Received: "
+            f"type={task_type!r} of type {type(task_type).__name__}."
+        )
     if task_type not in cluster:
         raise ValueError(
             f"TF_CONFIG's task type is not a job of its cluster. Received: "
             f"type={task_type!r} (jobs: {sorted(cluster)})."
         )
-    if (
-        isinstance(task_index, bool)
-        or not isinstance(task_index, int)
-        or not 0 <= task_index < len(cluster[task_type])
-    ):
+    if isinstance(task_index, bool) or not isinstance(task_index, int):
+        raise TypeError(
+            "TF_CONFIG's task index must be an int. Received: "
+            f"index={task_index!r} of type {type(task_index).__name__}."
+        )
+    if not 0 <= task_index < len(cluster[task_type]):
         raise ValueError(
             f"TF_CONFIG's task index does not exist. Received: index={task_index!r} "
             f"(job {task_type!r} has tasks 0 to {len(cluster[task_type]) - 1})."

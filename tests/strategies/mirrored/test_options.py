@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import tensorflow as tf
 
+from tfpar.strategies.mirrored.codec import bucket_indices
 from tfpar.strategies.mirrored.options import AllReduceOptions
-from tfpar.strategies.mirrored.tensors import bucket_indices
 
 
 def test_buckets_pack_in_order_by_dtype_and_size() -> None:
@@ -30,11 +30,21 @@ def test_options_are_frozen_and_validated() -> None:
     options = AllReduceOptions(compression="fp16", bucket_bytes=1024)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.compression = "bf16"  # type: ignore[misc]
-    with pytest.raises(ValueError, match=r"bucket_bytes=-1 \(must be > 0\)"):
+    with pytest.raises(
+        ValueError, match=r"`bucket_bytes` must be an int >= 1\. .*bucket_bytes=-1\."
+    ):
         AllReduceOptions(bucket_bytes=-1)
-    with pytest.raises(TypeError, match="measure='yes'"):
+    with pytest.raises(
+        TypeError, match=r"an int or None\. Received: bucket_bytes=1\.5 of type float"
+    ):
+        AllReduceOptions(bucket_bytes=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"True or False\. Received: measure='yes'"):
         AllReduceOptions(measure="yes")  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match="compression='None' \\(must be one of None, 'fp16'"
+        ValueError,
+        match=r"`compression` must be one of None, 'fp16', 'bf16'\. "
+        r"Received: compression='None'\.",
     ):
         AllReduceOptions(compression="None")
+    with pytest.raises(TypeError, match=r"Received: compression=16 of type int"):
+        AllReduceOptions(compression=16)  # type: ignore[arg-type]

@@ -82,7 +82,7 @@ def test_is_a_stock_mirrored_strategy() -> None:
         ({"devices": []}, ValueError, ["devices=[]"]),
         ({"all_reduce": "ring"}, ValueError, ["all_reduce='ring'", "'nccl'"]),
         ({"compression": "int8"}, ValueError, ["compression='int8'", "'bf16'"]),
-        ({"bucket_bytes": 0}, ValueError, ["bucket_bytes=0", "> 0"]),
+        ({"bucket_bytes": 0}, ValueError, ["bucket_bytes=0", ">= 1"]),
         ({"bucket_bytes": 1.5}, TypeError, ["bucket_bytes=1.5", "int"]),
         ({"on_nonfinite": "ignore"}, ValueError, ["on_nonfinite='ignore'", "'skip'"]),
         ({"all_reduce": "nccl"}, ValueError, ["all_reduce='nccl'", "GPU", "CPU:0"]),

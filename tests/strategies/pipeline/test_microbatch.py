@@ -15,9 +15,20 @@ def test_sizes_differ_by_at_most_one() -> None:
         microbatch.microbatch_sizes(3, 4)
 
 
-@pytest.mark.parametrize("value", [0, -1, 2.0, True, "4"])
-def test_num_microbatches_is_validated(value: object) -> None:
-    with pytest.raises(ValueError, match=f"num_microbatches={value!r}"):
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (0, ValueError, r"an int >= 1\. Received: num_microbatches=0\."),
+        (-1, ValueError, r"an int >= 1\. Received: num_microbatches=-1\."),
+        (2.0, TypeError, r"an int\. Received: num_microbatches=2\.0 of type float"),
+        (True, TypeError, r"an int\. Received: num_microbatches=True of type bool"),
+        ("4", TypeError, r"an int\. Received: num_microbatches='4' of type str"),
+    ],
+)
+def test_num_microbatches_is_validated(
+    value: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
         microbatch.validate_num_microbatches(value)
 
 

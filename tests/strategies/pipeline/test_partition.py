@@ -192,6 +192,35 @@ def test_cut_points_out_of_order() -> None:
         partition_model(residual_model(), devices, ["e", "d"])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"partition": "even"},
+            ValueError,
+            r"`partition` must be 'auto', 'flops', 'params' or a list of layer "
+            r"names\. Received: partition='even'\.",
+        ),
+        ({"partition": 1}, TypeError, r"Received: partition=1 of type int\."),
+        (
+            {"partition": ("d", None)},
+            TypeError,
+            r"Received: partition=\('d', None\), whose item None is of type NoneType",
+        ),
+        (
+            {"sample_batch_size": 0},
+            ValueError,
+            r"an int >= 1\. Received: sample_batch_size=0\.",
+        ),
+    ],
+)
+def test_bad_arguments_are_rejected(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        partition_model(residual_model(), DEVICES, **kwargs)  # type: ignore[arg-type]
+
+
 def test_more_stages_than_layers() -> None:
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="only")])
     with pytest.raises(

@@ -71,23 +71,31 @@ def test_format_is_the_grid() -> None:
 
 
 def test_unknown_name_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"schedule='pipedream'.*\['gpipe', '1f1b'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"`schedule` must be one of 'gpipe', '1f1b'\. "
+        r"Received: schedule='pipedream'\.",
+    ):
         get_schedule("pipedream", num_stages=2, num_microbatches=2)
+    with pytest.raises(TypeError, match=r"Received: schedule=None of type NoneType"):
+        get_schedule(None, num_stages=2, num_microbatches=2)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
-    ("stages", "microbatches", "argument"),
+    ("stages", "microbatches", "error", "message"),
     [
-        (0, 2, "num_stages=0"),
-        (2, 0, "num_microbatches=0"),
-        (2, 1.5, "num_microbatches=1.5"),
+        (0, 2, ValueError, r"`num_stages` must be an int >= 1\. .*num_stages=0\."),
+        (2, 0, ValueError, r"an int >= 1\. Received: num_microbatches=0\."),
+        (2, 1.5, TypeError, r"an int\. Received: num_microbatches=1\.5 of type float"),
     ],
 )
-def test_bad_sizes(stages: int, microbatches: int, argument: str) -> None:
-    with pytest.raises(ValueError, match=argument):
+def test_bad_sizes(
+    stages: int, microbatches: int, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
         get_schedule("gpipe", num_stages=stages, num_microbatches=microbatches)
 
 
 def test_action_kind_is_checked() -> None:
-    with pytest.raises(ValueError, match="kind='X'"):
+    with pytest.raises(ValueError, match=r"one of 'F', 'B'\. Received: kind='X'"):
         Action(0, "X", 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tfpar._validation import check_bool, check_choice, check_int
+
 ALL_REDUCE_CHOICES = (
     "auto",
     "collective",
@@ -38,8 +40,9 @@ class AllReduceOptions:
             `True`).
 
     Raises:
-        ValueError: If a value is not one of those allowed.
-        TypeError: If `bucket_bytes` or `measure` has the wrong type.
+        ValueError: If a value of the right type is not one of those allowed.
+        TypeError: If a value has the wrong type (`compression=16`,
+            `bucket_bytes=1.5`, `measure="yes"`).
 
     Example:
 
@@ -55,33 +58,8 @@ class AllReduceOptions:
     measure: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("all_reduce", self.all_reduce, ALL_REDUCE_CHOICES)
-        _check_choice("compression", self.compression, COMPRESSION_CHOICES)
-        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE_CHOICES)
-        if self.bucket_bytes is not None and (
-            isinstance(self.bucket_bytes, bool)
-            or not isinstance(self.bucket_bytes, int)
-        ):
-            raise TypeError(
-                "`bucket_bytes` must be None or a positive int. Received: "
-                f"bucket_bytes={self.bucket_bytes!r} of type "
-                f"{type(self.bucket_bytes).__name__}."
-            )
-        if self.bucket_bytes is not None and self.bucket_bytes <= 0:
-            raise ValueError(
-                "`bucket_bytes` must be None or a positive int. Received: "
-                f"bucket_bytes={self.bucket_bytes!r} (must be > 0)."
-            )
-        if not isinstance(self.measure, bool):
-            raise TypeError(
-                f"`measure` must be a bool. Received: measure={self.measure!r}."
-            )
-
-
-def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
-    if isinstance(value, str | type(None)) and value in allowed:
-        return
-    raise ValueError(
-        f"Unknown `{name}`. Received: {name}={value!r} (must be one of "
-        f"{', '.join(repr(a) for a in allowed)})."
-    )
+        check_choice("all_reduce", self.all_reduce, ALL_REDUCE_CHOICES)
+        check_choice("compression", self.compression, COMPRESSION_CHOICES)
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE_CHOICES)
+        check_int("bucket_bytes", self.bucket_bytes, minimum=1, allow_none=True)
+        check_bool("measure", self.measure)

@@ -25,6 +25,8 @@ import keras
 import tensorflow as tf
 from keras import tree
 
+from tfpar._validation import check_int
+
 # Names accepted by `partition`, besides a list of cut points.
 COST_METHODS = ("auto", "flops", "params")
 
@@ -71,8 +73,10 @@ def measure_seconds(
 
     Raises:
         Any error of running a segment alone (the caller falls back to an
-        estimate).
+        estimate), and a `TypeError` or `ValueError` for a `repeats` that is
+        not an int >= 1.
     """
+    check_int("repeats", repeats, minimum=1)
     samples = [tree.map_structure(_sample, spec) for spec in specs]
     timed = _timed_passes(segments, device)
     timed(samples)  # traces and warms up

@@ -18,6 +18,8 @@ from typing import Any
 import tensorflow as tf
 from keras import tree
 
+from tfpar._validation import check_int
+
 
 def microbatch_sizes(batch_size: int, num_microbatches: int) -> list[int]:
     """Returns the micro-batch sizes for a batch of `batch_size` examples.
@@ -30,6 +32,7 @@ def microbatch_sizes(batch_size: int, num_microbatches: int) -> list[int]:
         M sizes summing to `batch_size`, the larger ones first.
 
     Raises:
+        TypeError: If `num_microbatches` is not an int.
         ValueError: If `num_microbatches < 1` or `batch_size < num_microbatches`.
 
     Example:
@@ -53,18 +56,10 @@ def validate_num_microbatches(num_microbatches: object) -> int:
     """Checks `num_microbatches` and returns it.
 
     Raises:
-        ValueError: If it is not an int >= 1.
+        TypeError: If it is not an int.
+        ValueError: If it is smaller than 1.
     """
-    if (
-        isinstance(num_microbatches, bool)
-        or not isinstance(num_microbatches, int)
-        or num_microbatches < 1
-    ):
-        raise ValueError(
-            "Cannot split a batch into micro-batches. Received: "
-            f"num_microbatches={num_microbatches!r} (must be an int >= 1)."
-        )
-    return num_microbatches
+    return check_int("num_microbatches", num_microbatches, minimum=1)
 
 
 def split(
@@ -87,7 +82,8 @@ def split(
         `data`, `sizes` an int32 tensor with the M micro-batch sizes.
 
     Raises:
-        ValueError: If `data` holds no tensor.
+        TypeError: If `num_microbatches` is not an int.
+        ValueError: If `num_microbatches < 1` or `data` holds no tensor.
         tf.errors.InvalidArgumentError: When run, if the batch has fewer than
             M examples.
     """

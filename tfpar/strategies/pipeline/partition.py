@@ -22,9 +22,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpar._validation import check_int, check_sequence, value_error
 from tfpar.strategies.pipeline import cost as pipeline_cost
 
 logger = logging.getLogger("tfpar")
+
+_PARTITIONS = "'auto', 'flops', 'params' or a list of layer names"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +108,27 @@ class Partition:
         return self.format()
 
 
+def check_partition(partition: object) -> str | tuple[str, ...]:
+    """Checks a `partition` argument and returns it, a list as a tuple.
+
+    Args:
+        partition: `"auto"`, `"flops"`, `"params"` or a list or tuple of
+            layer names.
+
+    Returns:
+        The name, or the layer names as a tuple.
+
+    Raises:
+        TypeError: If it is neither a string nor a list or tuple of strings.
+        ValueError: If it is a string other than the three names.
+    """
+    if isinstance(partition, str):
+        if partition not in pipeline_cost.COST_METHODS:
+            raise value_error("partition", partition, _PARTITIONS)
+        return partition
+    return check_sequence("partition", partition, str, _PARTITIONS)
+
+
 def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Returns the model's layers in topological order, without input layers."""
     return [
@@ -159,11 +183,15 @@ def partition_model(
         sub-model per stage, sharing the model's layers.
 
     Raises:
-        TypeError: If `model` is a subclassed model.
-        ValueError: If the model has fewer cut points than stages need, or a
-            cut-point name is unknown, out of order or not a valid cut (the
-            message names the layer and lists the valid cut points).
+        TypeError: If `model` is a subclassed model, or `partition` or
+            `sample_batch_size` has the wrong type.
+        ValueError: If `partition` is an unknown name, `sample_batch_size` is
+            smaller than 1, the model has fewer cut points than stages need,
+            or a cut-point name is unknown, out of order or not a valid cut
+            (the message names the layer and lists the valid cut points).
     """
+    partition = check_partition(partition)
+    check_int("sample_batch_size", sample_batch_size, minimum=1)
     _check_graph_model(model)
     layers = model_layers(model)
     names = [layer.name for layer in layers]

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
+
+from tfpar._validation import check_choice, check_int
 
 FORWARD = "F"
 BACKWARD = "B"
@@ -37,10 +40,7 @@ class Action:
     microbatch: int
 
     def __post_init__(self) -> None:
-        if self.kind not in (FORWARD, BACKWARD):
-            raise ValueError(
-                f"Action kind must be 'F' or 'B'. Received: kind={self.kind!r}."
-            )
+        check_choice("kind", self.kind, (FORWARD, BACKWARD))
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}"
@@ -175,6 +175,7 @@ def get_schedule(name: str, *, num_stages: int, num_microbatches: int) -> Schedu
         The `Schedule`, with its grid simulated from the per-stage orders.
 
     Raises:
+        TypeError: If `name` is not a string or K or M is not an int.
         ValueError: If `name` is unknown (the message lists the valid names)
             or K or M is smaller than 1.
 
@@ -186,15 +187,8 @@ def get_schedule(name: str, *, num_stages: int, num_microbatches: int) -> Schedu
     ```
     """
     validate_schedule_name(name)
-    for arg, value in (
-        ("num_stages", num_stages),
-        ("num_microbatches", num_microbatches),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"A schedule needs a positive int. Received: {arg}={value!r} "
-                "(must be an int >= 1)."
-            )
+    check_int("num_stages", num_stages, minimum=1)
+    check_int("num_microbatches", num_microbatches, minimum=1)
     orders = [_ORDERS[name](num_stages, num_microbatches, s) for s in range(num_stages)]
     return Schedule(name, num_stages, num_microbatches, _simulate(orders))
 
@@ -203,14 +197,10 @@ def validate_schedule_name(name: object, *, argument: str = "schedule") -> str:
     """Checks that `name` is a registered schedule and returns it.
 
     Raises:
-        ValueError: If it is not, listing the valid names.
+        TypeError: If it is not a string.
+        ValueError: If it is not a registered name (the message lists them).
     """
-    if not isinstance(name, str) or name not in _ORDERS:
-        raise ValueError(
-            f"Unknown pipeline schedule. Received: {argument}={name!r} "
-            f"(must be one of {list(SCHEDULE_NAMES)})."
-        )
-    return name
+    return cast(str, check_choice(argument, name, SCHEDULE_NAMES))
 
 
 def _simulate(orders: list[list[Action]]) -> tuple[tuple[Action | None, ...], ...]:
