@@ -180,11 +180,18 @@ def test_explicit_devices_are_validated_and_reported(tmp_path: str) -> None:
             "every_seconds=None",
         ),
         ({"window_steps": 0}, ValueError, "window_steps=0"),
+        ({"window_steps": 2.0}, TypeError, "window_steps=2.0"),
         ({"metrics": ["utilisation"]}, ValueError, "utilisation"),
+        ({"metrics": []}, ValueError, "metrics=[]"),
         ({"metrics": "host"}, TypeError, "metrics='host'"),
+        ({"metrics": [1]}, TypeError, "item 1 is of type int"),
         ({"devices": ["/gpu:7"]}, ValueError, "/gpu:7"),
         ({"devices": "/cpu:0"}, TypeError, "devices='/cpu:0'"),
         ({"profile_steps": (5, 2)}, ValueError, "profile_steps=(5, 2)"),
+        ({"profile_steps": (-1, 2)}, ValueError, "profile_steps=(-1, 2)"),
+        ({"profile_steps": (1, 2, 3)}, ValueError, "profile_steps=(1, 2, 3)"),
+        ({"profile_steps": (1, 2.5)}, TypeError, "profile_steps[1]=2.5"),
+        ({"profile_steps": 3}, TypeError, "profile_steps=3"),
     ],
 )
 def test_bad_arguments_fail_at_construction(

@@ -1,4 +1,4 @@
-"""Tests for tfpar.callbacks.profiling: measured busy time per device."""
+"""Tests for tfpar.callbacks.profiling: measured busy time per device, parsed off-thread."""
 
 import os
 
@@ -6,18 +6,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from tests.callbacks._tb import read_scalars
+from tfpar._compat import callbacks as _compat
 from tfpar.callbacks.device_utilization import DeviceUtilization
-from tfpar.callbacks.profiling import OpDevices, StepProfiler, busy_seconds
+from tfpar.callbacks.placement import OpDevices
+from tfpar.callbacks.profiling import TraceParser, busy_seconds
+from tfpar.callbacks.sources import Sample
 
 MS = 1_000_000  # ns
 
 
 def _xspace(start_ns: int, lines: dict[str, list[tuple[str, int, int]]]) -> bytes:
     """Builds a trace: per line, (event name, begin ns, duration ns) after start."""
-    space = xplane_pb2.XSpace()
+    space = _compat.xspace()
     host = space.planes.add(name="/host:CPU")
     ids: dict[str, int] = {}
     for line_id, (line_name, events) in enumerate(lines.items()):
@@ -87,19 +89,45 @@ def test_busy_time_is_the_union_of_op_intervals_per_device() -> None:
     assert single == {"/device:CPU:0": pytest.approx(0.008)}  # 0-6 and 10-12 ms
 
 
-def test_profiler_held_elsewhere_is_skipped_with_one_warning(
-    tmp_path: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    tf.profiler.experimental.start(str(tmp_path / "other"))
-    try:
-        profiler = StepProfiler(None)
-        assert not profiler.start()
-        assert not profiler.start()
-        assert profiler.stop() is None
-        profiler.close()
-    finally:
-        tf.profiler.experimental.stop()
-    assert sum("profiler is in use" in r.message for r in caplog.records) == 1
+class FakeProfiler:
+    """Stands in for `StepProfiler`: "stops" by handing over a prepared trace."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.discarded: list[str] = []
+
+    def stop(self) -> str | None:
+        path, self.path = self.path, None
+        return path
+
+    def discard(self, path: str) -> None:
+        self.discarded.append(path)
+
+
+def test_trace_parser_turns_a_window_into_utilization_samples(tmp_path) -> None:
+    start = 10**18
+    trace = _xspace(start, {"tf_Compute/1": [("a/MatMul:MatMul", 0, 5 * MS)]})
+    path = tmp_path / "window.xplane.pb"
+    path.write_bytes(trace)
+    profiler = FakeProfiler(str(path))
+    errors: list[BaseException] = []
+    parser = TraceParser(profiler, on_error=errors.append)
+    ops = OpDevices({"a/MatMul": "/device:CPU:1"})
+    devices = ["/device:CPU:0", "/device:CPU:1"]
+    parser.submit(7, (start, start + 20 * MS), devices, ops, None)
+    parser.wait()
+    assert parser.collect() == [
+        (7, Sample("device/CPU:0/utilization", 0.0)),
+        (7, Sample("device/CPU:1/utilization", pytest.approx(25.0))),
+    ]
+    assert parser.collect() == []  # each result once
+    assert profiler.discarded == [str(path)] and not errors
+    # A trace that cannot be read is reported, not raised.
+    profiler.path = str(tmp_path / "missing.xplane.pb")
+    parser.submit(9, (start, start + MS), devices, ops, None)
+    parser.shutdown()
+    assert parser.collect() == []
+    assert [type(e) for e in errors] == [FileNotFoundError]
 
 
 class ForwardWork(keras.layers.Layer):

@@ -1,6 +1,7 @@
 """Private TensorFlow internals of the callbacks, and why.
 
-Used by `tfpar/callbacks/profiling.py`, `device_utilization.py`, `sources.py`:
+Used by `tfpar/callbacks/placement.py`, `profiling.py` and `sources.py`. Each
+has no public path in the supported TensorFlow:
 
 - Graph collection (`context.enable_graph_collection`,
   `export_run_metadata`): on CPU the profiler records the thread, not the
@@ -11,6 +12,9 @@ Used by `tfpar/callbacks/profiling.py`, `device_utilization.py`, `sources.py`:
   on but only writes it to an event file: no public path returns the graphs
   to Python. Without them `DeviceUtilization` falls back to attributing ops by
   name.
+- `xplane_pb2.XSpace` (`tensorflow.tsl`): `tf.profiler` writes its trace only
+  as a serialized `XSpace` and exports no reader for it; the profile plugin
+  ships a copy of the proto, but it is an optional extra.
 - `device_lib.list_local_devices()`: NVML numbers GPUs differently from
   TensorFlow (`CUDA_VISIBLE_DEVICES` renumbers TensorFlow's), so they are
   matched by PCI bus id, which TensorFlow reports only in these device
@@ -19,8 +23,9 @@ Used by `tfpar/callbacks/profiling.py`, `device_utilization.py`, `sources.py`:
 
 from __future__ import annotations
 
+from typing import Any
+
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.eager import context
 
 
@@ -29,7 +34,7 @@ def start_graph_collection() -> None:
     context.context().enable_graph_collection()
 
 
-def stop_graph_collection() -> config_pb2.RunMetadata:
+def stop_graph_collection() -> tf.compat.v1.RunMetadata:
     """Stops recording and returns what was recorded.
 
     Returns:
@@ -39,7 +44,21 @@ def stop_graph_collection() -> config_pb2.RunMetadata:
     ctx = context.context()
     metadata = ctx.export_run_metadata()
     ctx.disable_graph_collection()
-    return metadata if metadata is not None else config_pb2.RunMetadata()
+    return metadata if metadata is not None else tf.compat.v1.RunMetadata()
+
+
+def xspace(serialized: bytes = b"") -> Any:
+    """Returns an `XSpace` proto (a profiler trace), parsed from `serialized`.
+
+    Args:
+        serialized: The bytes of a `.xplane.pb` file; empty for a new trace.
+    """
+    # Imported on first use: `import tensorflow` does not load it.
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(serialized)
+    return space
 
 
 def gpu_bus_ids() -> dict[str, str]:

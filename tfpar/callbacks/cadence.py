@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import keras
 
+from tfpar._validation import check_int, check_number
+
 
 @dataclasses.dataclass(frozen=True)
 class Cadence:
@@ -56,20 +58,14 @@ class Cadence:
                 "A cadence needs `every_steps` or `every_seconds`. Received: "
                 "every_steps=None, every_seconds=None (set at least one)."
             )
-        if self.every_steps is not None:
-            check_int("every_steps", self.every_steps, minimum=1)
-        if self.every_seconds is not None:
-            value = self.every_seconds
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"`every_seconds` must be a number. Received: "
-                    f"every_seconds={value!r} of type {type(value).__name__}."
-                )
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"`every_seconds` must be positive. Received: "
-                    f"every_seconds={value!r} (must be a finite number > 0)."
-                )
+        check_int("every_steps", self.every_steps, minimum=1, allow_none=True)
+        check_number(
+            "every_seconds",
+            self.every_seconds,
+            positive=True,
+            unit="seconds",
+            allow_none=True,
+        )
         check_int("warmup_steps", self.warmup_steps, minimum=0)
 
 
@@ -158,33 +154,3 @@ def steps_per_call(model: keras.Model) -> int:
     ```
     """
     return int(getattr(model, "steps_per_execution", 1) or 1)
-
-
-def check_int(name: str, value: object, *, minimum: int) -> None:
-    """Raises a Keras-style error unless `value` is an `int >= minimum`.
-
-    Args:
-        name: The argument's name, for the message.
-        value: The value received.
-        minimum: The smallest allowed value.
-
-    Raises:
-        TypeError: If `value` is not an `int` (a `bool` is refused).
-        ValueError: If it is smaller than `minimum`.
-
-    Example:
-
-    ```python
-    check_int("window_steps", 0, minimum=1)  # ValueError: ... window_steps=0 ...
-    ```
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"`{name}` must be an int. Received: {name}={value!r} of type "
-            f"{type(value).__name__}."
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` is out of range. Received: {name}={value!r} "
-            f"(must be an int >= {minimum})."
-        )

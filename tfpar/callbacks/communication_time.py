@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import keras
+import tensorflow as tf
 
 from tfpar.callbacks.cadence import Cadence, Trigger, optimizer_step, steps_per_call
 from tfpar.callbacks.sources import Sample
@@ -200,20 +201,29 @@ class CommunicationTime(keras.callbacks.Callback):
 
 def _unmeasured(strategy: object) -> str:
     """Says what cannot be measured under a strategy without counters."""
-    name = type(strategy).__name__
-    if name == "_DefaultDistributionStrategy":
+    if _no_strategy(strategy):
         return (
             "the model is under no tf.distribute strategy (one device), so there "
             "is no communication to measure; logging step time only "
             "(comm/step_time_ms)."
         )
     return (
-        f"{name} has no communication_stats(), so communication time, compute "
+        f"{type(strategy).__name__} has no communication_stats(), so communication time, compute "
         "time, communication fraction, bytes moved and bandwidth cannot be "
         "measured; logging step time only (comm/step_time_ms). Use "
         "tfpar.MirroredStrategy, tfpar.PipelineStrategy or "
         "tfpar.ParameterServerStrategy to measure communication."
     )
+
+
+def _no_strategy(strategy: object) -> bool:
+    """Returns whether `strategy` is TensorFlow's default (no) strategy.
+
+    The default strategy's class is private; this check is public. A model
+    built outside any scope has no strategy of its own: Keras gives it the
+    current one, which is the default one exactly when no scope is entered.
+    """
+    return not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
 
 
 def step_samples(

@@ -1,39 +1,34 @@
-"""`DeviceUtilization`: per-device busy time and memory, and host counters, in TensorBoard."""
+"""`DeviceUtilization`: per-device busy time and memory, and host counters, in TensorBoard.
+
+The callback validates its arguments and wires the parts together, each in a
+module of its own: `ProfilerWindows` (`profiler_window.py`) decides when
+windows open and close, `GraphPlacement` (`placement.py`) learns which device
+each op ran on, `TraceParser` (`profiling.py`) turns traces into utilization
+off the training thread, and `SourceGroup` (`source_group.py`) reads the
+counters.
+"""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 
-from tfpar._compat import callbacks as _compat
-from tfpar.callbacks.cadence import (
-    Cadence,
-    Trigger,
-    check_int,
-    optimizer_step,
-    steps_per_call,
-)
-from tfpar.callbacks.profiling import OpDevices, StepProfiler, busy_seconds
-from tfpar.callbacks.sources import (
-    HostSource,
-    NvmlSource,
-    Sample,
-    Source,
-    TensorFlowMemorySource,
-)
+from tfpar._validation import check_instance, check_int, check_sequence, value_error
+from tfpar.callbacks.cadence import Cadence, optimizer_step, steps_per_call
+from tfpar.callbacks.placement import GraphPlacement, OpDevices, strategy_devices
+from tfpar.callbacks.profiler_window import ProfilerWindows
+from tfpar.callbacks.profiling import TraceParser
+from tfpar.callbacks.source_group import SourceGroup
 from tfpar.callbacks.summaries import (
     ScalarWriter,
     check_log_dir,
     custom_scalars_layout,
-    device_label,
 )
-from tfpar.devices import canonical_device, default_devices, resolve_devices
+from tfpar.devices import resolve_devices
 
 logger = logging.getLogger("tfpar")
 
@@ -120,238 +115,117 @@ class DeviceUtilization(keras.callbacks.Callback):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds)
-        check_int("window_steps", window_steps, minimum=1)
-        self.window_steps = window_steps
+        self.window_steps: int = check_int("window_steps", window_steps, minimum=1)
         self.metrics = _check_metrics(metrics)
         self.devices = None if devices is None else resolve_devices(devices)
         self.profile_steps = _check_step_range(profile_steps)
-        self._fresh_function = True
-        self._placement: tuple[object, OpDevices] | None = None
-        self._reset()
+        self._placement = GraphPlacement()
+        self._sources = SourceGroup(on_error=self._fail)
+        self._reset(trace=False)
 
-    def _reset(self) -> None:
+    def _reset(self, *, trace: bool) -> None:
+        """Makes the parts of one `fit` (its counter sources aside)."""
         self._writer = ScalarWriter(self.log_dir)
-        self._trigger = Trigger(self.cadence)
-        self._sources: list[Source] = []
         self._failed: set[str] = set()
+        self._windows = ProfilerWindows(
+            self.cadence,
+            self.window_steps,
+            self.profile_steps,
+            f"{self.log_dir}/train",
+            trace=trace,
+            on_close=self._sample,
+            # The kept capture has priority: background parsing finishes first.
+            before_capture=lambda: self._parser.wait(),
+        )
+        self._parser = TraceParser(
+            self._windows.sampler,
+            on_error=lambda err: self._fail("profiler trace", err),
+        )
         self._step = 0
         self._first_step = 0
         self._per_call = 1
-        self._trace = False
         self._epoch_steps: float = math.inf
-        first, last = self.profile_steps or (-1, math.inf)
-        self._capture_first: int = first
-        self._capture_last: float = last
-        self._collecting_graphs = False
         self._op_devices = OpDevices({})
         self._reported: list[str] = []
         self._fallback: str | None = None
-        self._window: tuple[int, int] | None = None  # (end step, start ns)
-        self._sampler = StepProfiler(None)
-        self._capture = StepProfiler(f"{self.log_dir}/train")
-        self._parser = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="tfpar-trace-parser"
-        )
-        self._parsed: list[concurrent.futures.Future[tuple[int, list[Sample]]]] = []
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        """Resolves devices, starts the host and NVML pollers and graph collection."""
-        # Keras skips on_train_end when fit() raises: release what it left.
-        for source in self._sources:
-            source.close()
-        self._sampler.close()
-        self._capture.close()
-        self._reset()
-        strategy_devices = _strategy_devices(self.model.distribute_strategy)
-        self._reported = list(self.devices or strategy_devices)
-        self._fallback = strategy_devices[0] if len(strategy_devices) == 1 else None
-        self._first_step = optimizer_step(self.model)
-        # What the per-step hooks compare against, read once per fit.
-        self._per_call = steps_per_call(self.model)
-        self._epoch_steps = (self.params or {}).get("steps") or math.inf
-        gpus = [d for d in self._reported if "GPU" in d]
-        if "host" in self.metrics:
-            self._open(HostSource.name, HostSource)
-        if "memory" in self.metrics and gpus:
-            self._open(
-                TensorFlowMemorySource.name, lambda: TensorFlowMemorySource(gpus)
-            )
-        if "utilization" in self.metrics and gpus:
-            self._open(NvmlSource.name, lambda: NvmlSource(gpus))
-        # Under a parameter-server strategy every step runs on remote workers,
-        # which this process's profiler does not see: no windows to trace.
-        self._trace = "utilization" in self.metrics and not isinstance(
-            self.model.distribute_strategy, tf.distribute.ParameterServerStrategy
-        )
-        if self._trace:
-            self._find_placement()
-        self._writer.add_layout(custom_scalars_layout())
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        """Starts a profiler window (for utilization or a kept capture) when due."""
-        # Runs every step: between samples, two integer compares and a clock read.
-        if self._step == self._capture_first:
-            self._start_window(self._capture)
-        if self._window is None and self._trigger.due(self._step):
-            if self._trace:
-                self._start_window(self._sampler)
-            if self._window is None:  # no trace (not asked for, or profiler busy)
-                self._window = (self._step + self.window_steps, 0)
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        """Closes a window when its last step ends, then samples and writes."""
-        self._step += self._per_call
-        if self._collecting_graphs:
-            self._collecting_graphs = False
-            placement = OpDevices.from_run_metadata(_compat.stop_graph_collection())
-            self._placement = (self.model.train_function, placement)
-            self._use_placement(placement)
-        # A window also ends with the epoch: what follows (validation, the
-        # next epoch's iterator) is not training.
-        if self._window is not None and (
-            self._step >= self._window[0] or batch + 1 >= self._epoch_steps
-        ):
-            self._end_window()
-        if self._step > self._capture_last:
-            self._capture_last = math.inf
-            self._capture.stop()
 
     def set_model(self, model: keras.Model) -> None:
         """Notes whether `fit` is about to build a new train function."""
         super().set_model(model)
-        # Keras calls set_model before make_train_function: a None here means
-        # this fit() traces and instantiates a fresh function, whose placement
-        # graph collection will see.
-        self._fresh_function = getattr(model, "train_function", None) is None
+        self._placement.note_model(model)
 
-    def _find_placement(self) -> None:
-        """Learns where the train function's ops run, at the least cost."""
-        function = self.model.train_function
-        if self._placement is not None and self._placement[0] is function:
-            self._use_placement(self._placement[1])  # same function as last fit()
-            return
-        _compat.start_graph_collection()
-        self._collecting_graphs = True
-        multi_device = self._fallback is None or self.devices is not None
-        if not self._fresh_function and multi_device:
-            # Placement is recorded only when a function is instantiated, and
-            # this one was instantiated before the callback saw it: rebuild it
-            # (one extra trace, once per model and callback).
-            self.model.make_train_function(force=True)
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Resolves devices, starts the host and NVML pollers and graph collection."""
+        # Keras skips on_train_end when fit() raises: release what it left.
+        self._sources.close()
+        self._windows.close()
+        strategy = self.model.distribute_strategy
+        # Under a parameter-server strategy every step runs on remote workers,
+        # which this process's profiler does not see: no windows to trace.
+        trace = "utilization" in self.metrics and not isinstance(
+            strategy, tf.distribute.ParameterServerStrategy
+        )
+        self._reset(trace=trace)
+        computing = strategy_devices(strategy)
+        self._reported = list(self.devices or computing)
+        self._fallback = computing[0] if len(computing) == 1 else None
+        self._first_step = optimizer_step(self.model)
+        # What the per-step hooks compare against, read once per fit.
+        self._per_call = steps_per_call(self.model)
+        self._epoch_steps = (self.params or {}).get("steps") or math.inf
+        self._sources = SourceGroup.for_metrics(
+            self.metrics, self._reported, on_error=self._fail
+        )
+        if trace:
+            multi_device = self._fallback is None or self.devices is not None
+            known = self._placement.start(self.model, rebuild=multi_device)
+            if known is not None:  # the same train function as last fit()
+                self._use_placement(known)
+        self._writer.add_layout(custom_scalars_layout())
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        """Starts a profiler window (for utilization or a kept capture) when due."""
+        self._windows.begin_step(self._step)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Closes a window when its last step ends, then samples and writes."""
+        self._step += self._per_call
+        learned = self._placement.finish(self.model)
+        if learned is not None:
+            self._use_placement(learned)
+        self._windows.end_step(self._step, last_of_epoch=batch + 1 >= self._epoch_steps)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Stops every window and thread and writes what is left."""
+        self._placement.cancel()
+        self._windows.finish(self._step)
+        self._parser.shutdown()
+        self._write_parsed()
+        self._writer.close()
+        self._sources.close()
+        self._windows.close()
 
     def _use_placement(self, placement: OpDevices) -> None:
         self._op_devices = placement
         if self.devices is None:
-            placed = sorted(set(placement.devices.values()))
-            local = [d for d in placed if "/job:" not in d]
+            local = placement.local_devices()
             self._reported += [d for d in local if d not in self._reported]
 
-    def on_train_end(self, logs: dict | None = None) -> None:
-        """Stops every window and thread and writes what is left."""
-        if self._collecting_graphs:
-            self._collecting_graphs = False
-            _compat.stop_graph_collection()
-        if self._window is not None:
-            self._end_window()
-        self._capture.stop()
-        self._parser.shutdown(wait=True)
-        self._collect_parsed()
-        self._writer.close()
-        for source in self._sources:
-            source.close()
-        self._sampler.close()
-        self._capture.close()
-
-    def _start_window(self, profiler: StepProfiler) -> None:
-        if profiler is self._capture:
-            # The kept capture has priority: finish background work, drop an
-            # open utilization window.
-            concurrent.futures.wait(self._parsed)
-            if self._window is not None:
-                self._sampler.stop()
-                self._window = None
-        # The previous window may still be stopping on the parser thread
-        # (exporting takes tens of ms); only windows closer than that wait.
-        self._sampler.wait_idle()
-        if self._sampler.running or self._capture.running or not profiler.start():
-            return
-        if profiler is self._sampler:
-            self._window = (self._step + self.window_steps, time.time_ns())
-
-    def _end_window(self) -> None:
-        assert self._window is not None
-        start_ns = self._window[1]
-        self._window = None
-        step = self._first_step + self._step
-        end_ns = time.time_ns()
-        if start_ns:
+    def _sample(self, steps_done: int, traced: tuple[int, int] | None) -> None:
+        """Called by `ProfilerWindows` when a window closes."""
+        step = self._first_step + steps_done
+        if traced is not None:
             devices = [d for d in self._reported if "GPU" not in d and "/job:" not in d]
-            # Stopping exports the trace (tens of ms): do it, and the parsing,
-            # off the training thread. Events after end_ns are clipped away.
-            self._parsed.append(
-                self._parser.submit(
-                    self._utilization, step, (start_ns, end_ns), devices
-                )
-            )
-        for source in self._sources:
-            self._read(source, step)
-        self._collect_parsed()
+            # Stopping exports the trace (tens of ms): the parser thread does
+            # it, and the parsing, off the training thread.
+            self._parser.submit(step, traced, devices, self._op_devices, self._fallback)
+        for sample in self._sources.read():
+            self._writer.add(step, sample.tag, sample.value)
+        self._write_parsed()
         self._writer.flush()
 
-    def _utilization(
-        self, step: int, window: tuple[int, int], devices: list[str]
-    ) -> tuple[int, list[Sample]]:
-        """Runs on the parser thread: stops the profiler, turns the trace into samples."""
-        path = self._sampler.stop()
-        if path is None:
-            return step, []
-        start_ns, end_ns = window
-        try:
-            with open(path, "rb") as f:
-                busy = busy_seconds(
-                    f.read(),
-                    self._op_devices,
-                    start_ns=start_ns,
-                    end_ns=end_ns,
-                    fallback_device=self._fallback,
-                )
-        finally:
-            self._sampler.discard(path)
-        wall = (end_ns - start_ns) / 1e9
-        samples = [
-            Sample(
-                f"device/{device_label(d)}/utilization",
-                min(100.0, 100.0 * busy.get(d, 0.0) / wall),
-            )
-            for d in devices
-        ]
-        return step, samples
-
-    def _collect_parsed(self) -> None:
-        done = [f for f in self._parsed if f.done()]
-        self._parsed = [f for f in self._parsed if not f.done()]
-        for future in done:
-            try:
-                step, samples = future.result()
-            except Exception as err:  # never break training over a measurement
-                self._fail("profiler trace", err)
-                continue
-            for sample in samples:
-                self._writer.add(step, sample.tag, sample.value)
-
-    def _open(self, name: str, make: Callable[[], Source]) -> None:
-        try:
-            self._sources.append(make())
-        except Exception as err:
-            self._fail(name, err)
-
-    def _read(self, source: Source, step: int) -> None:
-        try:
-            samples = source.read()
-        except Exception as err:
-            self._fail(source.name, err)
-            return
-        for sample in samples:
+    def _write_parsed(self) -> None:
+        for step, sample in self._parser.collect():
             self._writer.add(step, sample.tag, sample.value)
 
     def _fail(self, name: str, err: BaseException) -> None:
@@ -367,60 +241,30 @@ class DeviceUtilization(keras.callbacks.Callback):
 
 
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
-        raise TypeError(
-            f"`metrics` must be a list or tuple of names from {list(METRICS)}. "
-            f"Received: metrics={metrics!r}."
+    names = check_sequence(
+        "metrics", metrics, str, f"a list or tuple of names from {list(METRICS)}"
+    )
+    if not names or not set(names) <= set(METRICS):
+        raise value_error(
+            "metrics", list(metrics), f"a non-empty subset of {list(METRICS)}"
         )
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ValueError(
-            f"Unknown or missing metric names. Received: metrics={list(metrics)!r} "
-            f"(must be a non-empty subset of {list(METRICS)})."
-        )
-    return tuple(metrics)
+    return names
 
 
 def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:
     if steps is None:
         return None
-    ok = (
-        isinstance(steps, (tuple, list))
-        and len(steps) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+    check_instance(
+        "profile_steps",
+        steps,
+        (tuple, list),
+        "a (first, last) pair of step numbers or None",
     )
-    if not ok or steps[0] < 0 or steps[1] < steps[0]:
-        raise ValueError(
-            f"`profile_steps` must be a (first, last) pair of step numbers with "
-            f"0 <= first <= last. Received: profile_steps={steps!r}."
-        )
-    return (steps[0], steps[1])
-
-
-def _strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
-    """Lists the devices a strategy computes on, in order."""
-    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
-        # The coordinator computes nothing: the workers do, in other processes
-        # (their counters name them below; their utilization is not traced).
-        devices = []
-    else:
-        devices = _local_devices(strategy)
-    # A tfpar strategy also names its devices in its counters (for a pipeline:
-    # one per stage, while its host side is a one-device strategy).
-    stats = getattr(strategy, "communication_stats", None)
-    if callable(stats):
-        try:
-            counted = [d.device for d in stats().devices]
-        except Exception:  # the counters are CommunicationTime's business
-            counted = []
-        devices += [d for d in counted if d not in devices]
-    return devices
-
-
-def _local_devices(strategy: tf.distribute.Strategy) -> list[str]:
-    try:
-        return [canonical_device(d) for d in strategy.extended.worker_devices]
-    except RuntimeError:
-        # The default (no) strategy: TensorFlow places ops on the first GPU,
-        # else on the first CPU.
-        return default_devices()[:1]
+    allowed = "a (first, last) pair of step numbers with 0 <= first <= last"
+    if len(steps) != 2:
+        raise value_error("profile_steps", steps, allowed)
+    first = check_int("profile_steps[0]", steps[0])
+    last = check_int("profile_steps[1]", steps[1])
+    if not 0 <= first <= last:
+        raise value_error("profile_steps", steps, allowed)
+    return (first, last)

@@ -1,42 +1,33 @@
-"""Measured per-device busy time from bounded TensorFlow profiler windows.
+"""Measured per-device busy time, parsed from profiler traces off the training thread.
 
 The profiler records every op a step runs, with its duration, but on CPU it
 records the thread, not the logical device: `/device:CPU:0` and
 `/device:CPU:1` share one thread pool. The device comes from the placed
-partition graphs TensorFlow builds when it instantiates the train function
-(`OpDevices`). A device's busy time in a window is the union of the intervals
-its ops ran, so overlapping ops are not counted twice and the utilization
-(busy time over wall time) stays within [0, 100] %.
+partition graphs (`placement.OpDevices`). A device's busy time in a window is
+the union of the intervals its ops ran, so overlapping ops are not counted
+twice and the utilization (busy time over wall time) stays within [0, 100] %.
 
 Waiting is not work: receives and collective ops, whose recorded duration is
 mostly waiting for a peer, are left out here and reported by
 `CommunicationTime` instead. Ops on tf.data threads are left out too: they
 prepare the next batch, they are not the step.
 
-Profiling costs: TensorFlow allows one profiler session per process and a
-trace slows the steps it covers, so `StepProfiler` only ever traces a bounded
-window of steps and gives way when another session (e.g. Keras's
-`TensorBoard(profile_batch=...)`) holds the profiler.
+Stopping a session exports its trace (tens of ms) and parsing it takes
+longer: `TraceParser` does both on one background thread, so the training
+thread never waits for either.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import logging
-import os
+import concurrent.futures
 import re
-import shutil
-import tempfile
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
-
-from tfpar.devices import canonical_device
-
-logger = logging.getLogger("tfpar")
+from tfpar._compat import callbacks as _compat
+from tfpar.callbacks.placement import OpDevices
+from tfpar.callbacks.profiler_window import StepProfiler
+from tfpar.callbacks.sources import Sample
+from tfpar.callbacks.summaries import device_label
 
 # Op types whose recorded duration is mostly waiting for another device.
 WAIT_OP_TYPES = frozenset(
@@ -66,52 +57,6 @@ WAIT_OP_TYPES = frozenset(
 _OP_EVENT = re.compile(r"^([^\s:]+):([A-Za-z_][A-Za-z0-9_]*)$")
 # Threads that run the input pipeline, not the step.
 _DATA_LINE_PREFIX = "tf_data"
-
-
-@dataclasses.dataclass(frozen=True)
-class OpDevices:
-    """Which device each op of the traced functions was placed on.
-
-    Attributes:
-        devices: Op name (as the profiler records it) to canonical device.
-
-    Example:
-
-    ```python
-    _compat.start_graph_collection()
-    model.fit(x, y, steps_per_epoch=1)
-    placed = OpDevices.from_run_metadata(_compat.stop_graph_collection())
-    ```
-    """
-
-    devices: Mapping[str, str]
-
-    @classmethod
-    def from_run_metadata(cls, metadata: config_pb2.RunMetadata) -> OpDevices:
-        """Reads the placed partition graphs of every instantiated function.
-
-        A name placed on several devices (e.g. a `Const` in many functions)
-        is dropped: it cannot be attributed honestly.
-
-        Args:
-            metadata: What graph collection recorded (`_compat`).
-
-        Returns:
-            The op-to-device map.
-        """
-        seen: dict[str, str | None] = {}
-        canonical: dict[str, str] = {}  # a few device strings, many nodes
-        graphs = [g for f in metadata.function_graphs for g in f.partition_graphs]
-        for graph in [*graphs, *metadata.partition_graphs]:
-            for node in graph.node:
-                if not node.device:
-                    continue
-                if node.device not in canonical:
-                    canonical[node.device] = canonical_device(node.device)
-                device = canonical[node.device]
-                if seen.setdefault(node.name, device) != device:
-                    seen[node.name] = None
-        return cls({name: dev for name, dev in seen.items() if dev is not None})
 
 
 def busy_seconds(
@@ -144,10 +89,7 @@ def busy_seconds(
     utilization = 100 * busy["/device:CPU:1"] / ((t1 - t0) / 1e9)
     ```
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    space = xplane_pb2.XSpace()
-    space.ParseFromString(xspace)
+    space = _compat.xspace(xspace)
     base = _session_start_ns(space)
     intervals: dict[str, list[tuple[int, int]]] = {}
     for plane in space.planes:
@@ -212,102 +154,117 @@ def _union_ns(spans: Iterable[tuple[int, int]]) -> int:
     return total
 
 
-class StepProfiler:
-    """Starts and stops bounded profiler sessions, sharing the profiler politely.
+class TraceParser:
+    """Stops utilization windows and turns their traces into samples, off-thread.
+
+    Each job stops the window's profiler session (which exports the trace),
+    measures busy time per device, deletes the trace and makes one
+    `device/<device>/utilization` sample per device. Jobs run in order on one
+    thread; `collect` hands finished ones to the training thread.
 
     Args:
-        trace_dir: Where traces go. `None` uses a private temporary folder
-            that `close` deletes (traces taken only to measure busy time);
-            a path keeps them for TensorBoard's profile plugin.
+        profiler: The profiler the utilization windows run in.
+        on_error: Called, on the training thread, with a job's exception; a
+            measurement never stops training.
 
     Example:
 
     ```python
-    profiler = StepProfiler(None)
-    if profiler.start():
-        ...  # run a few steps
-        path = profiler.stop()
-    profiler.close()
+    parser = TraceParser(windows.sampler, on_error=report)
+    parser.submit(step, (start_ns, end_ns), ["/device:CPU:0"], placed, None)
+    ...
+    for step, sample in parser.collect():
+        writer.add(step, sample.tag, sample.value)
+    parser.shutdown()
     ```
     """
 
-    def __init__(self, trace_dir: str | None) -> None:
-        self._keep = trace_dir is not None
-        self._dir = trace_dir
-        self._running = False
-        self._idle = threading.Event()
-        self._idle.set()
-        self._warned = False
+    def __init__(
+        self, profiler: StepProfiler, *, on_error: Callable[[BaseException], None]
+    ) -> None:
+        self._profiler = profiler
+        self._on_error = on_error
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tfpar-trace-parser"
+        )
+        self._pending: list[concurrent.futures.Future[tuple[int, list[Sample]]]] = []
 
-    @property
-    def running(self) -> bool:
-        """Whether this object's session is the one running."""
-        return self._running
+    def submit(
+        self,
+        step: int,
+        window: tuple[int, int],
+        devices: list[str],
+        op_devices: OpDevices,
+        fallback_device: str | None,
+    ) -> None:
+        """Queues the window that just closed.
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Waits until a `stop` running on another thread has finished."""
-        self._idle.wait(timeout)
-
-    def start(self) -> bool:
-        """Starts a session, unless another one holds the profiler.
-
-        Returns:
-            `True` if this object now owns a running session.
+        Args:
+            step: The step its samples are logged at.
+            window: Its `(start_ns, end_ns)` wall-clock span; trace events
+                outside it are clipped away.
+            devices: Devices to make a sample for (an idle one gets 0 %).
+            op_devices: Where each op was placed.
+            fallback_device: Device for ops missing from `op_devices`.
         """
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="tfpar-trace-")
+        self._pending.append(
+            self._pool.submit(
+                self._utilization, step, window, devices, op_devices, fallback_device
+            )
+        )
+
+    def wait(self) -> None:
+        """Waits until every queued job has finished."""
+        concurrent.futures.wait(self._pending)
+
+    def collect(self) -> list[tuple[int, Sample]]:
+        """Returns the `(step, sample)`s of finished jobs, each once."""
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        result = []
+        for future in done:
+            try:
+                step, samples = future.result()
+            except Exception as err:  # never break training over a measurement
+                self._on_error(err)
+                continue
+            result += [(step, sample) for sample in samples]
+        return result
+
+    def shutdown(self) -> None:
+        """Waits for every queued job and stops the thread."""
+        self._pool.shutdown(wait=True)
+
+    def _utilization(
+        self,
+        step: int,
+        window: tuple[int, int],
+        devices: list[str],
+        op_devices: OpDevices,
+        fallback_device: str | None,
+    ) -> tuple[int, list[Sample]]:
+        """Runs on the parser thread: stops the profiler, turns the trace into samples."""
+        path = self._profiler.stop()
+        if path is None:
+            return step, []
+        start_ns, end_ns = window
         try:
-            tf.profiler.experimental.start(self._dir)
-        except tf.errors.AlreadyExistsError:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "tfpar: the TensorFlow profiler is in use by another session "
-                    "(only one per process, e.g. Keras's TensorBoard(profile_batch=...)); "
-                    "skipping this measurement window and any that collide with it."
+            with open(path, "rb") as f:
+                busy = busy_seconds(
+                    f.read(),
+                    op_devices,
+                    start_ns=start_ns,
+                    end_ns=end_ns,
+                    fallback_device=fallback_device,
                 )
-            return False
-        self._running = True
-        self._idle.clear()
-        return True
-
-    def stop(self) -> str | None:
-        """Stops this object's session and returns the trace file written.
-
-        May run on another thread than `start`; `running` stays `True` until
-        the trace is written, so no new session starts in between.
-
-        Returns:
-            The path of the new `.xplane.pb` file, or `None` if no session of
-            this object was running or nothing was written.
-        """
-        if not self._running:
-            return None
-        assert self._dir is not None
-        try:
-            before = set(_traces(self._dir))
-            tf.profiler.experimental.stop()
-            new = sorted(set(_traces(self._dir)) - before, key=os.path.getmtime)
         finally:
-            self._running = False
-            self._idle.set()
-        return new[-1] if new else None
-
-    def discard(self, path: str) -> None:
-        """Deletes a trace that was only needed for a measurement."""
-        if not self._keep:
-            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-
-    def close(self) -> None:
-        """Stops a running session and deletes a private trace folder."""
-        if self._running:
-            self._running = False
-            tf.profiler.experimental.stop(save=False)
-            self._idle.set()
-        if not self._keep and self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-
-def _traces(root: str) -> list[str]:
-    return glob.glob(os.path.join(root, "plugins", "profile", "*", "*.xplane.pb"))
+            self._profiler.discard(path)
+        wall = (end_ns - start_ns) / 1e9
+        samples = [
+            Sample(
+                f"device/{device_label(d)}/utilization",
+                min(100.0, 100.0 * busy.get(d, 0.0) / wall),
+            )
+            for d in devices
+        ]
+        return step, samples

@@ -161,9 +161,13 @@ class HostSource:
 class TensorFlowMemorySource:
     """Memory in use and peak memory per device, from TensorFlow's allocators.
 
-    Uses `tf.config.experimental.get_memory_info`. On GPUs it is exact per
-    device. On CPUs TensorFlow keeps no allocator statistics by default and
-    the call raises; the caller logs that once and skips it.
+    Uses `tf.config.experimental.get_memory_info`, exact per device on GPUs.
+    CPU devices are never read: TensorFlow either raises (no allocator
+    statistics) or, on some builds and machines, answers
+    `{'current': 0, 'peak': 0}`, which is no measurement; and logical CPU
+    devices share one allocator, so no number would be per device. They are
+    skipped, with one warning when the source is created; the process's
+    memory is `host/rss_mib` (`HostSource`).
 
     Args:
         devices: Canonical device names.
@@ -179,14 +183,26 @@ class TensorFlowMemorySource:
     name = "TensorFlow memory info"
 
     def __init__(self, devices: Sequence[str]) -> None:
-        self._devices = list(devices)
+        # Decided by device type, not by all-zero answers: a GPU's allocator
+        # truly reports 0 before its first allocation, so zero is a reading
+        # there; on a CPU it never is.
+        cpus = [d for d in devices if tf.DeviceSpec.from_string(d).device_type == "CPU"]
+        self._devices = [d for d in devices if d not in cpus]
+        if cpus:
+            logger.warning(
+                "tfpar: no per-device memory for %s: TensorFlow keeps no "
+                "allocator statistics per CPU device (logical CPU devices "
+                "share one allocator). See host/rss_mib for this process's "
+                "memory.",
+                ", ".join(device_label(d) for d in cpus),
+            )
 
     def read(self) -> list[Sample]:
         """Returns `device/<d>/memory_mib` and `device/<d>/peak_memory_mib`."""
         samples = []
         for device in self._devices:
-            info = tf.config.experimental.get_memory_info(device_label(device))
             label = device_label(device)
+            info = tf.config.experimental.get_memory_info(label)
             samples.append(Sample(f"device/{label}/memory_mib", info["current"] / _MIB))
             samples.append(
                 Sample(f"device/{label}/peak_memory_mib", info["peak"] / _MIB)

@@ -28,6 +28,8 @@ import threading
 
 import tensorflow as tf
 
+from tfpar._validation import check_instance, value_error
+
 logger = logging.getLogger("tfpar")
 
 TRAIN_RUN = "train"
@@ -266,25 +268,17 @@ def check_log_dir(log_dir: object) -> str:
     check_log_dir("runs/x")  # 'runs/x', created if missing
     ```
     """
-    if not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"`log_dir` must be a path. Received: log_dir={log_dir!r} of type "
-            f"{type(log_dir).__name__}."
-        )
-    path = os.fspath(log_dir)
+    path = os.fspath(check_instance("log_dir", log_dir, (str, os.PathLike), "a path"))
     if not isinstance(path, str) or not path:
-        raise ValueError(f"`log_dir` must be a non-empty path. Received: {log_dir!r}.")
+        raise value_error("log_dir", log_dir, "a non-empty path")
     if "://" in path:
         return path
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise ValueError(
-            f"Cannot create the log directory. Received: log_dir={path!r} ({err})."
+        raise value_error(
+            "log_dir", path, f"a folder this process can create ({err})"
         ) from err
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"The log directory is not writable. Received: log_dir={path!r} "
-            "(must be a folder this process can write)."
-        )
+        raise value_error("log_dir", path, "a folder this process can write")
     return path
