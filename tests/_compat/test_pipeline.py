@@ -5,6 +5,8 @@ relies on; `tfpar/_compat/pipeline.py` says why each internal is needed.
 Runs on the two simulated CPUs of `tests/conftest.py`.
 """
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 
@@ -14,7 +16,7 @@ from tfpar._compat import pipeline as _compat
 
 def test_compat_internals_exist() -> None:
     # Fails loudly when a TensorFlow or Keras upgrade removes what
-    # PipelineStrategy's part of tfpar/_compat.py relies on.
+    # tfpar/_compat/pipeline.py relies on.
     model = mlp()
     model.compile(optimizer="sgd", loss="mse")
     assert _compat.keras_step(model.train_step) == (model, "train")
@@ -28,7 +30,53 @@ def test_compat_internals_exist() -> None:
         variable.value.device.endswith("CPU:1")
         and variable.value._unique_id == unique_id
     )
-    assert hasattr(_compat.OneDeviceExtended, "_call_for_each_replica")
-    assert hasattr(_compat.OneDeviceExtended, "_update")
     dropout = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5)])
     assert _compat.seed_states(dropout) == [dropout.layers[0].seed_generator.state]
+
+
+class _Recording(_compat.OneDeviceAdapter):
+    """The stock one-device behaviour, recording which private hook ran."""
+
+    def __init__(self, container: tf.distribute.Strategy) -> None:
+        super().__init__(container, "/device:CPU:0")
+        self.calls: list[str] = []
+
+    def make_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        self.calls.append("make_variable")
+        return super().make_variable(next_creator, **kwargs)
+
+    def run_replica_fn(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        self.calls.append("run_replica_fn")
+        return super().run_replica_fn(fn, args, kwargs)
+
+    def uses_merge_call(self) -> bool:
+        self.calls.append("uses_merge_call")
+        return False
+
+    def update_variable(
+        self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool
+    ) -> Any:
+        self.calls.append("update_variable")
+        return super().update_variable(var, fn, args, kwargs, group)
+
+
+class _Strategy(tf.distribute.Strategy):
+    def __init__(self) -> None:
+        super().__init__(_Recording(self))
+
+
+def test_tensorflow_calls_the_one_device_hooks() -> None:
+    # OneDeviceAdapter: TensorFlow reaches each tfpar-named hook through its
+    # private name, and the stock one-device defaults still work.
+    strategy = _Strategy()
+    calls = strategy.extended.calls
+    with strategy.scope():
+        variable = tf.Variable(1.0)
+        assert calls == ["make_variable"]
+        assert tf.__internal__.distribute.strategy_supports_no_merge_call()
+        assert calls[-1] == "uses_merge_call"
+    assert strategy.run(lambda: tf.constant(2.0)).numpy() == 2.0
+    assert calls[-1] == "run_replica_fn"
+    strategy.extended.update(variable, lambda v, x: v.assign_add(x), args=(2.0,))
+    assert calls[-1] == "update_variable" and variable.numpy() == 3.0
+    assert strategy.experimental_local_results(variable) == (variable,)

@@ -1,7 +1,15 @@
 """Private TensorFlow and Keras internals of MirroredStrategy, and why.
 
-Used by `tfpar/strategies/mirrored.py`, `allreduce.py`:
+Used by `tfpar/strategies/mirrored/strategy.py` and `all_reduce.py`:
 
+- `CrossDeviceOps._num_between_graph_workers`, `_gather_implementation`,
+  `_all_reduce` (`CrossDeviceOpsHooks` and the functions calling them on a
+  wrapped algorithm): a `CrossDeviceOps` that wraps another must answer and
+  forward all three, and the stock ops implement them only under these
+  private names. `_num_between_graph_workers` is read by the stock `reduce`,
+  `batch_reduce` and `gather` and by the strategy's multi-worker set-up;
+  `_gather_implementation` is `gather`'s only hook; `_all_reduce` is the
+  replica-context reduction without `merge_call`.
 - `values.PerReplica`, `values.Mirrored`: a `CrossDeviceOps` subclass that
   compresses or packs gradients must hand the wrapped algorithm new
   per-replica values and return mirrored ones; `tf.distribute` exposes only
@@ -60,6 +68,74 @@ from tensorflow.python.distribute import values as _values
 
 # Far above the group keys any stock strategy of the process uses (1, 2, ...).
 _KEY_BASES = itertools.count(start=10_000, step=10_000)
+
+
+class CrossDeviceOpsHooks(tf.distribute.CrossDeviceOps):
+    """A `tf.distribute.CrossDeviceOps` whose private hooks call tfpar-named ones.
+
+    Subclasses implement `num_between_graph_workers`, `gather_implementation`
+    and `replica_all_reduce`; TensorFlow calls them through the private names
+    it knows.
+    """
+
+    @property
+    def _num_between_graph_workers(self) -> int:
+        return self.num_between_graph_workers()
+
+    def _gather_implementation(
+        self, per_replica_value: Any, destinations: Any, axis: Any, options: Any
+    ) -> Any:
+        return self.gather_implementation(
+            per_replica_value, destinations, axis, options
+        )
+
+    def _all_reduce(
+        self, reduce_op: Any, value: Any, replica_id: int, options: Any
+    ) -> Any:
+        return self.replica_all_reduce(reduce_op, value, replica_id, options)
+
+    def num_between_graph_workers(self) -> int:
+        """Returns how many workers run their own graph (1 in one client)."""
+        raise NotImplementedError
+
+    def gather_implementation(
+        self, per_replica_value: Any, destinations: Any, axis: Any, options: Any
+    ) -> Any:
+        """Gathers `per_replica_value` along `axis` onto `destinations`."""
+        raise NotImplementedError
+
+    def replica_all_reduce(
+        self, reduce_op: Any, value: Any, replica_id: int, options: Any
+    ) -> Any:
+        """All-reduces `value` from replica `replica_id`, without `merge_call`."""
+        raise NotImplementedError
+
+
+def num_between_graph_workers(ops: tf.distribute.CrossDeviceOps) -> int:
+    """Returns `ops`'s number of between-graph workers."""
+    return int(ops._num_between_graph_workers)
+
+
+def gather(
+    ops: tf.distribute.CrossDeviceOps,
+    per_replica_value: Any,
+    destinations: Any,
+    axis: Any,
+    options: Any,
+) -> Any:
+    """Gathers with `ops`, as its `gather` does after checking its arguments."""
+    return ops._gather_implementation(per_replica_value, destinations, axis, options)
+
+
+def replica_all_reduce(
+    ops: tf.distribute.CrossDeviceOps,
+    reduce_op: Any,
+    value: Any,
+    replica_id: int,
+    options: Any,
+) -> Any:
+    """All-reduces `value` with `ops` from one replica, without `merge_call`."""
+    return ops._all_reduce(reduce_op, value, replica_id, options)
 
 
 def per_replica(tensors: Sequence[Any]) -> tf.distribute.DistributedValues:

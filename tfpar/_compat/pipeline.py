@@ -1,11 +1,14 @@
 """Private TensorFlow and Keras internals of PipelineStrategy, and why.
 
-Used by `tfpar/strategies/pipeline.py`, `pipeline_engine.py`:
+Used by `tfpar/strategies/pipeline/strategy.py` and `engine.py`:
 
-- `OneDeviceExtended`, `UpdateContext` (tensorflow.python.distribute): the
-  pipeline's host side (input pipeline, replica context, reductions) is
-  exactly a one-device strategy. Subclassing its extended object is the only
-  way to build a `tf.distribute.Strategy` whose `run` and `update` we control.
+- `OneDeviceExtended`, `UpdateContext` (tensorflow.python.distribute) and the
+  `StrategyExtended` hooks `_create_variable`, `_call_for_each_replica`,
+  `_use_merge_call`, `_update` (`OneDeviceAdapter`): the pipeline's host side
+  (input pipeline, replica context, reductions) is exactly a one-device
+  strategy. Subclassing its extended object and overriding these private
+  hooks is the only way to build a `tf.distribute.Strategy` whose variable
+  creation, `run` and `update` we control.
 - `keras_step`: Keras passes its step function to `strategy.run` as the bound
   method `model.train_step` / `model.test_step`, or, for predict, as a
   `functools.wraps` wrapper of a closure over the model. The strategy needs
@@ -32,7 +35,7 @@ from tensorflow.python.distribute.one_device_strategy import OneDeviceExtended
 from tfpar.devices import canonical_device
 
 __all__ = [
-    "OneDeviceExtended",
+    "OneDeviceAdapter",
     "UpdateContext",
     "keras_step",
     "loss_tracker",
@@ -46,6 +49,48 @@ _STOCK_STEPS = {
     "test": TensorFlowTrainer.test_step,
     "predict": TensorFlowTrainer.predict_step,
 }
+
+
+class OneDeviceAdapter(OneDeviceExtended):
+    """A one-device `StrategyExtended` whose private hooks call tfpar-named ones.
+
+    Subclasses override `make_variable`, `run_replica_fn`, `uses_merge_call`
+    and `update_variable`; each defaults to the stock one-device behaviour.
+
+    Args:
+        container_strategy: The `tf.distribute.Strategy` this object extends.
+        device: The one device (the host side of the strategy).
+    """
+
+    def make_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        """Creates a variable in the strategy's scope."""
+        return super()._create_variable(next_creator, **kwargs)
+
+    def run_replica_fn(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        """Runs `fn` as the one replica (what `strategy.run` calls)."""
+        return super()._call_for_each_replica(fn, args, kwargs)
+
+    def uses_merge_call(self) -> bool:
+        """Whether replica contexts go through `merge_call`."""
+        return bool(super()._use_merge_call())
+
+    def update_variable(
+        self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool
+    ) -> Any:
+        """Runs `fn(var, *args, **kwargs)` to update `var` (`extended.update`)."""
+        return super()._update(var, fn, args, kwargs, group)
+
+    def _create_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        return self.make_variable(next_creator, **kwargs)
+
+    def _call_for_each_replica(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        return self.run_replica_fn(fn, args, kwargs)
+
+    def _use_merge_call(self) -> bool:
+        return self.uses_merge_call()
+
+    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+        return self.update_variable(var, fn, args, kwargs, group)
 
 
 def keras_step(fn: Any) -> tuple[keras.Model, str] | None:

@@ -317,7 +317,7 @@ def test_save_and_load_without_tfpar(tmp_path: Path) -> None:
         (
             {"schedule": "zb"},
             ValueError,
-            r"schedule='zb' \(must be one of \['gpipe', '1f1b'\]",
+            r"`schedule` must be one of 'gpipe', '1f1b'\. Received: schedule='zb'\.",
         ),
         ({"partition": "even"}, ValueError, "partition='even'"),
         (

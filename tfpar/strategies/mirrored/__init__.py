@@ -3,10 +3,11 @@
 - `strategy`: the strategy, a subclass of `tf.distribute.MirroredStrategy`.
 - `options`: `AllReduceOptions`, the validated all-reduce choices.
 - `all_reduce`: `MeasuredAllReduce`, the `tf.distribute.CrossDeviceOps`
-  that receives Keras's gradient all-reduce.
-- `tensors`: tensor-level helpers of the reduction (bucketing, packing,
-  casting, finiteness).
-- `counters`: the in-graph variables that measure every reduction.
+  that receives Keras's gradient all-reduce: its one reduction path.
+- `codec`: how gradients travel (compression casts, packing into buckets).
+- `nonfinite`: `on_nonfinite`, decided on the reduced gradients.
+- `measurement`: what one reduction measured (timestamps, bytes, routing).
+- `counters`: the in-graph variables that accumulate the measurements.
 """
 
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce

@@ -3,7 +3,7 @@
 A subclass of `tf.distribute.MirroredStrategy`, so Keras and user code treat it
 as the stock one. The constructor validates its arguments (the stock class
 silently runs `/gpu:7` on the CPU), picks the gradient all-reduce algorithm,
-and installs `tfpar.strategies.allreduce.MeasuredAllReduce` as the strategy's
+and installs `tfpar.strategies.mirrored.MeasuredAllReduce` as the strategy's
 `cross_device_ops`: the public extension point through which Keras 3's
 gradient all-reduce passes.
 
@@ -20,9 +20,11 @@ from typing import Any
 import tensorflow as tf
 
 from tfpar._compat import mirrored as compat
+from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.mirrored.all_reduce import AllReduceOptions, MeasuredAllReduce
+from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.options import AllReduceOptions
 
 # This process's CPU: where the input pipeline runs when the replicas are remote.
 _HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
@@ -265,11 +267,12 @@ def _algorithm(
 ) -> tf.distribute.CrossDeviceOps | None:
     """Returns the algorithm to wrap, or `None` for the stock default."""
     if cross_device_ops is not None:
-        if not isinstance(cross_device_ops, tf.distribute.CrossDeviceOps):
-            raise TypeError(
-                "`cross_device_ops` must be a tf.distribute.CrossDeviceOps. "
-                f"Received: cross_device_ops={cross_device_ops!r}."
-            )
+        check_instance(
+            "cross_device_ops",
+            cross_device_ops,
+            tf.distribute.CrossDeviceOps,
+            "a tf.distribute.CrossDeviceOps",
+        )
         if options.all_reduce != "auto":
             raise ValueError(
                 "Pass either `cross_device_ops` or `all_reduce`, not both. "

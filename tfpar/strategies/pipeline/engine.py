@@ -5,8 +5,8 @@ test or predict step of a model from its partition (`partition.py`) and a
 schedule (`schedules.py`): the batch is split into micro-batches
 (`microbatch.py`), the forward and backward pass of every (stage, micro-batch)
 pair is created under `tf.device` of its stage in the schedule's order, and the
-actions of each stage are chained with control dependencies. `StepTrace` (`pipeline_trace.py`) records
-the step's timestamps and byte counts on each stage's device and
+actions of each stage are chained with control dependencies. `StepTrace`
+(`trace.py`) records the step's timestamps and byte counts on each stage's device and
 `StageCounters` accumulates them into per-stage busy, idle (bubble) and
 transfer time, bytes sent and peak micro-batches in flight.
 """

@@ -27,13 +27,17 @@ import tensorflow as tf
 from keras import tree
 
 from tfpar._compat import pipeline as compat
+from tfpar._validation import check_bool
 from tfpar._variables import backing_variable
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.pipeline import microbatch
-from tfpar.strategies.pipeline.cost import COST_METHODS
 from tfpar.strategies.pipeline.engine import PipelineEngine
-from tfpar.strategies.pipeline.partition import Partition, partition_model
+from tfpar.strategies.pipeline.partition import (
+    Partition,
+    check_partition,
+    partition_model,
+)
 from tfpar.strategies.pipeline.schedules import (
     Schedule,
     get_schedule,
@@ -66,23 +70,9 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         microbatch.validate_num_microbatches(self.num_microbatches)
         validate_schedule_name(self.schedule)
-        if not isinstance(self.recompute, bool):
-            raise TypeError(
-                f"`recompute` must be a bool. Received: recompute={self.recompute!r}."
-            )
-        if isinstance(self.partition, str):
-            if self.partition not in COST_METHODS:
-                raise ValueError(
-                    "`partition` must be one of 'auto', 'flops', 'params' or a "
-                    f"list of layer names. Received: partition={self.partition!r}."
-                )
+        check_bool("recompute", self.recompute)
+        if isinstance(check_partition(self.partition), str):
             return
-        if not all(isinstance(name, str) for name in self.partition):
-            raise TypeError(
-                "`partition` must be one of 'auto', 'flops', 'params' or a "
-                "list of layer names. "
-                f"Received: partition={list(self.partition)!r}."
-            )
         if len(self.partition) != len(self.devices) - 1:
             raise ValueError(
                 "`partition` must name the first layer of every stage but the "
@@ -127,11 +117,13 @@ class PipelineStrategy(tf.distribute.Strategy):
             backward pass instead of keeping activations. Defaults to `False`.
 
     Raises:
-        ValueError: For an unknown schedule, `num_microbatches < 1`, unknown
-            or repeated devices, a `partition` of the wrong length; when the
-            model is first partitioned: more stages than cut points, an
-            unknown or invalid cut-point layer (the message names it).
-        TypeError: For a `devices` or `partition` of the wrong type.
+        ValueError: For an unknown schedule or `partition` name,
+            `num_microbatches < 1`, unknown, malformed or repeated devices, a
+            `partition` list of the wrong length; when the model is first
+            partitioned: more stages than cut points, an unknown or invalid
+            cut-point layer (the message names it).
+        TypeError: For an argument of the wrong type (`partition=42`,
+            `num_microbatches="4"`, `recompute=1`, `devices="/gpu:0"`).
 
     Example:
 
@@ -164,12 +156,11 @@ class PipelineStrategy(tf.distribute.Strategy):
         recompute: bool = False,
     ) -> None:
         names = resolve_devices(devices)
-        parts = partition if isinstance(partition, str) else tuple(partition)
         self._options = PipelineOptions(
             devices=tuple(names),
             num_microbatches=num_microbatches,
             schedule=schedule,
-            partition=parts,
+            partition=check_partition(partition),
             recompute=recompute,
         )
         self._schedule = get_schedule(
@@ -257,7 +248,7 @@ class PipelineStrategy(tf.distribute.Strategy):
         )
 
 
-class _PipelineExtended(compat.OneDeviceExtended):
+class _PipelineExtended(compat.OneDeviceAdapter):
     """A one-device extended whose `run` pipelines Keras steps over the stages."""
 
     def __init__(self, container: PipelineStrategy, host: str) -> None:
@@ -274,7 +265,7 @@ class _PipelineExtended(compat.OneDeviceExtended):
         if engine is None:
             # Eagerly, and inside the scope so that the moved variables belong
             # to the strategy (optimizer slots are colocated with them).
-            with tf.init_scope(), self._container_strategy().scope():
+            with tf.init_scope(), self._pipeline.scope():
                 engine = self._build_engine(model)
             self._engines[id(model)] = engine
         return engine
@@ -315,16 +306,18 @@ class _PipelineExtended(compat.OneDeviceExtended):
             clocks=clocks,
         )
 
-    def _create_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+    def make_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        """Creates a variable on the host; records whose slot it is, if any."""
         if self._placing:
             return next_creator(**kwargs)
         reference = kwargs.get("colocate_with")
-        variable = super()._create_variable(next_creator, **kwargs)
+        variable = super().make_variable(next_creator, **kwargs)
         if reference is not None:  # an optimizer slot: follows its variable
             self._colocated[variable.ref()] = reference.ref()
         return variable
 
-    def _call_for_each_replica(self, fn: Any, args: Any, kwargs: Any) -> Any:
+    def run_replica_fn(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        """Pipelines Keras's own steps; runs any other function unsplit."""
         step = compat.keras_step(fn)
         if step is None:
             if not self._warned:
@@ -335,24 +328,30 @@ class _PipelineExtended(compat.OneDeviceExtended):
                     "predict_step of Sequential and functional models are "
                     "pipelined (a model overriding them runs unsplit, its ops on "
                     "the first device).",
-                    stacklevel=2,
+                    stacklevel=3,  # past the adapter: the caller of strategy.run's hook
                 )
-            return super()._call_for_each_replica(fn, args, kwargs)
+            return super().run_replica_fn(fn, args, kwargs)
         model, kind = step
         engine = self.engine_for(model)
         # In the cross-replica context Keras's optimizer skips its one-replica
         # gradient "all-reduce" (identity ops on the host, which would pull
         # every gradient off its stage and back) and updates each variable
-        # directly through `_update`, beside the variable.
+        # directly through `update_variable`, beside the variable.
         return engine.step(kind, *args, **(kwargs or {}))
 
-    def _use_merge_call(self) -> bool:
+    def uses_merge_call(self) -> bool:
+        """`False`: Keras's `maybe_merge_call` runs its function directly."""
         return False
 
-    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+    def update_variable(
+        self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool
+    ) -> Any:
+        """Updates `var` on its stage's device."""
         # The stock one-device update runs on the host; optimizer math belongs
         # beside the variable, on its stage's device.
         device = backing_variable(var).device
         with tf.device(device), compat.UpdateContext(device):
             result = fn(var, *args, **kwargs)
-        return result if group else tree.map_structure(self._local_results, result)
+        if group:
+            return result
+        return tree.map_structure(self._pipeline.experimental_local_results, result)
