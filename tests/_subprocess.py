@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 
 def run_python(
@@ -53,3 +55,16 @@ def wait_dead(pids: list[int], timeout: float = 10.0) -> list[int]:
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     return [p for p in pids if alive(p)]
+
+
+def tagged_json(stdout: str, tag: str) -> Any:
+    """The JSON a child printed on its line `"<tag> <json>"`.
+
+    Child scripts print their results as one such line, so that TensorFlow's
+    own output around it does not matter.
+    """
+    prefix = f"{tag} "
+    line = next((x for x in stdout.splitlines() if x.startswith(prefix)), None)
+    if line is None:
+        raise AssertionError(f"the child printed no {tag} line:\n{stdout[-3000:]}")
+    return json.loads(line[len(prefix) :])

@@ -1,6 +1,8 @@
-"""The examples run to the end: the quickstart (`make demo`) leaves logs TensorBoard
-reads; the parameter-server example shards, learns and saves a loadable model."""
+"""The examples run to the end without a TensorFlow error line: the quickstart
+(`make demo`) leaves logs TensorBoard reads; the parameter-server example
+shards, learns and saves a loadable model; the others finish."""
 
+import os
 import re
 import subprocess
 import sys
@@ -13,24 +15,48 @@ import examples.quickstart as quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# TensorFlow's error lines: its C++ log ("E0000 00:00:1796471634.17 ...
+# context.cc:911] ..."), its Python logger ("ERROR:tensorflow:...") and the
+# gRPC function removals that failed, however they are prefixed.
+_ERROR_LINE = re.compile(r"^(E\d{4} |ERROR:)|Failed to remove function remotely")
+# TensorFlow's CUDA build logs this once on a machine without an NVIDIA
+# driver: a fact about the machine, not a fault of the run, that only hiding
+# every error (TF_CPP_MIN_LOG_LEVEL=3) would silence.
+_NO_DRIVER = "failed call to cuInit"
+
+
+def run_example(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Runs `examples/<name>` with errors shown (`TF_CPP_MIN_LOG_LEVEL=2`)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def assert_no_tensorflow_errors(proc: subprocess.CompletedProcess) -> None:
+    errors = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if _ERROR_LINE.search(line) and _NO_DRIVER not in line
+    ]
+    assert not errors, f"{len(errors)} TensorFlow error lines, first:\n" + "\n".join(
+        errors[:5]
+    )
+
 
 @pytest.mark.timeout(600)
 def test_quickstart_runs_and_writes_event_files(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "quickstart.py"),
-            "--epochs",
-            "1",
-            "--logdir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
+    proc = run_example(
+        "quickstart.py", "--epochs", "1", "--logdir", str(tmp_path), timeout=540
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
+    # Seen before: ~600 "Failed to remove function remotely" errors from the
+    # dataset functions of the local strategies' fits, freed once joined.
+    assert_no_tensorflow_errors(proc)
     assert proc.stdout.rstrip().endswith(f"tensorboard --logdir {tmp_path}")
     runs = sorted(p.name for p in tmp_path.iterdir())
     assert runs == sorted(quickstart.STRATEGIES)
@@ -60,14 +86,9 @@ def test_quickstart_runs_and_writes_event_files(tmp_path):
 def test_parameter_server_example_shards_learns_and_saves(tmp_path):
     saved = tmp_path / "recommender.keras"
     args = ["--epochs", "2", "--steps-per-epoch", "25", "--save", str(saved)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "parameter_server.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = run_example("parameter_server.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_no_tensorflow_errors(proc)
     # The user embedding is split over both parameter servers.
     shards = [x for x in proc.stdout.splitlines() if x.startswith("user_embedding")]
     assert [s.rsplit("/job:", 1)[1] for s in shards] == [
@@ -85,3 +106,24 @@ def test_parameter_server_example_shards_learns_and_saves(tmp_path):
         "assert p.shape == (4, 1) and np.isfinite(p).all(), p"
     )
     subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("args", "last_line"),
+    [
+        pytest.param(["mirrored.py"], "Test accuracy: ", id="mirrored"),
+        pytest.param(["pipeline.py"], "predictions match = True", id="pipeline"),
+        pytest.param(
+            ["pipeline.py", "--cluster"],
+            "predictions match = True",
+            marks=pytest.mark.cluster,
+            id="pipeline-cluster",
+        ),
+    ],
+)
+def test_example_runs_to_the_end_without_errors(args, last_line):
+    proc = run_example(*args, "--epochs", "1", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert last_line in proc.stdout.rstrip().splitlines()[-1], proc.stdout[-3000:]
+    assert_no_tensorflow_errors(proc)

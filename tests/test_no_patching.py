@@ -9,11 +9,9 @@ a `PipelineStrategy` on two logical CPUs, and a `ParameterServerStrategy`
 with a step deadline on a `LocalCluster`. Nothing may have changed.
 """
 
-import json
-
 import pytest
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -107,8 +105,7 @@ print("REPORT " + json.dumps(report))
 
 def test_tensorflow_and_keras_are_unchanged_by_import_and_by_every_strategy():
     proc = run_python(SCRIPT, timeout=280)
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
-    report = json.loads(line[len("REPORT ") :])
+    report = tagged_json(proc.stdout, "REPORT")
     assert report.pop("tracked") > 10_000  # the snapshot sees TensorFlow and Keras
     assert report == {
         "import": [],

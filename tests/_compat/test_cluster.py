@@ -23,13 +23,14 @@ def test_eager_context_can_leave_a_cluster():
     assert _compat.detach_from_cluster(["127.0.0.1:1"]) is False
 
 
-def test_coordinator_threads_can_restore_the_default_executor_without_waiting():
+def test_coordinator_worker_threads_can_run_on_their_own_executor():
     # free_coordinator_threads: each closure runs in
-    # `context.executor_scope(worker.executor)`, looked up on the module at
-    # every call; the stock scope's view of the previous executor waits on
-    # deletion, the replacement restores it through the same view.
+    # `context.executor_scope(worker.executor)`, whose view of the thread's
+    # previous executor waits on it; the worker thread looks up its closure
+    # methods at every closure, so a swapped Worker's overrides apply; the
+    # `Context.executor` setter switches the calling thread only, creating
+    # no view (no wait).
     import threading
-    import types
 
     from tensorflow.python.eager import context
     from tensorflow.python.eager import executor as executor_module
@@ -37,57 +38,82 @@ def test_coordinator_threads_can_restore_the_default_executor_without_waiting():
     assert "context.executor_scope(worker.executor)" in inspect.getsource(
         cluster_coordinator.Closure.execute_on
     )
+    assert "executor_old = ctx.executor" in inspect.getsource(context.executor_scope)
     assert "self.wait()" in inspect.getsource(executor_module.Executor.__del__)
     assert "self.executor = executor.new_executor(" in inspect.getsource(
         cluster_coordinator.Worker.__init__
     )
+    queue_loop = inspect.getsource(cluster_coordinator.Worker._process_queue)
+    assert "self._process_closure(closure)" in queue_loop
+    assert "self._process_resource_closure(closure)" in queue_loop
+    assert "closure.execute_on(self)" in inspect.getsource(
+        cluster_coordinator.Worker._process_closure
+    )
+    assert "closure.execute_on(self)" in inspect.getsource(
+        cluster_coordinator.Worker._process_resource_closure
+    )
+    assert "TFE_ContextSetExecutorForThread" in inspect.getsource(
+        context.Context.executor.fset
+    )
+    assert _compat.TfparCoordinatorWorker.__bases__ == (cluster_coordinator.Worker,)
+    assert _compat.TfparCoordinatorWorker.__module__ == "tfpar._compat.cluster"
 
-    class Worker:  # the coordinator's `Worker` objects are weakly referenced
-        executor = executor_module.new_executor(enable_async=False)
+    # An async executor makes the switch observable: after it, the thread's
+    # closures (in the stock scope) and the ops between them run on the
+    # worker's executor, and the stock scope leaves the thread on it.
+    class Worker:
+        executor = executor_module.new_executor(enable_async=True)
 
     worker = Worker()
-    other = executor_module.new_executor(enable_async=False)
-    coordinator = types.SimpleNamespace(
-        _cluster=types.SimpleNamespace(workers=[worker])
-    )
-    _compat.free_coordinator_threads(coordinator)
-    assert context.executor_scope.__module__ == "tfpar._compat.cluster"
 
-    def run(e: executor_module.Executor, out: list[object]) -> None:
-        with context.executor_scope(e):
-            out.append(float(tf.reduce_sum(tf.ones([3]))))
-        out.append(float(tf.reduce_sum(tf.ones([2]))))  # the default executor
+    def run(out: list[object]) -> None:
         out.append(context.context().executor.is_async())
+        _compat.TfparCoordinatorWorker._use_own_executor(worker)  # type: ignore[arg-type]
+        with context.executor_scope(worker.executor):
+            out.append(float(tf.reduce_sum(tf.ones([3]))))
+        out.append(context.context().executor.is_async())
+        out.append(float(tf.reduce_sum(tf.ones([2]))))
 
-    for e in (worker.executor, other):  # tfpar's worker, then the stock path
-        out: list[object] = []
-        thread = threading.Thread(target=run, args=(e, out))
-        thread.start()
-        thread.join(30)
-        assert out == [3.0, 2.0, False]
+    out: list[object] = []
+    thread = threading.Thread(target=run, args=(out,))
+    thread.start()
+    thread.join(30)
+    assert out == [False, 3.0, True, 2.0]
+    assert not context.context().executor.is_async()  # other threads unchanged
 
 
-def test_function_registration_runs_the_checks_first():
-    # check_before_function_registration: the eager context's two methods
-    # that register a function (with every remote task, when connected).
+def test_tfpar_replaces_no_tensorflow_function():
+    # Wrap, never patch: the functions tfpar once replaced are TensorFlow's.
+    from tensorflow.python.eager import context
+
+    assert context.executor_scope.__module__ == "tensorflow.python.eager.context"
+    for name in ("add_c_function", "add_function_def"):
+        method = getattr(context.Context, name)
+        assert method.__module__ == "tensorflow.python.eager.context", name
+        assert method.__qualname__ == f"Context.{name}", name
+
+
+def test_a_tf_function_body_runs_at_tracing_before_its_registration():
+    # The step functions of tfpar check that every worker answers first
+    # thing in their Python body: it runs only while tracing, before
+    # TensorFlow registers the new function (with every remote task, when
+    # connected) in `Context.add_c_function`/`add_function_def`.
     from tensorflow.python.eager import context
 
     assert "TFE_ContextAddFunction(" in inspect.getsource(
         context.Context.add_c_function
     )
-    assert "TFE_ContextAddFunctionDef" in inspect.getsource(
-        context.Context.add_function_def
-    )
+    names_at_body: list[set[str]] = []
 
-    class Owner:
-        calls = 0
+    def body(x: tf.Tensor) -> tf.Tensor:
+        names_at_body.append(set(context.context().list_function_names()))
+        return x + 1
 
-        def check(self) -> None:
-            self.calls += 1
-
-    owner = Owner()
-    _compat.check_before_function_registration(owner.check)
-    tf.function(lambda x: x + 1)(tf.constant(1.0))
-    assert owner.calls >= 1
-    del owner  # held weakly: its check is dropped with it
-    tf.function(lambda x: x + 2)(tf.constant(1.0))
+    function = tf.function(body)
+    function(tf.constant(1.0))
+    function(tf.constant(2.0))  # no new trace: the body does not run
+    assert len(names_at_body) == 1
+    concrete = function.get_concrete_function(tf.TensorSpec([], tf.float32))
+    name = concrete.function_def.signature.name
+    assert context.context().has_function(name)
+    assert name not in names_at_body[0]

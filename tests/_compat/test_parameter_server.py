@@ -9,6 +9,7 @@ import inspect
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from tensorflow.python.distribute.coordinator import cluster_coordinator
 
@@ -59,6 +60,7 @@ def test_keras_assign_add_is_still_read_then_write_and_the_fix_is_atomic():
     variable.assign_sub([0.5, 0.5])
     np.testing.assert_array_equal(variable.numpy(), [0.5, 1.5])
     assert type(variable).__name__ == type(other).__name__
+    assert type(variable).__qualname__.endswith("[tfpar:atomic_updates]")
     assert isinstance(variable, type(other))
     assert type(other).assign_add is keras.Variable.assign_add  # others untouched
 
@@ -76,3 +78,86 @@ def test_coordinator_internals_used_by_tfpar_exist():
 
     assert coordinator_context.get_current_dispatch_context() is None
     assert "worker_index" in dir(coordinator_context.DispatchContext)
+
+
+def unscheduled_extended(cls):
+    """An extended object of `cls`, with only the two flags the check reads."""
+    extended = object.__new__(cls)
+    extended._being_scheduled = False
+    extended._allow_run_without_coordinator = False
+    return extended
+
+
+class FakeWorker:
+    worker_index = 1
+
+
+def test_unscheduled_warning_is_skipped_only_in_a_coordinator_dispatch_context(
+    caplog,
+):
+    # TfparParameterServerExtended: TensorFlow's check, its flag and its
+    # message; the override skips it only on a coordinator worker thread.
+    from tensorflow.python.distribute import parameter_server_strategy_v2 as ps
+    from tensorflow.python.distribute.coordinator import coordinator_context
+
+    check = ps.ParameterServerStrategyV2Extended._assert_being_scheduled_by_cluster_coordinator
+    assert "self._being_scheduled" in inspect.getsource(check)
+    for method in ("_call_for_each_replica", "_reduce", "_reduce_to"):
+        source = inspect.getsource(
+            getattr(ps.ParameterServerStrategyV2Extended, method)
+        )
+        assert "_assert_being_scheduled_by_cluster_coordinator()" in source, method
+    assert "self.strategy.extended._being_scheduled = True" in inspect.getsource(
+        tf.distribute.coordinator.ClusterCoordinator.schedule
+    )
+    tfpar_extended = unscheduled_extended(_compat.TfparParameterServerExtended)
+    stock_extended = unscheduled_extended(ps.ParameterServerStrategyV2Extended)
+    assert _compat.TfparParameterServerExtended.__bases__ == (
+        ps.ParameterServerStrategyV2Extended,
+    )
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        tfpar_extended._assert_being_scheduled_by_cluster_coordinator()
+        assert len(caplog.records) == 1  # outside a dispatch context: TF's own
+        assert (
+            caplog.records[0]
+            .getMessage()
+            .startswith(
+                "A `tf.distribute.experimental.ParameterServerStrategy` method is invoked"
+            )
+        )
+        with coordinator_context.with_dispatch_context(FakeWorker()):
+            assert _compat.current_worker_index() == 1
+            tfpar_extended._assert_being_scheduled_by_cluster_coordinator()
+            stock_extended._assert_being_scheduled_by_cluster_coordinator()
+        # TensorFlow's class is unchanged: it warns there too.
+        assert len(caplog.records) == 2
+
+
+def test_no_filter_on_tensorflows_logger():
+    # Wrap, never patch: importing tfpar adds nothing to TensorFlow's logger.
+    import tfpar  # noqa: F401
+
+    for log_filter in tf.get_logger().filters:
+        assert not type(log_filter).__module__.startswith("tfpar"), log_filter
+
+
+def test_every_object_swap_is_listed_and_says_tfpar():
+    from tfpar import _subclass
+    from tfpar._compat import cluster, sharding
+
+    names = [swap.name for swap in _subclass.OBJECT_SWAPS]
+    assert len(names) == len(set(names))
+    for cls in (
+        _compat.TfparParameterServerExtended,
+        sharding.TfparShardedExtended,
+        sharding.TfparTrainableShardedVariable,
+        cluster.TfparCoordinatorWorker,
+    ):
+        assert cls.__module__.startswith("tfpar._compat."), cls
+        assert "Tfpar" in cls.__qualname__
+    layer = keras.layers.Dense(1)
+    with pytest.raises(ValueError, match="not listed"):
+        _subclass.use_overrides(layer, "unlisted", {}, {})
+    with pytest.raises(TypeError, match="a tfpar subclass of exactly"):
+        _subclass.swap_class(layer, "ps_extended", sharding.TfparShardedExtended)
+    assert type(layer) is keras.layers.Dense

@@ -1,6 +1,6 @@
 """Private TensorFlow internals of clusters (LocalCluster, coordinator), and why.
 
-Used by `tfpar/cluster.py` and `tfpar/strategies/parameter_server.py`:
+Used by `tfpar/cluster.py` and `tfpar/strategies/parameter_server/runtime.py`:
 
 - `detach_from_cluster`: a process connected to a cluster removes every
   function it deletes from every remote task, so after the servers stop it
@@ -8,26 +8,25 @@ Used by `tfpar/cluster.py` and `tfpar/strategies/parameter_server.py`:
   cluster first needs `Context.update_server_def`.
 - `free_coordinator_threads`: each closure a `ClusterCoordinator` worker
   thread runs ends in `context.executor_scope`, whose exit waits for every
-  pending node of the process-wide default eager executor, where TensorFlow
-  queues the deletion of every remote tensor. A frozen worker never answers
-  its deletions, so that wait blocks every coordinator thread forever, after
-  its closure returned: no step deadline can see it.
-- `check_before_function_registration`: TensorFlow registers every new
-  function with every remote task inside `Context.add_c_function` /
-  `add_function_def`, waiting for each task while holding Python's GIL; a
-  frozen worker makes that wait forever and stops every Python thread.
+  pending node of the thread's previous executor; for a thread left on the
+  process-wide default executor, where TensorFlow queues the deletion of
+  every remote tensor, a frozen worker makes that wait block every
+  coordinator thread forever, after its closure returned: no step deadline
+  can see it. The coordinator's `Worker` objects (private `_cluster.workers`,
+  class `cluster_coordinator.Worker`, methods `_process_closure` and
+  `_process_resource_closure`) move to `TfparCoordinatorWorker`, whose
+  thread runs on its own executor; no function of TensorFlow changes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-from tensorflow.python import pywrap_tfe
+from tensorflow.python.distribute.coordinator import cluster_coordinator
 from tensorflow.python.eager import context
+
+from tfpar._subclass import swap_class
 
 
 def detach_from_cluster(addresses: Iterable[str]) -> bool:
@@ -69,109 +68,54 @@ def detach_from_cluster(addresses: Iterable[str]) -> bool:
     return True
 
 
-# The coordinator workers whose threads skip the wait, and the stock scope.
-_FREED_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()
-_STOCK_EXECUTOR_SCOPE = context.executor_scope
+class TfparCoordinatorWorker(cluster_coordinator.Worker):
+    """A coordinator `Worker` whose thread runs on the worker's own executor.
 
-
-@contextlib.contextmanager
-def _executor_scope(executor: Any) -> Iterator[None]:
-    """`context.executor_scope`, without its wait on the previous executor.
-
-    The stock scope reads the thread's previous executor as a new Python
-    `Executor` view, whose `__del__` waits for all of that executor's pending
-    nodes; for a coordinator thread the previous executor is the default one.
-    This scope restores the same executor through the same view and frees the
-    view (`TFE_DeleteExecutor` on a view deletes only the view), not waiting.
+    Why: each closure runs inside `context.executor_scope(worker.executor)`.
+    That scope reads the thread's previous executor as a new Python
+    `Executor` view, and the view's `__del__`, on the scope's exit, waits for
+    every pending node of that executor. On a thread left on the process's
+    default executor, those include the deletions of remote tensors (TensorFlow
+    sends each from a runner thread, on the default executor): once a worker
+    is frozen (SIGSTOP, a hung host), a deletion sent to it never completes,
+    and every coordinator thread blocks at the end of its next closure, after
+    that closure returned, where no step deadline sees it (seen: a hang of
+    `fit` with both coordinator threads in
+    `EagerExecutor::WaitForAllPendingNodes`). This worker first makes its
+    thread's executor its own synchronous one (`Context.executor = ...` sets
+    it for the calling thread only, without waiting). The stock scope then
+    saves and restores that same executor, and its exit waits only on it:
+    its ops ran inline on this thread, so nothing is pending. Deletions still
+    run on the default executor, asynchronously, as before; the thread of a
+    frozen worker blocks inside its next step, where the step deadline sees
+    it. Only the threads of tfpar's coordinators change.
     """
-    if not any(worker.executor is executor for worker in list(_FREED_WORKERS)):
-        with _STOCK_EXECUTOR_SCOPE(executor):
-            yield
-        return
-    ctx = context.context()
-    ctx.ensure_initialized()
-    previous = pywrap_tfe.TFE_ContextGetExecutorForThread(ctx._context_handle)
-    try:
-        ctx.executor = executor
-        yield
-    finally:
-        pywrap_tfe.TFE_ContextSetExecutorForThread(ctx._context_handle, previous)
-        pywrap_tfe.TFE_DeleteExecutor(previous)
+
+    def _process_closure(self, closure: Any) -> None:
+        self._use_own_executor()
+        super()._process_closure(closure)
+
+    def _process_resource_closure(self, closure: Any) -> None:
+        self._use_own_executor()
+        super()._process_resource_closure(closure)
+
+    def _use_own_executor(self) -> None:
+        # The setter creates no view of the previous executor: no wait. (Its
+        # getter would: a view of the default one, waiting on its deletions.)
+        context.context().executor = self.executor
 
 
 def free_coordinator_threads(coordinator: Any) -> None:
-    """Stops the coordinator's threads waiting on the default executor.
+    """Stops the coordinator's threads from waiting on the default executor.
 
-    Why: `ClusterCoordinator` runs each closure inside
-    `context.executor_scope(worker.executor)`. On exit, that scope drops a
-    Python view of the thread's previous executor (the process-wide default
-    one), and the view's `__del__` waits for all of its pending nodes. Remote
-    tensors are deleted by nodes queued on that default executor, each
-    waiting for its task's answer: once a worker is frozen (SIGSTOP, a hung
-    host), a deletion sent to it never completes, and every coordinator
-    thread then blocks at the end of its next closure, after that closure
-    returned. Steps stop without any step running past a deadline: seen as a
-    hang of `fit` with both coordinator threads in
-    `EagerExecutor::WaitForAllPendingNodes`. With this, the threads of this
-    coordinator restore the default executor without waiting on it (the
-    deletions still run, asynchronously, as before); the thread of the frozen
-    worker then blocks inside its next step, where the step deadline sees
-    it. Other coordinators and other `executor_scope` users keep TensorFlow's
-    behaviour. There is no public way to change either; the module attribute
-    `context.executor_scope`, which `cluster_coordinator` looks up at every
-    closure, is replaced once by a function that keeps the stock behaviour
-    for every executor but those of the workers given here.
+    Moves each of the coordinator's `Worker` objects (its private `_cluster`'s
+    `workers`) to `TfparCoordinatorWorker`. Each worker thread looks up its
+    closure-processing methods at every closure, so the change applies from
+    the next closure on; call this before scheduling anything.
 
     Args:
-        coordinator: A `tf.distribute.coordinator.ClusterCoordinator`.
+        coordinator: The `tf.distribute.coordinator.ClusterCoordinator` of a
+            `tfpar.ParameterServerStrategy`.
     """
-    _FREED_WORKERS.update(coordinator._cluster.workers)
-    context.executor_scope = _executor_scope
-
-
-# Checks run before a function is registered with the remote tasks.
-_REGISTRATION_CHECKS: list[weakref.WeakMethod[Callable[[], None]]] = []
-
-
-def _run_registration_checks() -> None:
-    for reference in list(_REGISTRATION_CHECKS):
-        check = reference()
-        if check is None:
-            _REGISTRATION_CHECKS.remove(reference)
-        else:
-            check()
-
-
-def _checked(register: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(register)
-    def checked_register(self: Any, function: Any) -> Any:
-        _run_registration_checks()
-        return register(self, function)
-
-    checked_register._tfpar_checked = True  # type: ignore[attr-defined]
-    return checked_register
-
-
-def check_before_function_registration(check: Callable[[], None]) -> None:
-    """Runs `check` before this process registers each new TensorFlow function.
-
-    Why: in a process connected to a cluster, `Context.add_c_function` and
-    `Context.add_function_def` (every new trace: Keras's steps, dataset
-    functions, gradients) register the function with every remote task,
-    and the registration waits for each task's gRPC stream without releasing
-    Python's GIL (seen: `TFE_ContextAddFunction` in
-    `GrpcEagerClient::StreamingEnqueueAsync`, the main thread in
-    `take_gil`). A frozen worker therefore stops every Python thread for
-    ever, deadline watchdog included. A check that raises first keeps the
-    process alive. No public hook runs before registration; the two methods
-    of the eager `Context` class are wrapped once, and call the checks of
-    live owners only (held weakly).
-
-    Args:
-        check: A bound method that raises if the registration would hang.
-    """
-    _REGISTRATION_CHECKS.append(weakref.WeakMethod(check))
-    for name in ("add_c_function", "add_function_def"):
-        method = getattr(context.Context, name)
-        if not getattr(method, "_tfpar_checked", False):
-            setattr(context.Context, name, _checked(method))
+    for worker in coordinator._cluster.workers:
+        swap_class(worker, "coordinator_worker", TfparCoordinatorWorker)

@@ -1,6 +1,7 @@
 """Private TensorFlow and Keras internals of ParameterServerStrategy, and why.
 
-Used by `tfpar/strategies/parameter_server.py`, `ps_training.py`:
+Used by `tfpar/strategies/parameter_server/` (`strategy.py`, `runtime.py`,
+`training.py`):
 
 - `find_keras_caller`: Keras 3's `fit`, `evaluate` and `predict` never tell
   the strategy which model they run; their only call into it before the first
@@ -9,29 +10,33 @@ Used by `tfpar/strategies/parameter_server.py`, `ps_training.py`:
   give it coordinator-aware train, test and predict functions) and the epoch
   iterator (for the epoch length): both are found from the caller frames.
 - `schedule_callable`: `ClusterCoordinator.schedule` accepts only a
-  `tf.function`; the coordinator's internal cluster object runs plain Python
-  callables on its worker threads (with the same retries), which tfpar needs
-  to time each step and enforce a step deadline.
+  `tf.function`; the coordinator's internal cluster object (`_cluster`) runs
+  plain Python callables on its worker threads (with the same retries), which
+  tfpar needs to time each step and enforce a step deadline.
 - `current_worker_index`: the coordinator's dispatch context names the worker
   of the running closure; the public accessor works only while tracing.
 - `make_updates_atomic`: Keras 3's `Variable.assign_add` reads then writes,
-  which loses concurrent updates from several workers.
+  which loses concurrent updates from several workers (uses Keras's private
+  `_convert_to_tensor` and `_dtype` to convert like Keras does).
+- `TfparParameterServerExtended`: overrides TensorFlow's private
+  `_assert_being_scheduled_by_cluster_coordinator`, so tfpar's scheduled
+  callables, which trace on the coordinator's worker threads, do not log
+  TensorFlow's "not scheduled" warning (no process-wide log filter).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
-import tensorflow as tf
 from tensorflow.python.distribute.coordinator import coordinator_context
+from tensorflow.python.distribute.parameter_server_strategy_v2 import (
+    ParameterServerStrategyV2Extended,
+)
 
-from tfpar._subclass import use_overrides
+from tfpar._subclass import swap_class, use_overrides
 
 # Keras's call chain is Trainer.fit/evaluate/predict -> TFEpochIterator.__init__
 # -> strategy.experimental_distribute_dataset: two frames; a few more are
@@ -148,35 +153,33 @@ def make_updates_atomic(variables: Iterable[Any]) -> None:
     overrides = {"assign_add": _atomic_assign_add, "assign_sub": _atomic_assign_sub}
     for variable in variables:
         if hasattr(variable, "_convert_to_tensor"):  # a Keras TensorFlow variable
-            use_overrides(variable, overrides, _ATOMIC_CLASSES)
+            use_overrides(variable, "atomic_updates", overrides, _ATOMIC_CLASSES)
 
 
-_SCHEDULED = threading.local()
-_UNSCHEDULED_WARNING = "A `tf.distribute.experimental.ParameterServerStrategy` method"
+class TfparParameterServerExtended(ParameterServerStrategyV2Extended):
+    """The `extended` object of a `tfpar.ParameterServerStrategy`.
 
-
-class _DropSchedulingWarning(logging.Filter):
-    """Drops TensorFlow's "not scheduled" warning, for tfpar's own closures.
-
-    TensorFlow warns when `strategy.run` is traced outside
-    `ClusterCoordinator.schedule`; `schedule_callable` closures trace their
-    step functions on the worker's dispatch thread, where the warning is
-    wrong. Everywhere else it is kept.
+    Why: TensorFlow's `ClusterCoordinator.schedule` traces a `tf.function`
+    on the calling thread while `_being_scheduled` is set, and every
+    `strategy.run`, `reduce` or `reduce_to` traced otherwise logs "A
+    `tf.distribute.experimental.ParameterServerStrategy` method is invoked
+    without using `ClusterCoordinator.schedule`". tfpar's scheduled callables
+    (`schedule_callable`) trace their step function on the worker's
+    coordinator thread, inside the coordinator's dispatch context: scheduled,
+    yet TensorFlow's flag is not set there. The warning is skipped exactly
+    there, on this strategy's object; anywhere else it is TensorFlow's.
     """
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        scheduled = getattr(_SCHEDULED, "active", False)
-        return not (scheduled and str(record.msg).startswith(_UNSCHEDULED_WARNING))
+    def _assert_being_scheduled_by_cluster_coordinator(self) -> None:
+        if coordinator_context.get_current_dispatch_context() is None:
+            super()._assert_being_scheduled_by_cluster_coordinator()
 
 
-@contextlib.contextmanager
-def scheduled_tracing() -> Iterator[None]:
-    """Marks the current thread as running a tfpar scheduled closure."""
-    _SCHEDULED.active = True
-    try:
-        yield
-    finally:
-        _SCHEDULED.active = False
+def use_tfpar_extended(extended: Any) -> None:
+    """Moves a new strategy's `extended` object to `TfparParameterServerExtended`.
 
-
-tf.get_logger().addFilter(_DropSchedulingWarning())
+    Args:
+        extended: The `ParameterServerStrategyV2Extended` that TensorFlow's
+            strategy constructor just created.
+    """
+    swap_class(extended, "ps_extended", TfparParameterServerExtended)

@@ -18,9 +18,14 @@ need what a `ShardedVariable` lacks, each with no public hook:
 - The optimizer creates its slots (Adam's moments) under
   `extended.colocate_vars_with(variable)`, which TensorFlow never
   partitions; for a sharded variable they are sharded like it instead.
-All four are methods of subclasses (of `ShardedVariable`, and of the
-strategy's extended object, whose `_create_variable` gives every new
-sharded variable the subclass): the strategy stays TensorFlow's own.
+All four are methods of tfpar subclasses: `TfparTrainableShardedVariable`
+(of `ShardedVariable`) and `TfparShardedExtended` (of the strategy's
+extended object, whose `_create_variable` gives every new sharded variable
+that class); both are listed in `tfpar._subclass.OBJECT_SWAPS`. The private
+TensorFlow names they use: `ShardedVariable` and `UpdateContext` (no public
+export), `composite_tensor_gradient.CompositeTensorGradient`, and the
+extended object's `_create_variable`, `_update`, `_select_single_value` and
+`_local_results`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from tensorflow.python.distribute.distribute_lib import UpdateContext
 from tensorflow.python.distribute.sharded_variable import ShardedVariable
 from tensorflow.python.framework import composite_tensor_gradient
 
-from tfpar._subclass import use_overrides
+from tfpar._compat.parameter_server import TfparParameterServerExtended
+from tfpar._subclass import swap_class
 from tfpar._variables import backing_variable
 
 
@@ -83,7 +89,7 @@ class _ShardedGradient(composite_tensor_gradient.CompositeTensorGradient):
         return merge_shard_gradients(value.shape, rows, component_grads)
 
 
-class _TrainableShardedVariable(ShardedVariable):
+class TfparTrainableShardedVariable(ShardedVariable):
     """A `ShardedVariable` that Keras can differentiate and save as one."""
 
     __composite_gradient__ = _ShardedGradient()
@@ -107,48 +113,43 @@ class _TrainableShardedVariable(ShardedVariable):
         return self.assign(restored_tensors["VARIABLE_VALUE"])
 
 
-def _create_variable(self: Any, next_creator: Any, **kwargs: Any) -> Any:
-    variable = _stock(self)._create_variable(self, next_creator, **kwargs)
-    if type(variable) is ShardedVariable:
-        variable.__class__ = _TrainableShardedVariable
-    return variable
+class TfparShardedExtended(TfparParameterServerExtended):
+    """tfpar's extended object, for a strategy with a `variable_partitioner`."""
 
+    def _create_variable(self, next_creator: Any, **kwargs: Any) -> Any:
+        variable = super()._create_variable(next_creator, **kwargs)
+        if type(variable) is ShardedVariable:
+            swap_class(
+                variable, "trainable_sharded_variable", TfparTrainableShardedVariable
+            )
+        return variable
 
-def _update(self: Any, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
-    if not isinstance(var, ShardedVariable):
-        return _stock(self)._update(self, var, fn, args, kwargs, group)
-    # Each shard's update is an op on that shard's PS (TensorFlow places
-    # resource ops with their resource): no single device to colocate with.
-    with UpdateContext(var.variables[0].device):
-        result = fn(
-            var, *self._select_single_value(args), **self._select_single_value(kwargs)
-        )
-    return result if group else tf.nest.map_structure(self._local_results, result)
+    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+        if not isinstance(var, ShardedVariable):
+            return super()._update(var, fn, args, kwargs, group)
+        # Each shard's update is an op on that shard's PS (TensorFlow places
+        # resource ops with their resource): no single device to colocate with.
+        with UpdateContext(var.variables[0].device):
+            result = fn(
+                var,
+                *self._select_single_value(args),
+                **self._select_single_value(kwargs),
+            )
+        return result if group else tf.nest.map_structure(self._local_results, result)
 
-
-def _colocate_vars_with(self: Any, colocate_with_variable: Any) -> Any:
-    if isinstance(colocate_with_variable, ShardedVariable):
-        # Created without colocation, the variable (an optimizer slot of the
-        # same shape) is partitioned like the one it would colocate with.
-        return contextlib.nullcontext()
-    return _stock(self).colocate_vars_with(self, colocate_with_variable)
-
-
-def _stock(extended: Any) -> Any:
-    return type(extended).__mro__[1]
-
-
-_SHARDING_CLASSES: dict[type, type] = {}
+    def colocate_vars_with(self, colocate_with_variable: Any) -> Any:
+        if isinstance(colocate_with_variable, ShardedVariable):
+            # Created without colocation, the variable (an optimizer slot of
+            # the same shape) is partitioned like the one it would colocate
+            # with.
+            return contextlib.nullcontext()
+        return super().colocate_vars_with(colocate_with_variable)
 
 
 def support_sharded_variables(extended: tf.distribute.StrategyExtended) -> None:
     """Lets Keras 3 train, update and save the strategy's sharded variables.
 
-    Must run before any variable is created under the strategy.
+    Must run before any variable is created under the strategy, on an
+    extended object already moved by `use_tfpar_extended`.
     """
-    overrides = {
-        "_create_variable": _create_variable,
-        "_update": _update,
-        "colocate_vars_with": _colocate_vars_with,
-    }
-    use_overrides(extended, overrides, _SHARDING_CLASSES)
+    swap_class(extended, "ps_extended", TfparShardedExtended)

@@ -10,7 +10,6 @@ holding the GIL). Every run has a hard time limit.
 """
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -56,11 +55,11 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
         # (a) SIGKILL worker 1 once both workers ran steps of this fit, restart
         # it 20 steps later. (Killed while TensorFlow still registers functions
         # with every worker, TensorFlow itself can hang: see the docs.)
-        start_steps = [r.steps for r in strategy.tracker.records]
+        start_steps = [r.steps for r in strategy.runtime.tracker.records]
         class Chaos(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
                 results.setdefault("batches", []).append(batch)
-                steps = [r.steps - s for r, s in zip(strategy.tracker.records, start_steps)]
+                steps = [r.steps - s for r, s in zip(strategy.runtime.tracker.records, start_steps)]
                 if "killed_at" not in results and min(steps) > 2:
                     cluster.kill("worker", 1)
                     results["killed_at"] = len(results["batches"])
@@ -68,34 +67,34 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
                         len(results["batches"]) >= results["killed_at"] + 20):
                     cluster.restart("worker", 1)
                     results["restarted"] = len(results["batches"])
-                    results["steps_at_restart"] = strategy.tracker.records[1].steps
+                    results["steps_at_restart"] = strategy.runtime.tracker.records[1].steps
         model = build(strategy)
         history = model.fit(dataset, epochs=2, steps_per_epoch=40, callbacks=[Chaos()], verbose=0)
         if "killed_at" in results and "restarted" not in results:  # fit ended first
             cluster.restart("worker", 1)
             results["restarted"] = len(results.get("batches", []))
-            results["steps_at_restart"] = strategy.tracker.records[1].steps
+            results["steps_at_restart"] = strategy.runtime.tracker.records[1].steps
         results["faulty"] = history.history["loss"]
         results["iterations"] = int(model.optimizer.iterations.numpy())
-        results["failures"] = [r.failures for r in strategy.tracker.records]
-        results["worker1_after"] = strategy.tracker.records[1].steps
+        results["failures"] = [r.failures for r in strategy.runtime.tracker.records]
+        results["worker1_after"] = strategy.runtime.tracker.records[1].steps
         # The restarted worker is used again: the coordinator polls for its
         # return every 5 to 10 s, then rebuilds its dataset iterator: keep
         # training for up to 60 s (7 of 7 runs here needed under 40 s).
         give_up = time.monotonic() + 60
-        while (strategy.tracker.records[1].steps == results["steps_at_restart"]
+        while (strategy.runtime.tracker.records[1].steps == results["steps_at_restart"]
                and time.monotonic() < give_up):
             model.fit(dataset, epochs=1, steps_per_epoch=20, verbose=0)
-        results["worker1_final"] = strategy.tracker.records[1].steps
+        results["worker1_final"] = strategy.runtime.tracker.records[1].steps
     if MODE.startswith("freeze"):
         model = build(strategy)
         model.fit(dataset, epochs=1, steps_per_epoch=20, verbose=0)
         # (c) On a fresh cluster, after a fault-free fit, SIGSTOP worker 0 in
         # the middle of a fit (once both workers ran steps of it) or as it
         # begins; never resume it.
-        frozen_from = [r.steps for r in strategy.tracker.records]
+        frozen_from = [r.steps for r in strategy.runtime.tracker.records]
         def freeze_once():
-            steps = [r.steps - s for r, s in zip(strategy.tracker.records, frozen_from)]
+            steps = [r.steps - s for r, s in zip(strategy.runtime.tracker.records, frozen_from)]
             if "frozen_at" not in results and min(steps) > 2:
                 cluster.kill("worker", 0, signal.SIGSTOP)
                 results["frozen_at"] = time.monotonic()
@@ -114,12 +113,12 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
         if MODE == "freeze_after_step":
             # On worker 0's coordinator thread, right after its step returned
             # and before TensorFlow deletes the step's remote result there.
-            finish = strategy.tracker.finish
+            finish = strategy.runtime.tracker.finish
             def finish_then_freeze(worker, *args, **kwargs):
                 finish(worker, *args, **kwargs)
                 if worker == 0:
                     freeze_once()
-            strategy.tracker.finish = finish_then_freeze
+            strategy.runtime.tracker.finish = finish_then_freeze
         try:
             model.fit(dataset, epochs=1, steps_per_epoch=200, callbacks=[Freeze()], verbose=0)
             results["frozen"] = "no error"
@@ -153,9 +152,8 @@ def run_faults(mode):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
         raise
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
     pids = next(x for x in proc.stdout.splitlines() if x.startswith("PIDS "))
-    return {**json.loads(line[len("RESULTS ") :]), "pids": pids.split()[1:]}
+    return {**tagged_json(proc.stdout, "RESULTS"), "pids": pids.split()[1:]}
 
 
 def leftover(pids, timeout=5.0):

@@ -7,11 +7,9 @@ the lock, this script moved a row by 523,309 and 7,084 learning rates in 2 of
 3 runs (128 steps); with it, a 20,000-row variant moved at most 63.
 """
 
-import json
-
 import pytest
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -34,7 +32,7 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
     after = model.get_weights()
     print("RESULTS " + json.dumps({
         "iterations": int(model.optimizer.iterations.numpy()),
-        "workers": [record.steps for record in strategy.tracker.records],
+        "workers": [record.steps for record in strategy.runtime.tracker.records],
         "moved_in_lr_steps": [float(np.abs(a - b).max()) / LR
                               for a, b in zip(before, after)],
         "update_step": type(model.optimizer).update_step.__qualname__,
@@ -44,8 +42,7 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
 
 def test_concurrent_adam_updates_move_each_weight_at_most_about_lr_per_step():
     proc = run_python(SCRIPT, timeout=200)
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
-    r = json.loads(line[len("RESULTS ") :])
+    r = tagged_json(proc.stdout, "RESULTS")
     assert r["iterations"] == 128, r
     assert all(steps > 10 for steps in r["workers"]), r  # both workers trained
     # Adam moves a weight by at most about lr per step (3 lr allows for its

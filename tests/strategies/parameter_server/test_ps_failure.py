@@ -6,11 +6,9 @@ cannot join another): the first kills the PS in the middle of `fit` with
 which resumes at the last backed-up epoch.
 """
 
-import json
-
 import pytest
 
-from tests._subprocess import alive, run_python
+from tests._subprocess import alive, run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -53,8 +51,7 @@ print("RESULTS " + json.dumps(results), flush=True)
 
 
 def results(proc):
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS ") :])
+    return tagged_json(proc.stdout, "RESULTS")
 
 
 def test_killed_ps_is_named_and_training_resumes_from_the_backup(tmp_path):

@@ -6,12 +6,10 @@ the same initial weights, with its variables sharded over 2 PS; a second
 subprocess, where tfpar cannot be imported, loads what it saved.
 """
 
-import json
-
 import numpy as np
 import pytest
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -72,7 +70,7 @@ with tfpar.LocalCluster(num_workers=2, num_ps=2, pin_cores=False) as cluster:
         ids, y, batch_size=32, epochs=6, verbose=0,
         callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup"))])
     r["async_eval"] = [before, async_model.evaluate(ids, y, batch_size=64, verbose=0)]
-    r["workers"] = [rec.steps for rec in strategy.tracker.records]
+    r["workers"] = [rec.steps for rec in strategy.runtime.tracker.records]
     async_model.save(os.path.join(out, "model.keras"))
     tf.train.Checkpoint(model=async_model).write(os.path.join(out, "ckpt"))
     np.save(os.path.join(out, "table.npy"), async_model.layers[0].get_weights()[0])
@@ -102,8 +100,7 @@ print("RESULTS " + json.dumps(r))
 
 
 def results(proc):
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS ") :])
+    return tagged_json(proc.stdout, "RESULTS")
 
 
 def test_embedding_sharded_over_two_ps_trains_saves_and_loads(tmp_path):

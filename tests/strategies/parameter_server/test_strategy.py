@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 from tfpar import ParameterServerStrategy
 from tfpar.server import SECURITY_WARNING
 
@@ -48,8 +48,25 @@ GOOD = {"worker": ["127.0.0.1:2222"], "ps": ["127.0.0.1:2223"]}
     [
         ("{not json", r"TF_CONFIG is not valid JSON"),
         (
-            json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief"}}),
+            json.dumps({"cluster": GOOD, "task": {"type": "chief"}}),
             r"task type is not a job",
+        ),
+        (
+            # The ps job is what is missing, not the chief's.
+            json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief"}}),
+            r"needs a 'ps' job in its cluster \(the parameter servers, which hold "
+            r"the variables\), but TF_CONFIG's cluster has no 'ps' job: its jobs "
+            r"are \['worker'\]\. Add the addresses of the ps tasks",
+        ),
+        (
+            json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps"}}),
+            r"needs a 'ps' job in its cluster",
+        ),
+        (
+            json.dumps({"cluster": {"ps": ["p:1"]}, "task": {"type": "worker"}}),
+            r"needs a 'worker' job in its cluster \(the workers, which run the "
+            r"training steps\), but TF_CONFIG's cluster has no 'worker' job: its "
+            r"jobs are \['ps'\]",
         ),
         (
             json.dumps({"cluster": GOOD, "task": {"type": "worker", "index": 3}}),
@@ -75,7 +92,7 @@ GOOD = {"worker": ["127.0.0.1:2222"], "ps": ["127.0.0.1:2223"]}
                     "task": {"type": "chief", "index": 0},
                 }
             ),
-            r"needs at least one 'ps' task",
+            r"needs a 'ps' job in its cluster",
         ),
         (
             json.dumps(
@@ -84,7 +101,7 @@ GOOD = {"worker": ["127.0.0.1:2222"], "ps": ["127.0.0.1:2223"]}
                     "task": {"type": "chief", "index": 0},
                 }
             ),
-            r"needs at least one 'worker' task",
+            r"needs a 'worker' job in its cluster",
         ),
     ],
 )
@@ -97,18 +114,76 @@ def test_bad_tf_config_fails_before_any_connection(monkeypatch, tf_config, messa
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"cluster_resolver": GOOD}, TypeError, r"cluster_resolver=\{"),
-        ({"variable_partitioner": 3}, TypeError, r"variable_partitioner=3"),
-        ({"connect_timeout": 0}, ValueError, r"connect_timeout=0 \(must be > 0"),
-        ({"connect_timeout": "5"}, TypeError, r"connect_timeout='5' of type str"),
-        ({"step_deadline": -1.0}, ValueError, r"step_deadline=-1.0"),
-        ({"max_in_flight": 0}, ValueError, r"max_in_flight=0 \(must be None"),
+        (
+            {"cluster_resolver": GOOD},
+            TypeError,
+            r"`cluster_resolver` must be a tf.distribute.cluster_resolver."
+            r"ClusterResolver or None\. Received: cluster_resolver=\{.* of type dict",
+        ),
+        (
+            {"variable_partitioner": 3},
+            TypeError,
+            r"`variable_partitioner` must be a partitioner .* or None\. "
+            r"Received: variable_partitioner=3 of type int",
+        ),
+        (
+            {"connect_timeout": 0},
+            ValueError,
+            r"`connect_timeout` must be a number of seconds > 0\. "
+            r"Received: connect_timeout=0\.",
+        ),
+        (
+            {"connect_timeout": "5"},
+            TypeError,
+            r"`connect_timeout` must be a number of seconds\. "
+            r"Received: connect_timeout='5' of type str",
+        ),
+        (
+            {"connect_timeout": True},
+            TypeError,
+            r"Received: connect_timeout=True of type bool",
+        ),
+        (
+            {"step_deadline": -1.0},
+            ValueError,
+            r"`step_deadline` must be a number of seconds > 0\. "
+            r"Received: step_deadline=-1\.0\.",
+        ),
+        (
+            {"step_deadline": float("inf")},
+            ValueError,
+            r"`step_deadline` must be a finite number of seconds",
+        ),
+        (
+            {"max_in_flight": 0},
+            ValueError,
+            r"`max_in_flight` must be an int >= 1\. Received: max_in_flight=0\.",
+        ),
+        (
+            {"max_in_flight": 2.0},
+            TypeError,
+            r"`max_in_flight` must be an int or None\. "
+            r"Received: max_in_flight=2\.0 of type float",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_any_connection(kwargs, error, message):
     kwargs.setdefault("cluster_resolver", resolver(GOOD))
     with pytest.raises(error, match=message):
         ParameterServerStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("missing", ["ps", "worker"])
+def test_a_cluster_spec_without_a_required_job_says_which_and_what_it_has(missing):
+    spec = {job: tasks for job, tasks in GOOD.items() if job != missing}
+    spec["chief"] = ["127.0.0.1:2224"]
+    with pytest.raises(ValueError) as info:
+        ParameterServerStrategy(resolver(spec))
+    message = str(info.value)
+    assert f"needs a {missing!r} job in its cluster" in message
+    assert "the cluster resolver's cluster spec has no" in message
+    assert f"its jobs are {sorted(spec)}" in message
+    assert f'"{missing}": ["host:port", ...]' in message
 
 
 def test_unreachable_tasks_fail_within_the_connect_timeout_naming_each():
@@ -159,6 +234,13 @@ ref_eval = ref.evaluate(xv, yv, batch_size=16, verbose=0)
 ref_pred = ref.predict(x[:50], batch_size=16, verbose=0)
 results = {{}}
 
+# What tfpar once replaced for the whole process: unchanged after a run.
+from tensorflow.python.eager import context
+def process_state():
+    return [context.executor_scope, context.Context.add_c_function,
+            context.Context.add_function_def, list(tf.get_logger().filters)]
+before = process_state()
+
 with tfpar.LocalCluster(num_workers=2, num_ps=2, pin_cores=False) as cluster:
     strategy = ParameterServerStrategy(cluster.cluster_resolver, step_deadline=60)
     results["isinstance"] = isinstance(strategy, tf.distribute.Strategy)
@@ -193,7 +275,7 @@ with tfpar.LocalCluster(num_workers=2, num_ps=2, pin_cores=False) as cluster:
     results["batches_seen"] = len(seen)
     results["iterations"] = int(model.optimizer.iterations.numpy())
     results["val_again"] = model.evaluate(xv, yv, batch_size=32, verbose=0, return_dict=True)
-    records = strategy.tracker.records
+    records = strategy.runtime.tracker.records
     results["worker_steps"] = [r.steps for r in records]
     # The loss metric's count lives on a PS: after an epoch without
     # validation it holds every sample of every worker.
@@ -211,6 +293,8 @@ with tfpar.LocalCluster(num_workers=2, num_ps=2, pin_cores=False) as cluster:
     plain = build()
     plain.fit(x, y, batch_size=32, epochs=1, verbose=0)
     results["plain"] = plain.train_function.__qualname__
+    del strategy, model
+    results["process_state_unchanged"] = process_state() == before
 
 print("RESULTS " + json.dumps(results))
 """
@@ -223,8 +307,9 @@ def test_fit_evaluate_predict_callbacks_and_saving_on_a_local_cluster(tmp_path):
     # deleted function at exit.
     assert "Failed to remove function remotely" not in proc.stderr
     assert "Connection refused" not in proc.stderr
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
-    r = json.loads(line[len("RESULTS ") :])
+    # tfpar's scheduled steps are scheduled: TensorFlow does not warn.
+    assert "is invoked without using `ClusterCoordinator.schedule`" not in proc.stderr
+    r = tagged_json(proc.stdout, "RESULTS")
     assert r["isinstance"]
     # Variables live on the parameter servers, round robin over both.
     assert r["devices"] == [
@@ -253,6 +338,7 @@ def test_fit_evaluate_predict_callbacks_and_saving_on_a_local_cluster(tmp_path):
     # 16 + 40 training steps; 2 + 30 + 10 train, 1 + 6 + 2 test, 1 predict functions.
     assert r["stats"] == ["parameter_server", 56, 52, 2, True]
     assert r["plain"].startswith("TensorFlowTrainer._make_function")
+    assert r["process_state_unchanged"]
     assert (tmp_path / "best.keras").exists()
     assert not (tmp_path / "backup").exists() or not any(
         (tmp_path / "backup").iterdir()

@@ -15,6 +15,8 @@ unsharded layer). `prepare_sharded_model` adds what training needs:
 - lookups: an `Embedding` with a sharded table gathers only the rows it needs
   from each PS (`tf.nn.embedding_lookup` on the shards), instead of Keras's
   `ops.take`, which would first concatenate the whole table on the worker.
+  Only public Keras attributes are read; the layer moves to a subclass listed
+  in `tfpar._subclass.OBJECT_SWAPS` ("sharded_lookup").
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ def prepare_sharded_model(model: keras.Model, variables: list[Any]) -> int:
     if not sharded:
         return 0
     for layer in _layers(model):
-        if isinstance(layer, keras.layers.Embedding) and _compat.is_sharded(
-            getattr(layer, "_embeddings", None)
-        ):
+        if _has_sharded_table(layer):
             # Saved configs still name the stock class: loads without tfpar.
-            use_overrides(layer, {"call": _sharded_call}, _LOOKUP_CLASSES)
+            use_overrides(
+                layer, "sharded_lookup", {"call": _sharded_call}, _LOOKUP_CLASSES
+            )
     return len(sharded)
+
+
+def _has_sharded_table(layer: Any) -> bool:
+    # A quantized or LoRA table is not one variable: Keras's lookup applies.
+    return (
+        isinstance(layer, keras.layers.Embedding)
+        and layer.built
+        and layer.quantization_mode is None
+        and not layer.lora_enabled
+        and _compat.is_sharded(layer.embeddings)
+    )
 
 
 def _layers(layer: Any) -> Iterator[Any]:
@@ -63,12 +76,11 @@ _LOOKUP_CLASSES: dict[type, type] = {}
 
 
 def _sharded_call(self: Any, inputs: Any) -> Any:
-    parent: Any = type(self).__mro__[1]  # the stock Embedding class
-    stock = parent.call
     if self.quantization_mode is not None or self.lora_enabled:
-        return stock(self, inputs)
+        # The class made by `use_overrides` is `type(self)`: its parent's call.
+        return super(type(self), self).call(inputs)
     if inputs.dtype not in (tf.int32, tf.int64):
         inputs = tf.cast(inputs, tf.int32)
     # Dispatches on the ShardedVariable: a gather on each shard's PS.
-    outputs = tf.nn.embedding_lookup(backing_variable(self._embeddings), inputs)
+    outputs = tf.nn.embedding_lookup(backing_variable(self.embeddings), inputs)
     return tf.cast(outputs, self.compute_dtype)

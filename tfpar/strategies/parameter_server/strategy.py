@@ -7,27 +7,32 @@ ClusterCoordinator.create_per_worker_dataset". This subclass keeps
 TensorFlow's runtime (`tf.distribute.Server` tasks over gRPC, variables on the
 parameter servers, a `ClusterCoordinator` dispatching steps to workers) and
 adds what Keras lost: `fit`, `evaluate` and `predict` schedule their steps on
-the workers (`ps_training.py`), waits have a step deadline
-(`ps_watchdog.py`), and bad clusters fail early with clear errors.
+the workers (`training.py`) through the strategy's `ParameterServerRuntime`
+(`runtime.py`), waits have a step deadline (`watchdog.py`), and bad clusters
+fail early with clear errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import socket
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from tfpar._compat import cluster as compat_cluster
 from tfpar._compat import parameter_server as _compat
 from tfpar._compat import sharding as compat_sharding
+from tfpar._validation import check_instance, check_int, check_number
+from tfpar.cluster import collect_before_joining
 from tfpar.server import SECURITY_WARNING, read_tf_config, validate_cluster_spec
 from tfpar.stats import CommunicationStats, DeviceCommunication
+from tfpar.strategies.parameter_server.runtime import ParameterServerRuntime
 from tfpar.strategies.parameter_server.training import CoordinatedFunctions, KerasInput
 from tfpar.strategies.parameter_server.watchdog import StepTracker
 
@@ -66,16 +71,17 @@ class ParameterServerOptions:
     max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
-        _check_seconds("connect_timeout", self.connect_timeout)
-        if self.step_deadline is not None:
-            _check_seconds("step_deadline", self.step_deadline)
-        limit = self.max_in_flight
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise ValueError(
-                f"Received: max_in_flight={limit!r} (must be None or an int >= 1)."
-            )
+        check_number(
+            "connect_timeout", self.connect_timeout, positive=True, unit="seconds"
+        )
+        check_number(
+            "step_deadline",
+            self.step_deadline,
+            positive=True,
+            unit="seconds",
+            allow_none=True,
+        )
+        check_int("max_in_flight", self.max_in_flight, minimum=1, allow_none=True)
 
 
 class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
@@ -153,32 +159,31 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
             max_in_flight=max_in_flight,
         )
         if cluster_resolver is None:
-            read_tf_config()  # clear errors before TensorFlow's own
+            _check_tf_config_jobs()
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        elif not isinstance(
-            cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver
-        ):
-            raise TypeError(
-                "`cluster_resolver` must be a tf.distribute.cluster_resolver."
-                f"ClusterResolver or None. Received: cluster_resolver="
-                f"{cluster_resolver!r} of type {type(cluster_resolver).__name__}."
-            )
-        if variable_partitioner is not None and not callable(variable_partitioner):
-            raise TypeError(
-                "`variable_partitioner` must be a partitioner (a callable, e.g. "
-                "tf.distribute.experimental.partitioners.MinSizePartitioner) or "
-                f"None. Received: variable_partitioner={variable_partitioner!r}."
-            )
+        check_instance(
+            "cluster_resolver",
+            cluster_resolver,
+            tf.distribute.cluster_resolver.ClusterResolver,
+            "a tf.distribute.cluster_resolver.ClusterResolver or None",
+        )
+        check_instance(
+            "variable_partitioner",
+            variable_partitioner,
+            (Callable, type(None)),  # type: ignore[arg-type]
+            "a partitioner (a callable, e.g. tf.distribute.experimental."
+            "partitioners.MinSizePartitioner) or None",
+        )
         cluster = _checked_cluster(cluster_resolver.cluster_spec().as_dict())
-        # The default keeps each worker's queue non-empty between dispatches.
-        self.max_in_flight = max_in_flight or 4 * len(cluster["worker"])
         _wait_until_reachable(cluster, options.connect_timeout)
         logger.warning(SECURITY_WARNING)
+        collect_before_joining()  # joins the cluster next
         super().__init__(cluster_resolver, variable_partitioner)
+        _compat.use_tfpar_extended(self.extended)
         if variable_partitioner is not None:
             compat_sharding.support_sharded_variables(self.extended)
         self.options = options
-        self.tracker = StepTracker(
+        tracker = StepTracker(
             cluster["worker"],
             options.step_deadline,
             {
@@ -187,32 +192,22 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
                 for i, address in enumerate(addresses)
             },
         )
-        if options.step_deadline is not None:
-            # TensorFlow registers each new function with every worker while
-            # holding the GIL: probe the workers first, or a frozen one hangs
-            # the whole process.
-            compat_cluster.check_before_function_registration(
-                self.tracker.check_workers_answer
-            )
-        self._functions: weakref.WeakKeyDictionary[Any, CoordinatedFunctions] = (
-            weakref.WeakKeyDictionary()
+        # What `fit`, `evaluate` and `predict` schedule their steps with.
+        self.runtime = ParameterServerRuntime(
+            self,
+            tracker,
+            # The default keeps each worker's queue non-empty between dispatches.
+            max_in_flight or 4 * len(cluster["worker"]),
+            super().experimental_distribute_dataset,
         )
-        self._coordinator: tf.distribute.coordinator.ClusterCoordinator | None = None
-        # Per-worker iterators of the datasets Keras passed, reused across fits.
-        self.per_worker_iterators: weakref.WeakKeyDictionary[Any, Any] = (
+        self._functions: weakref.WeakKeyDictionary[Any, CoordinatedFunctions] = (
             weakref.WeakKeyDictionary()
         )
 
     @property
     def coordinator(self) -> tf.distribute.coordinator.ClusterCoordinator:
         """The strategy's `ClusterCoordinator`, created on first use."""
-        if self._coordinator is None:
-            coordinator = tf.distribute.coordinator.ClusterCoordinator(self)
-            # Otherwise one frozen worker blocks every coordinator thread
-            # between two closures, out of reach of the step deadline.
-            compat_cluster.free_coordinator_threads(coordinator)
-            self._coordinator = coordinator
-        return self._coordinator
+        return self.runtime.coordinator
 
     def experimental_distribute_dataset(
         self,
@@ -240,10 +235,11 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         model, epoch_iterator = caller
         functions = self._functions.get(model)
         if functions is None:
-            functions = self._functions[model] = CoordinatedFunctions(model, self)
+            functions = CoordinatedFunctions(model, self.runtime)
+            self._functions[model] = functions
         if not functions.installed():
             functions.install()
-        return KerasInput(self, dataset, options, epoch_iterator)
+        return KerasInput(self.runtime, dataset, options, epoch_iterator)
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-worker step counters (`kind="parameter_server"`).
@@ -264,7 +260,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
             `calls` (scheduled functions finished), `comm_seconds`, and one
             `DeviceCommunication` per worker.
         """
-        records = list(self.tracker.records)
+        records = list(self.runtime.tracker.records)
         devices = tuple(
             DeviceCommunication(
                 device=f"/job:worker/replica:0/task:{i}/device:CPU:0",
@@ -282,14 +278,46 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         )
 
 
-def _check_seconds(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a number of seconds. Received: {name}={value!r} "
-            f"of type {type(value).__name__}."
-        )
-    if not value > 0:
-        raise ValueError(f"Received: {name}={value!r} (must be > 0 seconds).")
+# What each job that parameter-server training needs does, for errors.
+_REQUIRED_JOBS = {
+    "ps": "the parameter servers, which hold the variables",
+    "worker": "the workers, which run the training steps",
+}
+
+
+def _check_jobs(cluster: Mapping[str, Any], source: str) -> None:
+    """Raises if the cluster lacks a `ps` or a `worker` job, saying what it has."""
+    for job, role in _REQUIRED_JOBS.items():
+        if not cluster.get(job):
+            raise ValueError(
+                f"ParameterServerStrategy needs a {job!r} job in its cluster "
+                f"({role}), but {source} has "
+                + (f"no {job!r} task" if job in cluster else f"no {job!r} job")
+                + f": its jobs are {sorted(cluster)}. Add the addresses of the "
+                f'{job} tasks, e.g. "{job}": ["host:port", ...], to {source}. '
+                f"Received: cluster={dict(cluster)!r}."
+            )
+
+
+def _check_tf_config_jobs() -> None:
+    """Validates `TF_CONFIG` with clear errors, a missing job's first.
+
+    `read_tf_config` reports a task whose type is not a job of the cluster,
+    which is what a cluster without its `ps` (or `worker`) job looks like to
+    a parameter server (or a worker): this says which job is missing.
+    """
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "null")
+    except json.JSONDecodeError:
+        config = None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    task_type = task.get("type") if isinstance(task, dict) else None
+    if isinstance(cluster, dict) and task_type not in cluster:
+        _check_jobs(cluster, "TF_CONFIG's cluster")
+    read_tf_config()  # clear errors before TensorFlow's own
+    if isinstance(cluster, dict):  # always, once read_tf_config passed
+        _check_jobs(cluster, "TF_CONFIG's cluster")
 
 
 def _checked_cluster(spec: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -300,12 +328,7 @@ def _checked_cluster(spec: Mapping[str, Any]) -> dict[str, list[str]]:
         cluster[job] = (
             [tasks[i] for i in sorted(tasks)] if isinstance(tasks, dict) else tasks
         )
-    for job in ("ps", "worker"):
-        if not cluster.get(job):
-            raise ValueError(
-                f"Parameter-server training needs at least one {job!r} task. "
-                f"Received: cluster={cluster!r}."
-            )
+    _check_jobs(cluster, "the cluster resolver's cluster spec")
     validate_cluster_spec(cluster)
     return cluster
 

@@ -4,7 +4,8 @@ Keras 3 drives training with `model.train_function(iterator)`, once per
 `steps_per_execution` steps, and reuses an existing `train_function` (the same
 for `test_function` and `predict_function`). `ParameterServerStrategy` gives
 each model built under it a `CoordinatedFunctions` object whose functions
-schedule the work on the workers instead of running it:
+schedule the work on the workers, through the strategy's
+`ParameterServerRuntime`, instead of running it:
 
 - training: each call schedules one function that runs `steps_per_execution`
   of Keras's own `train_step` on a worker, reading batches from that worker's
@@ -20,9 +21,8 @@ schedule the work on the workers instead of running it:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
@@ -30,11 +30,9 @@ import tensorflow as tf
 
 from tfpar._compat import parameter_server as _compat
 from tfpar.strategies.parameter_server.locking import lock_optimizer_updates
+from tfpar.strategies.parameter_server.runtime import ParameterServerRuntime
 from tfpar.strategies.parameter_server.sharding import prepare_sharded_model
 from tfpar.strategies.parameter_server.watchdog import StepTracker
-
-if TYPE_CHECKING:
-    from tfpar.strategies.parameter_server.strategy import ParameterServerStrategy
 
 
 class KerasInput:
@@ -45,7 +43,7 @@ class KerasInput:
     use the per-worker iterator.
 
     Args:
-        strategy: The strategy.
+        runtime: The strategy's runtime.
         dataset: The `tf.data.Dataset` Keras built from the user's input.
         options: `tf.distribute.InputOptions` or `None`.
         epoch_iterator: The Keras epoch iterator that owns this input.
@@ -53,12 +51,12 @@ class KerasInput:
 
     def __init__(
         self,
-        strategy: ParameterServerStrategy,
+        runtime: ParameterServerRuntime,
         dataset: tf.data.Dataset,
         options: tf.distribute.InputOptions | None,
         epoch_iterator: Any,
     ) -> None:
-        self.strategy = strategy
+        self.runtime = runtime
         self.dataset = dataset
         self.options = options
         self.epoch_iterator = epoch_iterator
@@ -69,31 +67,11 @@ class KerasInput:
         return InputHandle(self)
 
     def per_worker_iterator(self) -> Any:
-        """Each worker's iterator over its own, endlessly repeated, copy.
-
-        Built once per dataset object and reused by later `fit` calls on it:
-        building costs a dataset serialization and new functions registered
-        with every worker (which a frozen worker would block).
-        """
+        """Each worker's iterator over its own, endlessly repeated, copy."""
         if self._per_worker_iterator is None:
-            cache = self.strategy.per_worker_iterators
-            with contextlib.suppress(TypeError):  # not weakly referenceable
-                self._per_worker_iterator = cache.get(self.dataset)
-        if self._per_worker_iterator is None:
-            # Workers read independently, so an epoch is a number of steps, not
-            # one pass over the data: each copy repeats (as in tf-keras 2).
-            distributed = (
-                tf.distribute.ParameterServerStrategy.experimental_distribute_dataset(
-                    self.strategy, self.dataset.repeat(), self.options
-                )
+            self._per_worker_iterator = self.runtime.per_worker_iterator(
+                self.dataset, self.options
             )
-            coordinator = self.strategy.coordinator
-            per_worker = coordinator.create_per_worker_dataset(distributed)
-            self._per_worker_iterator = iter(per_worker)
-            with contextlib.suppress(TypeError):
-                self.strategy.per_worker_iterators[self.dataset] = (
-                    self._per_worker_iterator
-                )
         return self._per_worker_iterator
 
 
@@ -118,14 +96,14 @@ class CoordinatedFunctions:
     """The train, test and predict functions of one model under the strategy.
 
     Args:
-        model: The Keras model, built under `strategy`.
-        strategy: The strategy.
+        model: The Keras model, built under the runtime's strategy.
+        runtime: The strategy's runtime.
     """
 
-    def __init__(self, model: keras.Model, strategy: ParameterServerStrategy) -> None:
+    def __init__(self, model: keras.Model, runtime: ParameterServerRuntime) -> None:
         self.model = model
-        self.strategy = strategy
-        self.tracker: StepTracker = strategy.tracker
+        self.runtime = runtime
+        self.tracker: StepTracker = runtime.tracker
         self._original_get_metrics_result = model.get_metrics_result
         self._train_fn = tf.function(self._train_steps, reduce_retracing=True)
         self._test_fn = tf.function(self._test_steps, reduce_retracing=True)
@@ -169,12 +147,9 @@ class CoordinatedFunctions:
             int(self.model.steps_per_execution), epoch_steps - source.steps_in_epoch
         )
         source.steps_in_epoch = (source.steps_in_epoch + steps) % epoch_steps
-        coordinator = self.strategy.coordinator
-        limit = self.strategy.max_in_flight
-        self.tracker.wait(coordinator, lambda: self.tracker.in_flight < limit)
+        self.runtime.wait_for_room()
         iterator = source.per_worker_iterator()
-        self.tracker.scheduled()
-        _compat.schedule_callable(coordinator, self._train_closure, (iterator, steps))
+        self.runtime.schedule(self._train_closure, (iterator, steps))
         return self._current_logs()
 
     def test_function(self, handle: InputHandle) -> dict[str, Any]:
@@ -182,28 +157,21 @@ class CoordinatedFunctions:
         self._prepare_variables()
         self._current_logs()  # reads the metric names before scheduling
         batches = _take(handle, int(self.model.steps_per_execution))
-        coordinator = self.strategy.coordinator
-        limit = self.strategy.max_in_flight
-        self.tracker.wait(coordinator, lambda: self.tracker.in_flight < limit)
-        self.tracker.scheduled()
-        _compat.schedule_callable(coordinator, self._test_closure, (batches,))
+        self.runtime.wait_for_room()
+        self.runtime.schedule(self._test_closure, (batches,))
         return self._current_logs()
 
     def predict_function(self, batches: list[Any]) -> Any:
         """Predicts `batches` on a worker and returns the outputs, in order."""
         self._prepare_variables()
-        coordinator = self.strategy.coordinator
-        self.tracker.scheduled()
-        remote = _compat.schedule_callable(
-            coordinator, self._predict_closure, (batches,)
-        )
-        self.tracker.join(coordinator)
+        remote = self.runtime.schedule(self._predict_closure, (batches,))
+        self.runtime.join()
         return remote.get()
 
     def get_metrics_result(self) -> dict[str, Any]:
         """Waits for every scheduled step, then returns the metric values."""
         if not tf.inside_function():  # Keras also calls it inside train_step
-            self.tracker.join(self.strategy.coordinator)
+            self.runtime.join()
             self.tracker.latest_logs = None  # the next phase starts afresh
         return self._original_get_metrics_result()
 
@@ -238,8 +206,7 @@ class CoordinatedFunctions:
         worker = _compat.current_worker_index()
         started = self.tracker.start(worker)
         try:
-            with _compat.scheduled_tracing():
-                outputs = self._predict_fn(batches)
+            outputs = self._predict_fn(batches)
             # Fetched here, under the step deadline: fetched later, a worker
             # frozen in between would block the main thread.
             values = tf.nest.map_structure(lambda t: t.numpy(), outputs)
@@ -256,8 +223,7 @@ class CoordinatedFunctions:
             worker = _compat.current_worker_index()
             started = self.tracker.start(worker)
             try:
-                with _compat.scheduled_tracing():
-                    packed = call()
+                packed = call()
                 # Reading the results waits for the step, so the wall time and
                 # the deadline cover the whole step. One tensor: one transfer.
                 local, device_seconds = self._unpack(kind, packed.numpy())
@@ -270,10 +236,13 @@ class CoordinatedFunctions:
 
         return run
 
-    # The step functions, traced once per shape and run on a worker.
+    # The step functions, traced once per shape and run on a worker. Their
+    # Python bodies run only while tracing, before TensorFlow registers the
+    # new function with every worker: each first checks that they answer.
 
     @tf.autograph.experimental.do_not_convert
     def _train_steps(self, iterator: Any, steps: int) -> tf.Tensor:
+        self.runtime.before_new_functions()
         start = tf.timestamp()
         with tf.control_dependencies([start]):
             logs = self._run(self.model.train_step, next(iterator))
@@ -291,6 +260,7 @@ class CoordinatedFunctions:
 
     @tf.autograph.experimental.do_not_convert
     def _test_steps(self, batches: list[Any]) -> tf.Tensor:
+        self.runtime.before_new_functions()
         start = tf.timestamp()
         logs: Any = None
         for batch in batches:
@@ -303,6 +273,7 @@ class CoordinatedFunctions:
 
     @tf.autograph.experimental.do_not_convert
     def _predict_steps(self, batches: list[Any]) -> Any:
+        self.runtime.before_new_functions()
         outputs = [self._run(self.model.predict_step, batch) for batch in batches]
         if len(outputs) == 1:
             return outputs[0]
@@ -326,10 +297,11 @@ class CoordinatedFunctions:
         return logs, float(flat[-1])
 
     def _run(self, step: Callable[[Any], Any], data: Any) -> Any:
-        outputs = self.strategy.run(step, args=(data,))
+        strategy = self.runtime.strategy
+        outputs = strategy.run(step, args=(data,))
         # One replica per worker: each value is that replica's tensor.
         return tf.nest.map_structure(
-            lambda v: self.strategy.experimental_local_results(v)[0], outputs
+            lambda v: strategy.experimental_local_results(v)[0], outputs
         )
 
     def _current_logs(self) -> dict[str, Any]:
