@@ -19,10 +19,10 @@ Nothing imports this package's modules but the part of tfpar that needs
 them, so an internal that an upgrade removed breaks that strategy or
 callback alone (`tfpar.__getattr__` turns the failed import into an error
 that names the versions), and `import tfpar` still works.
-`tests/test_compat.py` checks every internal and names the TensorFlow and
+`tests/_compat/` checks every internal and names the TensorFlow and
 Keras versions when one changed.
 """
 
-# The TensorFlow and Keras releases whose internals tests/test_compat.py
+# The TensorFlow and Keras releases whose internals tests/_compat/
 # checks; pyproject.toml declares the same range.
 SUPPORTED = {"tensorflow": ">=2.21,<2.22", "keras": ">=3.15,<3.16"}
