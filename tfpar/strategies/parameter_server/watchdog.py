@@ -98,6 +98,10 @@ class StepTracker:
         # became pending: the stall rule measures from there.
         self._last_progress = time.monotonic()
         self._last_answer = -float("inf")  # latest probe every worker answered
+        # The workers the latest probe found silent, and when: the checks of
+        # the other in-flight closures reuse that verdict for a deadline
+        # rather than each waiting a deadline of its own.
+        self._found_silent: tuple[list[int], float] | None = None
         self._condition = threading.Condition()
 
     # Called on the coordinator's worker threads.
@@ -252,9 +256,17 @@ class StepTracker:
         """
         if self.step_deadline is None:
             return
-        if time.monotonic() - self._last_answer < _PROBE_INTERVAL_SECONDS:
+        now = time.monotonic()
+        if now - self._last_answer < _PROBE_INTERVAL_SECONDS:
             return
-        silent = silent_servers(self.workers, self.step_deadline)
+        if (
+            self._found_silent is not None
+            and now - self._found_silent[1] < self.step_deadline
+        ):
+            silent = self._found_silent[0]
+        else:
+            silent = silent_servers(self.workers, self.step_deadline)
+            self._found_silent = (silent, time.monotonic()) if silent else None
         if silent:
             raise self._frozen_error(
                 silent,
