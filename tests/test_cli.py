@@ -15,7 +15,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"tfpar {tfpar.__version__}"
 
 
-@pytest.mark.parametrize("command", [[], ["devices"], ["server"]])
+@pytest.mark.parametrize("command", [[], ["devices"], ["server"], ["launch"]])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])

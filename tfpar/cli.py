@@ -1,4 +1,4 @@
-"""The `tfpar` command line: `tfpar --version`, `tfpar devices`, `tfpar server`.
+"""The `tfpar` command line: `tfpar --version`, `devices`, `server`, `launch`.
 
 A mistake in the command (a bad option, an invalid `TF_CONFIG`) ends it with
 one line on stderr, `tfpar COMMAND: error: ...`, and exit status 2, as
@@ -56,6 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="exit when this process is no longer the parent (used by LocalCluster)",
     )
+
+    launch = commands.add_parser(
+        "launch",
+        help="run a command as N local workers of one cluster (TF_CONFIG set)",
+        usage="tfpar launch [-h] --workers N [--pin-cores] [--port-base P] "
+        "-- COMMAND [ARG ...]",
+        description="Start N local worker processes of COMMAND, each with the "
+        "TF_CONFIG of one worker task of a cluster on 127.0.0.1, prefix their "
+        "output with [worker i], and stop them all when one fails or on Ctrl-C. "
+        "Exits with the failing worker's status (128+signal if killed), 130 "
+        "after Ctrl-C, 143 after SIGTERM, 0 if every worker exits with 0.",
+    )
+    launch.add_argument(
+        "--workers", type=int, required=True, metavar="N", help="number of workers"
+    )
+    launch.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="pin worker i to core i %% cores; TF_NUM_INTRAOP_THREADS=1, "
+        "TF_NUM_INTEROP_THREADS=2 unless set",
+    )
+    launch.add_argument(
+        "--port-base",
+        type=int,
+        metavar="P",
+        help="worker i listens on port P+i (default: free ports)",
+    )
+    launch.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND [ARG ...]",
+        help="the program each worker runs, e.g. -- python train.py",
+    )
     return parser
 
 
@@ -105,6 +138,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent_pid=args.parent_pid,
         )
         return 0
+    if args.command == "launch":
+        from tfpar import launch
+
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        with _user_errors(parser, "launch"):
+            check_int("--workers", args.workers, minimum=1)
+            launch.check_port_base("--port-base", args.port_base, args.workers)
+            if not command:
+                raise ValueError(
+                    "No command to run: give it after `--`, e.g. "
+                    "`tfpar launch --workers 2 -- python train.py`."
+                )
+            # Checks the program and the ports before starting anything.
+            launch.check_command(command)
+            if args.port_base is not None:
+                launch.check_ports_free(args.port_base, args.workers)
+        return launch.launch(
+            command,
+            num_workers=args.workers,
+            pin_cores=args.pin_cores,
+            port_base=args.port_base,
+        )
     parser.print_help()
     return 0
 
