@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -68,3 +69,67 @@ def tagged_json(stdout: str, tag: str) -> Any:
     if line is None:
         raise AssertionError(f"the child printed no {tag} line:\n{stdout[-3000:]}")
     return json.loads(line[len(prefix) :])
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports nobody listened on a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(
+    code: str, num_workers: int, *, timeout: float = 180
+) -> list[subprocess.CompletedProcess[str]]:
+    """Runs `code` in `num_workers` processes, each with its own `TF_CONFIG`.
+
+    The processes form one cluster of `worker` tasks on loopback, as
+    `tfpar launch` starts them. All are killed if one fails or the time runs
+    out; a failed or late worker fails the caller with every worker's output.
+    """
+    ports = free_ports(num_workers)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(num_workers):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(tf_config),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(code)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(
+                subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        raise AssertionError(
+            "\n".join(
+                f"--- worker exited with {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+                for r in results
+            )
+        )
+    return results

@@ -20,12 +20,16 @@ from tfpar.errors import ClusterTaskError, StepDeadlineExceededError
 from tfpar.stats import CommunicationStats, DeviceCommunication
 
 if TYPE_CHECKING:
-    from tfpar.strategies.mirrored import MirroredStrategy
+    from tfpar.strategies.mirrored import (
+        MirroredStrategy,
+        MultiWorkerMirroredStrategy,
+    )
     from tfpar.strategies.parameter_server import ParameterServerStrategy
     from tfpar.strategies.pipeline import PipelineStrategy
 
 _STRATEGIES = {
     "MirroredStrategy": "tfpar.strategies.mirrored",
+    "MultiWorkerMirroredStrategy": "tfpar.strategies.mirrored",
     "ParameterServerStrategy": "tfpar.strategies.parameter_server",
     "PipelineStrategy": "tfpar.strategies.pipeline",
 }
@@ -41,6 +45,7 @@ __all__ = [
     "DeviceCommunication",
     "LocalCluster",
     "MirroredStrategy",
+    "MultiWorkerMirroredStrategy",
     "ParameterServerStrategy",
     "PipelineStrategy",
     "StepDeadlineExceededError",

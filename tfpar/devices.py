@@ -33,6 +33,8 @@ def simulate_devices(n: int) -> list[str]:
     `tfpar.LocalCluster`.
 
     Call it first thing, before any TensorFlow op runs or any device is listed.
+    It does not start TensorFlow's runtime itself, so a
+    `tfpar.MultiWorkerMirroredStrategy` may still be created after it.
 
     Args:
         n: Number of logical CPU devices, a positive `int`.
@@ -73,7 +75,10 @@ def simulate_devices(n: int) -> list[str]:
             "top of your program, before any TensorFlow op runs, any device is "
             "listed or any model is built (or run the code in a fresh process)."
         ) from err
-    return _names(tf.config.list_logical_devices("CPU"))
+    # Named without listing them: listing would start TensorFlow's runtime,
+    # after which collective ops (tfpar.MultiWorkerMirroredStrategy) can no
+    # longer be configured.
+    return [f"/device:CPU:{i}" for i in range(n)]
 
 
 def default_devices() -> list[str]:

@@ -50,6 +50,19 @@ Used by `tfpar/strategies/mirrored/strategy.py` and `all_reduce.py`:
   on GPUs) is selected only by `_use_merge_call`, and its reductions go to the
   strategy's private collective ops, not to `cross_device_ops`. No public
   switch exists for either.
+- `CollectiveAllReduceExtended` (`TfparCollectiveExtended`,
+  `init_multi_worker`): the multi-worker strategy takes no
+  `cross_device_ops` argument and picks its local devices itself (every
+  GPU, else one CPU). tfpar's subclass of its extended object, passed to
+  `tf.distribute.Strategy.__init__` as the stock class passes its own, wraps
+  the collective all-reduce it builds (`_cross_device_ops`, with the group
+  keys every worker shares) in tfpar's measured one, and uses every logical
+  CPU of `tfpar.simulate_devices` as a replica (`_initialize_local_devices`).
+  The stock strategy's constructor adds only usage gauges.
+- `Context._context_handle` (`runtime_started`): collective ops must be
+  configured before TensorFlow's runtime starts, and TensorFlow says only
+  "Collective ops must be configured at program startup" from deep inside
+  the strategy's constructor; the handle is what it checks.
 """
 
 from __future__ import annotations
@@ -58,13 +71,16 @@ import itertools
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy as _collective
+from tensorflow.python.distribute import distribute_lib as _distribute_lib
 from tensorflow.python.distribute import mirrored_run as _mirrored_run
 from tensorflow.python.distribute import numpy_dataset as _numpy_dataset
 from tensorflow.python.distribute import values as _values
+from tensorflow.python.eager import context as _context
 
 # Far above the group keys any stock strategy of the process uses (1, 2, ...).
 _KEY_BASES = itertools.count(start=10_000, step=10_000)
@@ -153,6 +169,65 @@ def stock_default_cross_device_ops(
 ) -> tf.distribute.CrossDeviceOps:
     """Returns the reduction a stock `MirroredStrategy` uses by default."""
     return extended._collective_ops
+
+
+class TfparCollectiveExtended(_collective.CollectiveAllReduceExtended):
+    """The multi-worker extended object, with tfpar's all-reduce and devices.
+
+    Args:
+        container_strategy: The `tfpar.MultiWorkerMirroredStrategy`.
+        cluster_resolver: Its cluster resolver.
+        communication_options: A `tf.distribute.experimental.CommunicationOptions`.
+        wrap: Returns the `CrossDeviceOps` to reduce with, given the stock
+            collective all-reduce, this worker's replica devices and the
+            number of replicas of all workers.
+    """
+
+    def __init__(
+        self,
+        container_strategy: tf.distribute.Strategy,
+        cluster_resolver: Any,
+        communication_options: Any,
+        wrap: Callable[
+            [tf.distribute.CrossDeviceOps, tuple[str, ...], int],
+            tf.distribute.CrossDeviceOps,
+        ],
+    ) -> None:
+        super().__init__(
+            container_strategy,
+            cluster_resolver=cluster_resolver,
+            communication_options=communication_options,
+        )
+        # After the stock constructor, which asserts its own class there.
+        devices = tuple(self.worker_devices)
+        stock = self._cross_device_ops  # type: ignore[has-type]
+        self._cross_device_ops = wrap(stock, devices, len(devices) * self._num_workers)
+
+    def _initialize_local_devices(
+        self, cluster_resolver: Any, worker_device: str
+    ) -> tuple[tuple[str, ...], str]:
+        devices, kind = super()._initialize_local_devices(
+            cluster_resolver, worker_device
+        )
+        cpus = tf.config.list_physical_devices("CPU")
+        logical = tf.config.get_logical_device_configuration(cpus[0]) if cpus else None
+        if kind == "CPU" and logical:
+            devices = tuple(
+                f"{worker_device}/device:CPU:{i}" for i in range(len(logical))
+            )
+        return devices, kind
+
+
+def init_multi_worker(
+    strategy: tf.distribute.Strategy, extended: TfparCollectiveExtended
+) -> None:
+    """Initializes `strategy` on `extended`, as the stock class does its own."""
+    _distribute_lib.Strategy.__init__(strategy, extended)
+
+
+def runtime_started() -> bool:
+    """Whether this process's TensorFlow runtime has started (ran an op)."""
+    return _context.context()._context_handle is not None
 
 
 def reserve_collective_keys(strategy: tf.distribute.MirroredStrategy) -> None:

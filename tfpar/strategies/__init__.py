@@ -1,6 +1,6 @@
 """tfpar's distribution strategies, one subpackage per family.
 
-- `mirrored`: synchronous data parallel in one client.
+- `mirrored`: synchronous data parallel, in one client or across processes.
 - `parameter_server`: asynchronous training on parameter servers.
 - `pipeline`: the model cut into stages, micro-batches flowing through them.
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         AllReduceOptions,
         MeasuredAllReduce,
         MirroredStrategy,
+        MultiWorkerMirroredStrategy,
     )
     from tfpar.strategies.parameter_server import (
         ParameterServerOptions,
@@ -42,6 +43,7 @@ _MODULES = {
     "AllReduceOptions": _MIRRORED,
     "MeasuredAllReduce": _MIRRORED,
     "MirroredStrategy": _MIRRORED,
+    "MultiWorkerMirroredStrategy": _MIRRORED,
     "ParameterServerOptions": _PARAMETER_SERVER,
     "ParameterServerStrategy": _PARAMETER_SERVER,
     "Action": _PIPELINE,
@@ -64,6 +66,7 @@ __all__ = [
     "ClusterTaskError",
     "MeasuredAllReduce",
     "MirroredStrategy",
+    "MultiWorkerMirroredStrategy",
     "ParameterServerOptions",
     "ParameterServerStrategy",
     "Partition",

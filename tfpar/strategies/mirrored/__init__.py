@@ -1,6 +1,9 @@
 """Synchronous data parallel in one client: `tfpar.MirroredStrategy` and its parts.
 
 - `strategy`: the strategy, a subclass of `tf.distribute.MirroredStrategy`.
+- `multi_worker`: `MultiWorkerMirroredStrategy`, the same across processes,
+  a subclass of `tf.distribute.MultiWorkerMirroredStrategy`.
+- `keras_reduce`: how both answer Keras 3's own `Strategy.reduce` calls.
 - `options`: `AllReduceOptions`, the validated all-reduce choices.
 - `all_reduce`: `MeasuredAllReduce`, the `tf.distribute.CrossDeviceOps`
   that receives Keras's gradient all-reduce: its one reduction path.
@@ -11,7 +14,13 @@
 """
 
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.multi_worker import MultiWorkerMirroredStrategy
 from tfpar.strategies.mirrored.options import AllReduceOptions
 from tfpar.strategies.mirrored.strategy import MirroredStrategy
 
-__all__ = ["AllReduceOptions", "MeasuredAllReduce", "MirroredStrategy"]
+__all__ = [
+    "AllReduceOptions",
+    "MeasuredAllReduce",
+    "MirroredStrategy",
+    "MultiWorkerMirroredStrategy",
+]

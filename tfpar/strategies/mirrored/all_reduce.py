@@ -19,6 +19,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpar._compat import mirrored as compat
+from tfpar.devices import canonical_device
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.codec import Codec, byte_size
 from tfpar.strategies.mirrored.counters import AllReduceCounters
@@ -59,6 +60,9 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         options: An `AllReduceOptions`.
         algorithm: The wrapped `CrossDeviceOps`, or `None` to bind one later
             with `bind` (the strategy binds its stock default).
+        group_size: Replicas taking part in each reduction, in every process
+            (`None`, the default: `devices`, this process's replicas). A
+            multi-worker strategy's all-reduce spans every worker's replicas.
 
     Example:
 
@@ -79,9 +83,11 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         devices: Sequence[str],
         options: AllReduceOptions,
         algorithm: tf.distribute.CrossDeviceOps | None = None,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         self._devices = tuple(devices)
+        self._group_size = group_size or len(self._devices)
         self._options = options
         self._algorithm = algorithm
         self._codec = Codec(options.compression, options.bucket_bytes)
@@ -188,7 +194,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         outputs, reduction = self._reduce([flat], exchange, replica_id)
         if self._options.measure:
             seconds = reduction.ends[0] - reduction.starts[0]
-            sent = ring_bytes_sent(len(self._devices), reduction.moved_bytes)
+            sent = ring_bytes_sent(self._group_size, reduction.moved_bytes)
             totals = reduction.totals(seconds)
             self._counters.add_replica(replica_id, totals, seconds, sent)
         elif self._options.on_nonfinite == "skip":
@@ -211,23 +217,36 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         n = len(values[0].values)
         replicas = [[v.values[i] for v in values] for i in range(n)]
         if all(_is_all_reduce(v, d) for v, d in pairs):
+            # A multi-worker strategy with one replica per process names that
+            # replica's device as the destination, and gets plain tensors.
+            named = not _is_distributed(pairs[0][1])
 
             def exchange(packed: list[list[Any]]) -> list[list[Any]]:
                 buckets = [
                     compat.per_replica(copies) for copies in zip(*packed, strict=True)
                 ]
                 results = self.algorithm.batch_reduce_implementation(
-                    reduce_op, [(b, b) for b in buckets], options
+                    reduce_op,
+                    [(b, pairs[0][1] if named else b) for b in buckets],
+                    options,
                 )
-                return [[r.values[i] for r in results] for i in range(n)]
+                return [
+                    [r.values[i] if _is_distributed(r) else r for r in results]
+                    for i in range(n)
+                ]
 
             outputs, reduction = self._reduce(replicas, exchange)
-            reduced = [compat.mirrored(copies) for copies in zip(*outputs, strict=True)]
+            reduced = (
+                list(outputs[0])
+                if named
+                else [compat.mirrored(copies) for copies in zip(*outputs, strict=True)]
+            )
             sent = bytes_sent(
                 self.algorithm,
                 self._devices,
                 reduction.moved_bytes,
                 collective=self._collective,
+                group_size=self._group_size,
             )
         else:
             devices = [tensors[0].device for tensors in replicas]
@@ -311,9 +330,21 @@ def _is_distributed(value: Any) -> bool:
 
 
 def _is_all_reduce(value: Any, destination: Any) -> bool:
-    """Whether a pair reduces a value onto the same devices it lives on."""
-    if not (_is_distributed(value) and _is_distributed(destination)):
+    """Whether a pair reduces a value onto the same devices it lives on.
+
+    The destination is distributed values (a mirrored strategy's gradients),
+    or, for one replica per process (a multi-worker strategy), that replica's
+    device name or a tensor on it.
+    """
+    if not _is_distributed(value):
         return False
-    here = [tf.DeviceSpec.from_string(t.device) for t in value.values]
-    there = [tf.DeviceSpec.from_string(t.device) for t in destination.values]
-    return here == there and all(isinstance(t, tf.Tensor) for t in value.values)
+    if _is_distributed(destination):
+        there = [t.device for t in destination.values]
+    elif isinstance(destination, str):
+        there = [destination]
+    else:
+        there = [getattr(destination, "device", "")]
+    here = [t.device for t in value.values]
+    return [canonical_device(d) for d in here] == [
+        canonical_device(d) for d in there
+    ] and all(isinstance(t, tf.Tensor) for t in value.values)

@@ -72,6 +72,7 @@ def bytes_sent(
     moved: int,
     *,
     collective: bool,
+    group_size: int | None = None,
 ) -> list[float]:
     """Bytes each replica sends in one all-reduce of `moved` bytes each.
 
@@ -88,6 +89,8 @@ def bytes_sent(
         moved: One replica's bytes handed to the algorithm.
         collective: Whether `algorithm` may be TensorFlow's collective
             all-reduce, whose class is private.
+        group_size: The ring's size when it spans other processes' replicas
+            too (default: `len(devices)`).
     """
     n = len(devices)
     if isinstance(algorithm, tf.distribute.ReductionToOneDevice):
@@ -96,7 +99,7 @@ def bytes_sent(
         index = 0 if target is None else _find(canonical_device(target), names)
         return [float((n - 1) * moved if i == index else moved) for i in range(n)]
     if collective or isinstance(algorithm, tf.distribute.NcclAllReduce):
-        return [ring_bytes_sent(n, moved)] * n
+        return [ring_bytes_sent(group_size or n, moved)] * n
     return [0.0] * n
 
 

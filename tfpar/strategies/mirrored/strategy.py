@@ -24,6 +24,7 @@ from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.options import AllReduceOptions
 
 # This process's CPU: where the input pipeline runs when the replicas are remote.
@@ -197,7 +198,7 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         over the replicas) raise a clear `ValueError` instead of the stock
         AddN shape error. Keras's model build, which averages the first batch
         over the replicas only to learn its shapes, gets the first replica's
-        batch instead, so `fit` trains on such batches.
+        batch instead, so `fit` trains on such batches (`keras_reduce.py`).
 
         Args:
             reduce_op: A `tf.distribute.ReduceOp` or its name.
@@ -210,40 +211,13 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         Raises:
             ValueError: If `axis=None` and the replicas' values differ in shape.
         """
-        if axis is None and tf.executing_eagerly():
-            uneven = _uneven_shapes(value)
-            if uneven and compat.called_from_keras_symbolic_build():
-                return tf.nest.map_structure(
-                    lambda v: v.values[0] if _is_distributed(v) else v, value
-                )
-            if uneven:
-                raise ValueError(
-                    "strategy.reduce() with axis=None needs every replica's "
-                    f"value to have one shape. Received: shapes {uneven} over "
-                    f"{self.num_replicas_in_sync} replicas (a batch that does "
-                    "not split evenly? Reduce with axis=0, or use a batch size "
-                    "divisible by the number of replicas)."
-                )
-        return super().reduce(reduce_op, value, axis)
+        return reduce_for_keras(
+            super().reduce, reduce_op, value, axis, self.num_replicas_in_sync
+        )
 
     def skipped_steps(self) -> int:
         """Returns how many steps `on_nonfinite="skip"` skipped so far."""
         return self._tfpar_reducer.skipped_steps()
-
-
-def _is_distributed(value: Any) -> bool:
-    return isinstance(value, tf.distribute.DistributedValues)
-
-
-def _uneven_shapes(value: Any) -> list[tuple[tuple[int | None, ...], ...]]:
-    """Lists per-replica shapes of the leaves whose replicas differ in shape."""
-    found = []
-    for leaf in tf.nest.flatten(value, expand_composites=False):
-        if _is_distributed(leaf):
-            shapes = tuple(tuple(v.shape) for v in leaf.values)
-            if len(set(shapes)) > 1:
-                found.append(shapes)
-    return found
 
 
 def _are_remote(devices: list[str]) -> bool:
