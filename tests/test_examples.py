@@ -127,3 +127,43 @@ def test_example_runs_to_the_end_without_errors(args, last_line):
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert last_line in proc.stdout.rstrip().splitlines()[-1], proc.stdout[-3000:]
     assert_no_tensorflow_errors(proc)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_multi_worker_example_runs_under_tfpar_launch(tmp_path):
+    launch = [sys.executable, "-m", "tfpar", "launch", "--workers", "2", "--"]
+    script = [sys.executable, str(ROOT / "examples" / "multi_worker.py")]
+    proc = subprocess.run(
+        [*launch, *script, "--epochs", "2", "--logdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_no_tensorflow_errors(proc)
+    # Both workers finished with the same model; only the chief logs epochs.
+    finals = re.findall(
+        r"^\[worker (\d)\] worker \1 of 2 replicas: val_accuracy ([0-9.]+)",
+        proc.stdout,
+        re.MULTILINE,
+    )
+    assert sorted(w for w, _ in finals) == ["0", "1"], proc.stdout
+    assert len({acc for _, acc in finals}) == 1 and float(finals[0][1]) > 0.7
+    assert proc.stdout.count("[worker 0] Epoch ") == 2
+    assert "[worker 1] Epoch " not in proc.stdout
+    # The chief wrote the logs and the model, which loads without tfpar.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits.keras",
+        "train",
+        "validation",
+    ]
+    load = (
+        "import sys; sys.modules['tfpar'] = None; import keras, numpy as np; "
+        f"m = keras.models.load_model({str(tmp_path / 'digits.keras')!r}); "
+        "p = m.predict(np.zeros((3, 8, 8, 1), 'float32'), verbose=0); "
+        "assert p.shape == (3, 10) and np.isfinite(p).all(), p"
+    )
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=120)

@@ -210,11 +210,15 @@ def _resolver(
         config = read_tf_config()
         cluster = {job: list(a) for job, a in config.cluster.items()}
         task_type, task_id = config.task_type, config.task_index
+        # Every local GPU is a replica, as with TensorFlow's own TF_CONFIG
+        # resolver (listing physical devices does not start the runtime).
+        gpus = len(tf.config.list_physical_devices("GPU"))
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(cluster),
             task_type=task_type,
             task_id=task_id,
             rpc_layer="grpc",
+            num_accelerators={"GPU": gpus} if gpus else None,
         )
         where = "TF_CONFIG"
     else:
