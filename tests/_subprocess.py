@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -133,3 +134,55 @@ def run_workers(
             )
         )
     return results
+
+
+def start_workers(
+    code: str,
+    num_workers: int,
+    *,
+    env: dict[str, str] | None = None,
+    worker_env: list[dict[str, str]] | None = None,
+) -> tuple[list[subprocess.Popen[str]], dict[str, list[str]]]:
+    """Starts `code` in `num_workers` processes, each with its own `TF_CONFIG`.
+
+    As `run_workers`, but returns at once: the started processes (stdout and
+    stderr piped) and the cluster, for tests that stop or kill a worker. The
+    caller must end every process (`kill_all` in a `finally`). `worker_env`
+    adds variables to one worker each.
+    """
+    ports = free_ports(num_workers)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for index in range(num_workers):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            child_env = {
+                **os.environ,
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+                "TF_CONFIG": json.dumps(tf_config),
+                **(env or {}),
+                **(worker_env[index] if worker_env else {}),
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", textwrap.dedent(code)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=child_env,
+                )
+            )
+    except BaseException:
+        kill_all(procs)
+        raise
+    return procs, cluster
+
+
+def kill_all(procs: list[subprocess.Popen[str]]) -> None:
+    """SIGKILLs every process still running (stopped ones too) and reaps it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+            proc.communicate(timeout=10)
