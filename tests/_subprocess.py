@@ -93,25 +93,7 @@ def run_workers(
     `tfpar launch` starts them. All are killed if one fails or the time runs
     out; a failed or late worker fails the caller with every worker's output.
     """
-    ports = free_ports(num_workers)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(num_workers):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        env = {
-            **os.environ,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "TF_CONFIG": json.dumps(tf_config),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(code)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
+    procs, _ = start_workers(code, num_workers)
     deadline = time.monotonic() + timeout
     results = []
     try:
@@ -121,10 +103,7 @@ def run_workers(
                 subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
             )
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        kill_all(procs)
     failed = [r for r in results if r.returncode != 0]
     if failed:
         raise AssertionError(
