@@ -35,7 +35,7 @@ from tfpar._validation import (
     check_sequence,
     value_error,
 )
-from tfpar.server import _PR_SET_PDEATHSIG, PINNED_INTER_OP_THREADS
+from tfpar.server import PINNED_INTER_OP_THREADS, PR_SET_PDEATHSIG
 
 _HOST = "127.0.0.1"
 _MAX_PORT = 65535
@@ -59,7 +59,7 @@ _WORKER_PRELUDE = f"""\
 import ctypes, os, signal, sys
 parent, core, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)
 if os.getppid() != parent:
     os._exit(1)
 if core:

@@ -38,7 +38,7 @@ SECURITY_WARNING = (
 
 READY_LINE = "tfpar-server-ready"
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Inter-op threads of a task pinned to one core (see `serve`).
 PINNED_INTER_OP_THREADS = 2
@@ -186,7 +186,7 @@ def _exit_with_parent(parent_pid: int) -> None:
         # Linux ties this to the parent *thread* that started the process:
         # LocalCluster starts servers from the thread that owns the cluster.
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl
         os._exit(1)
 
