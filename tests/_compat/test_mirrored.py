@@ -118,38 +118,3 @@ def test_tensorflow_calls_the_cross_device_ops_hooks() -> None:
     result = strategy.experimental_local_results(step(values))
     assert [r.numpy().tolist() for r in result] == [[3.0, 3.0]] * 2
     assert ops.calls[-1] == "replica_all_reduce"
-
-
-class _Finding(tf.distribute.OneDeviceStrategy):
-    """Records the model `find_keras_model` sees when Keras distributes data."""
-
-    def __init__(self) -> None:
-        super().__init__("/cpu:0")
-        self.found: list[object] = []
-
-    def experimental_distribute_dataset(self, dataset: Any, options: Any = None) -> Any:
-        self.found.append(_compat.find_keras_model(self))
-        return super().experimental_distribute_dataset(dataset, options)
-
-
-def test_find_keras_model_sees_the_model_of_fit_evaluate_and_predict() -> None:
-    # find_keras_model: Keras's fit, evaluate and predict call
-    # experimental_distribute_dataset from their own frames (via
-    # TFEpochIterator), with the model as `self` and this strategy as its
-    # distribute_strategy; make_*_function keep a function once made.
-    import keras
-    import numpy as np
-
-    strategy = _Finding()
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-        model.compile(optimizer="sgd", loss="mse")
-    x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
-    model.fit(x, y, batch_size=4, verbose=0)
-    model.evaluate(x, y, batch_size=4, verbose=0)
-    model.predict(x, batch_size=4, verbose=0)
-    assert strategy.found and all(m is model for m in strategy.found)
-    assert _compat.find_keras_model(strategy) is None  # not from Keras
-    made = model.train_function
-    model.make_train_function()
-    assert model.train_function is made

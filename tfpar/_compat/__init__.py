@@ -7,9 +7,11 @@ which internals it uses and why:
 
 - `callbacks`: graph collection for op placement, GPU bus ids, the
   profiler's XPlane protos (the callbacks).
-- `cluster`: leaving a cluster (`tfpar.LocalCluster`).
+- `cluster`: leaving a cluster (`tfpar.LocalCluster`), the coordinator's
+  worker threads.
+- `keras_callers`: which Keras model called into a strategy.
 - `mirrored`: the cross-device ops hooks and reductions of
-  `tfpar.MirroredStrategy`.
+  `tfpar.MirroredStrategy` and `tfpar.MultiWorkerMirroredStrategy`.
 - `parameter_server`: the coordinator's internals used by
   `tfpar.ParameterServerStrategy`.
 - `pipeline`: the one-device extended object under `tfpar.PipelineStrategy`.

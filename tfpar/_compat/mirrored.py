@@ -59,11 +59,6 @@ Used by `tfpar/strategies/mirrored/strategy.py` and `all_reduce.py`:
   keys every worker shares) in tfpar's measured one, and uses every logical
   CPU of `tfpar.simulate_devices` as a replica (`_initialize_local_devices`).
   The stock strategy's constructor adds only usage gauges.
-- Keras's `fit`, `evaluate`, `predict` frames above
-  `experimental_distribute_dataset` (`find_keras_model`): Keras never tells
-  the strategy which model it runs, and the error of a lost worker comes out
-  of that model's `train_function`; the strategy wraps that one model's
-  functions so the error names the lost task.
 - `Context._context_handle` (`runtime_started`): collective ops must be
   configured before TensorFlow's runtime starts, and TensorFlow says only
   "Collective ops must be configured at program startup" from deep inside
@@ -88,7 +83,6 @@ from tensorflow.python.distribute import values as _values
 from tensorflow.python.eager import context as _context
 
 # Keras's methods that distribute a dataset for a model.
-_KERAS_ENTRY_POINTS = ("fit", "evaluate", "predict")
 # Far above the group keys any stock strategy of the process uses (1, 2, ...).
 _KEY_BASES = itertools.count(start=10_000, step=10_000)
 
@@ -230,32 +224,6 @@ def init_multi_worker(
 ) -> None:
     """Initializes `strategy` on `extended`, as the stock class does its own."""
     _distribute_lib.Strategy.__init__(strategy, extended)
-
-
-def find_keras_model(strategy: tf.distribute.Strategy) -> Any:
-    """Returns the Keras model whose `fit`/`evaluate`/`predict` called in, or `None`.
-
-    Only a model built under `strategy` counts; from anywhere else (a custom
-    training loop) the answer is `None`.
-    """
-    import keras
-
-    frame: types.FrameType | None = sys._getframe(1)
-    try:
-        for _ in range(12):  # TFEpochIterator.__init__ -> fit, with slack.
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if (
-                frame.f_code.co_name in _KERAS_ENTRY_POINTS
-                and isinstance(owner, keras.Model)
-                and getattr(owner, "distribute_strategy", None) is strategy
-            ):
-                return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame  # frames hold every local: break the cycle
 
 
 def runtime_started() -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
 from tfpar._validation import check_choice, check_instance, check_number
 from tfpar.errors import ClusterTaskError
@@ -210,9 +211,9 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         Returns:
             The distributed dataset.
         """
-        model = compat.find_keras_model(self)
-        if model is not None:
-            name_lost_tasks(model, self._lost_task_error)
+        caller = keras_callers.find_keras_caller(self)
+        if caller is not None:
+            name_lost_tasks(caller[0], self._lost_task_error)
         return super().experimental_distribute_dataset(dataset, options)
 
     def _lost_task_error(self, error: tf.errors.OpError) -> ClusterTaskError | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar._compat import keras_callers
 from tfpar._compat import parameter_server as _compat
 from tfpar._compat import sharding as compat_sharding
 from tfpar._validation import check_instance, check_int, check_number
@@ -229,7 +230,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         Returns:
             The distributed dataset.
         """
-        caller = _compat.find_keras_caller(self)
+        caller = keras_callers.find_keras_caller(self)
         if caller is None:
             return super().experimental_distribute_dataset(dataset, options)
         model, epoch_iterator = caller
