@@ -50,21 +50,21 @@ def changed(before, after):
     return sorted(f"{k}: {before[k]} -> {after.get(k)}" if k.startswith("logger:")
                   else k for k in before if before[k] != after.get(k))
 
-def model():
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                          keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
-    m.compile(optimizer="adam", loss="mse")
-    return m
-
 x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
 y = x.sum(axis=1, keepdims=True)
-stock = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with stock.scope():
-    m = model()
-m.fit(x, y, batch_size=16, epochs=1, verbose=0)
-m.predict(x, verbose=0)
-del stock, m
+
+def train(strategy, epochs=1):
+    # Builds, fits, evaluates and predicts under `strategy`, keeping nothing.
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+        m.compile(optimizer="adam", loss="mse")
+    m.fit(x, y, batch_size=16, epochs=epochs, verbose=0)
+    m.evaluate(x, y, verbose=0)
+    m.predict(x, verbose=0)
+
+train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 # TensorFlow logs through absl when a process connects to a cluster, and
 # absl's first log call configures the root logger: TensorFlow's doing, so
 # it happens here, before the first snapshot.
@@ -78,24 +78,13 @@ import tfpar
 report["import"] = changed(base, snapshot())
 
 for name in ("MirroredStrategy", "PipelineStrategy"):
-    strategy = getattr(tfpar, name)(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-        m = model()
-    m.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    m.evaluate(x, y, verbose=0)
-    m.predict(x, verbose=0)
-    del strategy, m
+    train(getattr(tfpar, name)(["/cpu:0", "/cpu:1"]))
     gc.collect()
     report[name] = changed(base, snapshot())
 
 with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
-    strategy = tfpar.ParameterServerStrategy(cluster.cluster_resolver, step_deadline=60)
-    with strategy.scope():
-        m = model()
-    m.fit(x, y, batch_size=16, epochs=2, verbose=0)
-    m.evaluate(x, y, verbose=0)
-    m.predict(x, verbose=0)
-    del strategy, m
+    train(tfpar.ParameterServerStrategy(cluster.cluster_resolver, step_deadline=60),
+          epochs=2)
     gc.collect()
 report["ParameterServerStrategy"] = changed(base, snapshot())
 report["tracked"] = len(base)
