@@ -63,7 +63,13 @@ def name_lost_tasks(
     """Gives `model` step functions whose lost-worker errors name the task.
 
     Made now with Keras's public `make_*_function` (which Keras would call
-    next, and which keeps a function once made), then wrapped once.
+    next, and which keeps a function once made), then wrapped once; only
+    this model changes.
+
+    Args:
+        model: The Keras model whose `fit`, `evaluate` or `predict` runs.
+        translate: Returns a step error as a `ClusterTaskError`, or `None`
+            for an error that is not about a lost worker (raised unchanged).
     """
     model.make_train_function()
     model.make_test_function()

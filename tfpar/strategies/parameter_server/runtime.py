@@ -32,6 +32,17 @@ class ParameterServerRuntime:
         max_in_flight: Scheduled functions that may wait or run at once.
         distribute_dataset: The strategy's stock
             `experimental_distribute_dataset`, for per-worker datasets.
+
+    The strategy builds it; users read it as `strategy.runtime`, e.g. for
+    the per-worker step records.
+
+    Example:
+
+    ```python
+    strategy = tfpar.ParameterServerStrategy(cluster.cluster_resolver)
+    model.fit(dataset, epochs=1, steps_per_epoch=20)
+    print([record.steps for record in strategy.runtime.tracker.records])
+    ```
     """
 
     def __init__(
