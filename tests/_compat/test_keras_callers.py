@@ -36,9 +36,14 @@ def test_keras_fit_evaluate_predict_are_found_from_experimental_distribute_datas
     assert len(strategy.callers) == 3
     for caller in strategy.callers:
         assert caller is not None, "Keras no longer calls it from fit/evaluate/predict"
-        found_model, epoch_iterator = caller
-        assert found_model is model
-        assert epoch_iterator.num_batches == 2
+        assert caller.model is model
+        assert caller.epoch_iterator.num_batches == 2
+        assert keras_callers.global_batch_size(caller.epoch_iterator, None) == 4
+    assert [caller.method for caller in strategy.callers] == [
+        "fit",
+        "evaluate",
+        "predict",
+    ]
     # Outside Keras (a custom loop), nothing is found: stock behaviour.
     assert keras_callers.find_keras_caller(strategy) is None
     # The multi-worker strategy wraps the functions Keras made: Keras keeps a
@@ -46,3 +51,14 @@ def test_keras_fit_evaluate_predict_are_found_from_experimental_distribute_datas
     made = model.train_function
     model.make_train_function()
     assert model.train_function is made
+
+
+def test_the_batch_size_of_a_dataset_batched_without_drop_remainder_is_known():
+    x = np.ones((10, 3), "float32")
+    batched = tf.data.Dataset.from_tensor_slices(x).shuffle(4).batch(4)
+    assert batched.element_spec.shape[0] is None  # unknown to Keras's adapter
+    assert keras_callers.global_batch_size(None, batched) == 4
+    assert keras_callers.global_batch_size(None, batched.prefetch(2)) == 4
+    # A map after batching may change the batch: unknown, not guessed.
+    mapped = batched.map(lambda t: t * 2)
+    assert keras_callers.global_batch_size(None, mapped) is None

@@ -9,14 +9,23 @@ needs that model (to give it coordinator-aware step functions) and the epoch
 iterator (for the epoch length); the multi-worker strategy needs the model
 (to make its step functions name a lost worker). Both are found from the
 caller frames: the frame layout is Keras's private detail.
+
+`global_batch_size` tells the multi-worker strategy the batch Keras will
+feed, so that a batch the replicas cannot share evenly is refused before
+training: Keras's epoch iterator keeps its data adapter (whose `batch_size`
+is documented on Keras's `DataAdapter`) as an attribute, and for a
+`tf.data` dataset batched without `drop_remainder` only TensorFlow's own
+`compute_batch_size` (what its rebatching reads, not public) knows the size.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
+import tensorflow as tf
+from tensorflow.python.data.experimental.ops import distribute as _data_distribute
 
 # Keras's call chain is Trainer.fit/evaluate/predict -> TFEpochIterator.__init__
 # -> strategy.experimental_distribute_dataset: two frames; a few more are
@@ -27,16 +36,27 @@ _MAX_FRAMES = 6
 KERAS_ENTRY_POINTS = ("fit", "evaluate", "predict")
 
 
-def find_keras_caller(strategy: object) -> tuple[keras.Model, Any] | None:
-    """Returns the Keras model and epoch iterator that called into `strategy`.
+class KerasCaller(NamedTuple):
+    """The Keras call that is distributing a dataset through a strategy."""
+
+    model: keras.Model
+    """The model whose method runs."""
+    epoch_iterator: Any
+    """Keras's epoch iterator over the data given to that method."""
+    method: str
+    """`"fit"`, `"evaluate"` or `"predict"`."""
+
+
+def find_keras_caller(strategy: object) -> KerasCaller | None:
+    """Returns the Keras call that is distributing a dataset through `strategy`.
 
     Args:
         strategy: The strategy whose method is running.
 
     Returns:
-        `(model, epoch_iterator)` when a Keras `fit`, `evaluate` or `predict`
-        of a model built under `strategy` is on the stack, else `None` (a
-        custom training loop: stock behaviour applies).
+        A `KerasCaller` when a Keras `fit`, `evaluate` or `predict` of a
+        model built under `strategy` is on the stack, else `None` (a custom
+        training loop: stock behaviour applies).
     """
     frame = inspect.currentframe()
     epoch_iterator = None
@@ -52,8 +72,29 @@ def find_keras_caller(strategy: object) -> tuple[keras.Model, Any] | None:
                 and frame.f_code.co_name in KERAS_ENTRY_POINTS
                 and getattr(owner, "distribute_strategy", None) is strategy
             ):
-                return owner, epoch_iterator
+                return KerasCaller(owner, epoch_iterator, frame.f_code.co_name)
             frame = frame.f_back
         return None
     finally:
         del frame  # frames hold references to every local: break the cycle
+
+
+def global_batch_size(epoch_iterator: Any, dataset: tf.data.Dataset) -> int | None:
+    """Returns the batch size of the batches Keras feeds, if known before training.
+
+    Args:
+        epoch_iterator: Keras's epoch iterator (from `KerasCaller`).
+        dataset: The dataset it gives the strategy to distribute.
+
+    Returns:
+        The batch size of every full batch (the last one of an epoch may be
+        smaller), or `None` when it is known only from the data (a
+        generator, a `keras.utils.PyDataset`, a dataset mapped after
+        batching).
+    """
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    size = getattr(adapter, "batch_size", None)
+    if size is not None:
+        return int(size)
+    size = int(_data_distribute.compute_batch_size(dataset))
+    return size if size > 0 else None

@@ -67,6 +67,20 @@ for name, make in optimizers.items():
             - reference.predict(x, batch_size=64, verbose=0)).max())
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
         results["dataset_loss"] = model.fit(dataset, epochs=1, verbose=0).history["loss"]
+        # A global batch the replicas cannot share is refused before a step.
+        refused = []
+        batched_63 = tf.data.Dataset.from_tensor_slices((x, y)).batch(63)
+        for fit_63 in (lambda: model.fit(x, y, batch_size=63, verbose=0),
+                       lambda: model.fit(batched_63, verbose=0)):
+            try:
+                fit_63()
+            except ValueError as error:
+                refused.append(str(error))
+        results["refused"] = refused
+        results["steps_after_refusal"] = int(model.optimizer.iterations.numpy())
+        # evaluate weighs each replica's loss by its batch: any batch works.
+        results["eval_63"] = model.evaluate(x, y, batch_size=63, verbose=0)
+        results["eval_64"] = model.evaluate(x, y, batch_size=64, verbose=0)
 print("RESULTS " + json.dumps(results), flush=True)
 """.replace("import sys,", "import json, sys,")
 
@@ -98,6 +112,14 @@ def test_two_workers_hold_the_weights_of_one_process_on_the_global_batch():
     # tf.data input trains too (the same data, its global batch of 64).
     assert first["dataset_loss"] == second["dataset_loss"]
     assert np.isfinite(first["dataset_loss"]).all()
+    # A global batch of 63 over 2 replicas: refused, arrays and tf.data alike,
+    # before any step ran (the count is that of the fits before).
+    assert len(first["refused"]) == 2
+    for message in first["refused"]:
+        assert "global batch size 63 does not divide over the 2 replicas" in message
+        assert "batch_size=62 or 64" in message
+    assert first["steps_after_refusal"] == 2 * 512 // 64 + 512 // 64
+    assert first["eval_63"] == pytest.approx(first["eval_64"], rel=1e-5)
 
 
 def test_two_workers_of_two_simulated_devices_compress_and_still_match():

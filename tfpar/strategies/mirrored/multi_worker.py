@@ -110,7 +110,9 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         ValueError: If `TF_CONFIG` (with `cluster_resolver=None`) or the
             resolver's cluster is invalid, has no `worker` job, or names a
             task of another job; an option is not one of those allowed; or
-            TensorFlow's runtime already started in this process.
+            TensorFlow's runtime already started in this process. Keras's
+            `fit` under the strategy raises it, before the first step, for a
+            global batch size the number of replicas does not divide.
         TypeError: If an argument has the wrong type.
 
     Example:
@@ -188,6 +190,9 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
             job: list(addresses)
             for job, addresses in resolver.cluster_spec().as_dict().items()
         }
+        self._tfpar_workers = len(self._tfpar_cluster.get("chief", [])) + len(
+            self._tfpar_cluster["worker"]
+        )
         self._tfpar_task = (
             f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}"
         )
@@ -213,8 +218,33 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         """
         caller = keras_callers.find_keras_caller(self)
         if caller is not None:
-            name_lost_tasks(caller[0], self._lost_task_error)
+            if caller.method == "fit":
+                self._check_global_batch(
+                    keras_callers.global_batch_size(caller.epoch_iterator, dataset)
+                )
+            name_lost_tasks(caller.model, self._lost_task_error)
         return super().experimental_distribute_dataset(dataset, options)
+
+    def _check_global_batch(self, batch_size: int | None) -> None:
+        """Refuses a global batch that the replicas cannot share evenly.
+
+        TensorFlow would split it unevenly, and each replica's loss, scaled
+        by the number of replicas, would weigh its samples differently from
+        one process training on the whole batch.
+        """
+        replicas = self.num_replicas_in_sync
+        if batch_size is None or batch_size % replicas == 0:
+            return
+        lower = batch_size - batch_size % replicas
+        raise ValueError(
+            f"The global batch size {batch_size} does not divide over the "
+            f"{replicas} replicas of this cluster ({self._tfpar_workers} "
+            f"workers of {replicas // self._tfpar_workers} replicas each): "
+            "TensorFlow would give replicas batches of different sizes, which "
+            "weigh their samples unequally. Use a multiple of "
+            f"{replicas}, e.g. batch_size={lower or replicas} or "
+            f"{lower + replicas}."
+        )
 
     def _lost_task_error(self, error: tf.errors.OpError) -> ClusterTaskError | None:
         """`error` as a `ClusterTaskError` naming the lost task, or `None`."""

@@ -233,7 +233,7 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         caller = keras_callers.find_keras_caller(self)
         if caller is None:
             return super().experimental_distribute_dataset(dataset, options)
-        model, epoch_iterator = caller
+        model, epoch_iterator, _ = caller
         functions = self._functions.get(model)
         if functions is None:
             functions = CoordinatedFunctions(model, self.runtime)
