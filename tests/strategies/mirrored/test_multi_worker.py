@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import tfpar
 from tests._subprocess import run_workers, tagged_json
+from tfpar.strategies.mirrored.datasets import without_autotune_thread
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -194,3 +195,13 @@ def test_is_the_stock_class():
     assert issubclass(
         tfpar.MultiWorkerMirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy
     )
+
+
+def test_the_autotune_thread_is_off_unless_the_dataset_sets_it():
+    dataset = tf.data.Dataset.range(8).batch(4)
+    assert without_autotune_thread(dataset).options().autotune.enabled is False
+    for choice in (True, False):
+        options = tf.data.Options()
+        options.autotune.enabled = choice
+        chosen = dataset.with_options(options)
+        assert without_autotune_thread(chosen) is chosen

@@ -35,6 +35,7 @@ from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.datasets import without_autotune_thread
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks
 from tfpar.strategies.mirrored.options import AllReduceOptions
@@ -207,7 +208,13 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         Called by Keras's `fit`, `evaluate` or `predict` of a model built
         under this strategy, it also gives that model step functions whose
         errors name a lost worker (`tfpar.ClusterTaskError`); TensorFlow's
-        other errors pass unchanged.
+        other errors pass unchanged, and `fit` refuses a global batch size
+        that the number of replicas does not divide.
+
+        tf.data's autotuning thread is turned off for `dataset` unless its
+        options set `autotune.enabled`: destroying an iterator over a
+        distributed dataset (at each epoch's end) waits for that thread's
+        sleep of up to 10 s (see `docs/multi_worker.md`).
 
         Args:
             dataset: A `tf.data.Dataset`.
@@ -223,7 +230,9 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
                 )
             name_lost_tasks(caller.model, self._lost_task_error)
-        return super().experimental_distribute_dataset(dataset, options)
+        return super().experimental_distribute_dataset(
+            without_autotune_thread(dataset), options
+        )
 
     def _check_global_batch(self, batch_size: int | None) -> None:
         """Refuses a global batch that the replicas cannot share evenly.
