@@ -250,5 +250,31 @@ def _is_local(name: str) -> bool:
     return tf.DeviceSpec.from_string(name).job in _LOCAL_JOBS
 
 
+def process_task(strategy: tf.distribute.Strategy) -> str | None:
+    """Returns the cluster task this process is, when it runs a strategy's replicas.
+
+    Under a multi-worker strategy every worker is its own client, and its
+    devices are named after its task (`/job:worker/replica:0/task:1/...`)
+    although they are this process's own.
+
+    Args:
+        strategy: A model's `distribute_strategy`.
+
+    Returns:
+        The task, e.g. `"/job:worker/replica:0/task:1"`, or `None` when the
+        strategy's replicas are not named after this process's task (no
+        cluster; a single client driving other processes' devices; the
+        coordinator of a parameter-server strategy).
+    """
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        return None
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    task_id = getattr(resolver, "task_id", None)
+    if task_type is None or task_id is None:
+        return None
+    return f"/job:{task_type}/replica:0/task:{task_id}"
+
+
 def _names(devices: Sequence[tf.config.LogicalDevice]) -> list[str]:
     return [canonical_device(d.name) for d in devices]

@@ -28,7 +28,7 @@ from tfpar.callbacks.summaries import (
     check_log_dir,
     custom_scalars_layout,
 )
-from tfpar.devices import resolve_devices
+from tfpar.devices import process_task, resolve_devices
 
 logger = logging.getLogger("tfpar")
 
@@ -64,7 +64,9 @@ class DeviceUtilization(keras.callbacks.Callback):
     windows that collide with it are skipped, with one warning. Remote devices
     (cluster workers) are not traced by this process's profiler; their
     utilization is not logged (under a parameter-server strategy no window
-    is traced at all). Utilization is sampled: each point covers the
+    is traced at all). Under a multi-worker strategy, where each worker runs
+    its own callbacks, no window is traced either (TensorFlow's profiler
+    aborted a worker), with one warning: host counters only. Utilization is sampled: each point covers the
     `window_steps` steps traced when the sample came due.
 
     Args:
@@ -162,9 +164,19 @@ class DeviceUtilization(keras.callbacks.Callback):
         strategy = self.model.distribute_strategy
         # Under a parameter-server strategy every step runs on remote workers,
         # which this process's profiler does not see: no windows to trace.
+        # Under a multi-worker strategy, stopping the profiler while steps run
+        # aborted the process ("double free or corruption", TensorFlow 2.21):
+        # no windows either, until that is solved.
         trace = "utilization" in self.metrics and not isinstance(
             strategy, tf.distribute.ParameterServerStrategy
         )
+        if trace and process_task(strategy) is not None:
+            trace = False
+            logger.warning(
+                "DeviceUtilization: device utilization is not measured under a "
+                "multi-worker strategy yet (TensorFlow's profiler aborted the "
+                "worker); host counters are logged."
+            )
         self._reset(trace=trace)
         computing = strategy_devices(strategy)
         self._reported = list(self.devices or computing)
