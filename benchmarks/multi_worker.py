@@ -79,6 +79,33 @@ def _strategy(kind: str | None) -> Any:
     return tfpar.MultiWorkerMirroredStrategy(**options)
 
 
+def _data(batch: int) -> tuple[Any, Any]:
+    """Synthetic inputs and labels: one epoch of `STEPS_PER_EPOCH` batches."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * STEPS_PER_EPOCH, FEATURES)).astype("float32")
+    y = rng.integers(0, 2, size=(batch * STEPS_PER_EPOCH,)).astype("int32")
+    return x, y
+
+
+def _mlp(keras: Any) -> Any:
+    """The benchmark's MLP, compiled, built with `keras` (Keras 3 or tf-keras)."""
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(WIDTH, activation="relu"),
+            keras.layers.Dense(WIDTH, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
 def child_fit(framework: str, kind: str | None, batch: int) -> dict[str, Any]:
     """Trains the MLP under `fit`, timed; returns this worker's timings."""
     strategy = _strategy(kind)
@@ -86,32 +113,13 @@ def child_fit(framework: str, kind: str | None, batch: int) -> dict[str, Any]:
         import tf_keras as keras
     else:
         import keras
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch * STEPS_PER_EPOCH, FEATURES)).astype("float32")
-    y = rng.integers(0, 2, size=(batch * STEPS_PER_EPOCH,)).astype("int32")
-
-    def build() -> Any:
-        model = keras.Sequential(
-            [
-                keras.Input((FEATURES,)),
-                keras.layers.Dense(WIDTH, activation="relu"),
-                keras.layers.Dense(WIDTH, activation="relu"),
-                keras.layers.Dense(2),
-            ]
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.01),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        return model
+    x, y = _data(batch)
 
     if strategy is None:
-        model = build()
+        model = _mlp(keras)
     else:
         with strategy.scope():
-            model = build()
+            model = _mlp(keras)
     ends: list[float] = []
 
     class StepEnds(keras.callbacks.Callback):
@@ -174,11 +182,8 @@ def child_single_client(batch: int) -> dict[str, Any]:
     with tfpar.LocalCluster(num_workers=2, pin_cores=True) as cluster:
         devices = cluster.connect()
         import keras
-        import numpy as np
 
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(batch * STEPS_PER_EPOCH, FEATURES)).astype("float32")
-        y = rng.integers(0, 2, size=(batch * STEPS_PER_EPOCH,)).astype("int32")
+        x, y = _data(batch)
         result = {}
         for name, where in (
             ("1", devices[:1]),
@@ -187,18 +192,7 @@ def child_single_client(batch: int) -> dict[str, Any]:
         ):
             strategy = tfpar.MirroredStrategy(where)
             with strategy.scope():
-                model = keras.Sequential(
-                    [
-                        keras.Input((FEATURES,)),
-                        keras.layers.Dense(WIDTH, activation="relu"),
-                        keras.layers.Dense(WIDTH, activation="relu"),
-                        keras.layers.Dense(2),
-                    ]
-                )
-                model.compile(
-                    optimizer="sgd",
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                )
+                model = _mlp(keras)
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
             start = time.perf_counter()
             model.fit(x, y, batch_size=batch, epochs=EPOCHS, verbose=0)
