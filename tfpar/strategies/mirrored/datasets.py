@@ -1,19 +1,17 @@
 """The tf.data options of the datasets the multi-worker strategy distributes.
 
 Measured under `tfpar.MultiWorkerMirroredStrategy` (2 worker processes
-pinned one core each, TensorFlow 2.21, `benchmarks/multi_worker.py`): each
-time an iterator over a distributed dataset is destroyed (at the end of
-every epoch of a Keras `fit` over arrays, at the end of every `fit`), the
-destruction waits for tf.data's autotuning thread to wake from its sleep,
-which grows to 10 seconds; the stack shows `MultiDeviceIterator`'s buffer
-destroying its host iterator, which waits in `Model::OptimizeLoop`. Six
-epochs of 8 steps of an MLP took 24 s instead of 4 s, and a `fit` of 24
-steps 5 to 20 s instead of 5, which is why the stock strategy under tf-keras
-2 measures bimodal. Without that thread (`tf.data.Options().autotune.enabled
-= False`) no destruction waits; parallelism asked for with
-`tf.data.AUTOTUNE` then stays at tf.data's default (the number of cores, at
-most 16) and `prefetch(tf.data.AUTOTUNE)` still grows its buffer with
-tf.data's own prefetch autotuner, which needs no thread.
+pinned one core each, TensorFlow 2.21): each time an iterator over a
+distributed dataset is destroyed (at the end of every epoch of a Keras `fit`
+over arrays, at the end of every `fit`), the destruction waits for tf.data's
+autotuning thread to wake from its sleep (waits of up to 10 s seen); a
+native stack shows `MultiDeviceIterator`'s buffer destroying its host
+iterator, which waits in `Model::OptimizeLoop`. Six epochs of 8 steps of an
+MLP took 24.8 s, and 5.5 s with that thread off; a `fit` of 24 steps took
+5.2 to 20.5 s. This is also why the stock strategy under tf-keras 2
+measures bimodal (`benchmarks/multi_worker.py`). With the thread off
+(`tf.data.Options().autotune.enabled = False`) no destruction waited;
+values left to `tf.data.AUTOTUNE` are then tf.data's defaults, not tuned.
 """
 
 from __future__ import annotations

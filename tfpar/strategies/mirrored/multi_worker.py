@@ -213,8 +213,8 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
         tf.data's autotuning thread is turned off for `dataset` unless its
         options set `autotune.enabled`: destroying an iterator over a
-        distributed dataset (at each epoch's end) waits for that thread's
-        sleep of up to 10 s (see `docs/multi_worker.md`).
+        distributed dataset (at each epoch's end) waits for that thread to
+        wake, up to 10 s (see `docs/multi_worker.md`).
 
         Args:
             dataset: A `tf.data.Dataset`.
