@@ -339,6 +339,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     runs = 2 if args.quick else args.runs
     report: dict[str, Any] = {
         "model": f"MLP {FEATURES}-{WIDTH}-{WIDTH}-2, SGD",

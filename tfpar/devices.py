@@ -265,6 +265,15 @@ def process_task(strategy: tf.distribute.Strategy) -> str | None:
         strategy's replicas are not named after this process's task (no
         cluster; a single client driving other processes' devices; the
         coordinator of a parameter-server strategy).
+
+    Example:
+
+    ```python
+    # On worker 1 of a job launched with `tfpar launch --workers 2`:
+    strategy = tfpar.MultiWorkerMirroredStrategy()
+    process_task(strategy)  # '/job:worker/replica:0/task:1'
+    process_task(tf.distribute.get_strategy())  # None
+    ```
     """
     if isinstance(strategy, tf.distribute.ParameterServerStrategy):
         return None

@@ -122,6 +122,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self.devices = None if devices is None else resolve_devices(devices)
         self.profile_steps = _check_step_range(profile_steps)
         self._placement = GraphPlacement()
+        self._said_untraced = False  # the multi-worker warning, once
         self._sources = SourceGroup(on_error=self._fail)
         self._reset(trace=False)
 
@@ -172,11 +173,13 @@ class DeviceUtilization(keras.callbacks.Callback):
         )
         if trace and process_task(strategy) is not None:
             trace = False
-            logger.warning(
-                "DeviceUtilization: device utilization is not measured under a "
-                "multi-worker strategy yet (TensorFlow's profiler aborted the "
-                "worker); host counters are logged."
-            )
+            if not self._said_untraced:
+                self._said_untraced = True
+                logger.warning(
+                    "DeviceUtilization: device utilization is not measured "
+                    "under a multi-worker strategy yet (TensorFlow's profiler "
+                    "aborted the worker); host counters are logged."
+                )
         self._reset(trace=trace)
         computing = strategy_devices(strategy)
         self._reported = list(self.devices or computing)

@@ -31,6 +31,13 @@ def without_autotune_thread(dataset: tf.data.Dataset) -> tf.data.Dataset:
     Returns:
         `dataset`, or `dataset.with_options(...)` with `autotune.enabled`
         set to `False`.
+
+    Example:
+
+    ```python
+    dataset = tf.data.Dataset.range(8).batch(4)
+    without_autotune_thread(dataset).options().autotune.enabled  # False
+    ```
     """
     if dataset.options().autotune.enabled is not None:
         return dataset

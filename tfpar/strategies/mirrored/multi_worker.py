@@ -222,6 +222,10 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
         Returns:
             The distributed dataset.
+
+        Raises:
+            ValueError: Called by Keras's `fit`, if the global batch size is
+                known and the number of replicas does not divide it.
         """
         caller = keras_callers.find_keras_caller(self)
         if caller is not None:
