@@ -35,7 +35,7 @@ from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
-from tfpar.strategies.mirrored.datasets import without_autotune_thread
+from tfpar.strategies.mirrored.datasets import distribute_without_autotuning
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks
 from tfpar.strategies.mirrored.options import AllReduceOptions
@@ -211,10 +211,11 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         other errors pass unchanged, and `fit` refuses a global batch size
         that the number of replicas does not divide.
 
-        tf.data's autotuning thread is turned off for `dataset` unless its
-        options set `autotune.enabled`: destroying an iterator over a
-        distributed dataset (at each epoch's end) waits for that thread to
-        wake, up to 10 s (see `docs/multi_worker.md`).
+        tf.data's autotuning is turned off for `dataset` unless its options
+        set `autotune.enabled`, and always for the iterators that copy its
+        elements to the replica devices: destroying an iterator (Keras does
+        at every epoch's end) can wait for that thread to wake, up to 10 s
+        (see `docs/multi_worker.md`).
 
         Args:
             dataset: A `tf.data.Dataset`.
@@ -234,8 +235,8 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
                 )
             name_lost_tasks(caller.model, self._lost_task_error)
-        return super().experimental_distribute_dataset(
-            without_autotune_thread(dataset), options
+        return distribute_without_autotuning(
+            super().experimental_distribute_dataset, dataset, options
         )
 
     def _check_global_batch(self, batch_size: int | None) -> None:

@@ -24,6 +24,7 @@ from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
+from tfpar.strategies.mirrored.datasets import distribute_without_autotuning
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.options import AllReduceOptions
 
@@ -189,6 +190,38 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         ```
         """
         return self._tfpar_reducer.stats()
+
+    def experimental_distribute_dataset(
+        self,
+        dataset: tf.data.Dataset,
+        options: tf.distribute.InputOptions | None = None,
+    ) -> Any:
+        """Distributes `dataset`, as the stock method does.
+
+        tf.data's autotuning is turned off for `dataset` unless its options
+        set `autotune.enabled`, and always for the iterators that copy its
+        elements to the replica devices: destroying an iterator (Keras does
+        at every epoch's end) can wait for that thread to wake, up to 10 s
+        (see `docs/mirrored.md`).
+
+        Args:
+            dataset: A `tf.data.Dataset`.
+            options: `tf.distribute.InputOptions` or `None`.
+
+        Returns:
+            The distributed dataset.
+
+        Example:
+
+        ```python
+        dataset = tf.data.Dataset.range(8).batch(4)
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            strategy.run(step, args=(batch,))
+        ```
+        """
+        return distribute_without_autotuning(
+            super().experimental_distribute_dataset, dataset, options
+        )
 
     def reduce(self, reduce_op: Any, value: Any, axis: Any) -> Any:
         """Reduces `value` across replicas, as `tf.distribute.Strategy.reduce`.
