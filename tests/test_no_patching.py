@@ -7,15 +7,22 @@ caches). It snapshots again after `import tfpar`, and again after a `fit`
 under each tfpar strategy with the strategy deleted: a `MirroredStrategy` and
 a `PipelineStrategy` on two logical CPUs, and a `ParameterServerStrategy`
 with a step deadline on a `LocalCluster`. Nothing may have changed.
+
+A `MultiWorkerMirroredStrategy` must exist before TensorFlow runs an op, so
+it has its own interpreter (one worker, from `TF_CONFIG`): snapshots before
+and after its construction, then after a `fit` without a strategy (the
+lazy caches) and after a `fit` under it with the strategy deleted.
 """
+
+import json
 
 import pytest
 
-from tests._subprocess import run_python, tagged_json
+from tests._subprocess import free_ports, run_python, tagged_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-SCRIPT = r"""
+HELPERS = r"""
 import gc, inspect, json, logging, sys, types
 import numpy as np
 import tensorflow as tf
@@ -64,6 +71,11 @@ def train(strategy, epochs=1):
     m.evaluate(x, y, verbose=0)
     m.predict(x, verbose=0)
 
+"""
+
+SCRIPT = (
+    HELPERS
+    + r"""
 train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 # TensorFlow logs through absl when a process connects to a cluster, and
 # absl's first log call configures the root logger: TensorFlow's doing, so
@@ -90,6 +102,7 @@ report["ParameterServerStrategy"] = changed(base, snapshot())
 report["tracked"] = len(base)
 print("REPORT " + json.dumps(report))
 """
+)
 
 
 def test_tensorflow_and_keras_are_unchanged_by_import_and_by_every_strategy():
@@ -102,3 +115,41 @@ def test_tensorflow_and_keras_are_unchanged_by_import_and_by_every_strategy():
         "PipelineStrategy": [],
         "ParameterServerStrategy": [],
     }
+
+
+MULTI_WORKER_SCRIPT = (
+    HELPERS
+    + r"""
+import tfpar
+report = {}
+base = snapshot()
+strategy = tfpar.MultiWorkerMirroredStrategy()
+report["construction"] = changed(base, snapshot())
+
+train(tf.distribute.get_strategy())
+from absl import logging as absl_logging
+absl_logging.info("warm-up")
+gc.collect()
+base = snapshot()
+train(strategy, epochs=2)
+del strategy
+gc.collect()
+report["MultiWorkerMirroredStrategy"] = changed(base, snapshot())
+report["tracked"] = len(base)
+print("REPORT " + json.dumps(report))
+"""
+)
+
+
+def test_tensorflow_and_keras_are_unchanged_by_the_multi_worker_strategy():
+    (port,) = free_ports(1)
+    tf_config = {
+        "cluster": {"worker": [f"127.0.0.1:{port}"]},
+        "task": {"type": "worker", "index": 0},
+    }
+    proc = run_python(
+        MULTI_WORKER_SCRIPT, timeout=280, env={"TF_CONFIG": json.dumps(tf_config)}
+    )
+    report = tagged_json(proc.stdout, "REPORT")
+    assert report.pop("tracked") > 10_000
+    assert report == {"construction": [], "MultiWorkerMirroredStrategy": []}

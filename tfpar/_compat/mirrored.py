@@ -1,6 +1,7 @@
 """Private TensorFlow and Keras internals of MirroredStrategy, and why.
 
-Used by `tfpar/strategies/mirrored/strategy.py` and `all_reduce.py`:
+Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
+`all_reduce.py`, `keras_reduce.py` and `datasets.py`:
 
 - `CrossDeviceOps._num_between_graph_workers`, `_gather_implementation`,
   `_all_reduce` (`CrossDeviceOpsHooks` and the functions calling them on a
