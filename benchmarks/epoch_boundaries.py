@@ -2,13 +2,13 @@
 
 Keras destroys the distributed dataset's iterator at every epoch's end, and
 in TensorFlow 2.21 destroying an iterator can wait for tf.data's autotuning
-thread to wake (`tfpar/strategies/mirrored/datasets.py`). This runs, side by
-side in alternating order, the stock `tf.distribute.MirroredStrategy` and
-`tfpar.MirroredStrategy` (which turns that autotuning off) on 2 simulated
-CPUs, and one device without a strategy, each in a fresh process pinned to
-one core with 1 intra-op thread: MLP 128-1024-1024-2, SGD, Keras `fit` over
-numpy arrays, a warm-up `fit` of one epoch, then a timed `fit` of 4 epochs
-of 8 global batches of 4096.
+thread to wake (`tfpar/_datasets.py`). This runs, side by side in
+alternating order, the stock `tf.distribute.MirroredStrategy`,
+`tfpar.MirroredStrategy` and `tfpar.PipelineStrategy` (M=4), which turn that
+autotuning off, on 2 simulated CPUs, and one device without a strategy,
+each in a fresh process pinned to one core with 1 intra-op thread: MLP
+128-1024-1024-2, SGD, Keras `fit` over numpy arrays, a warm-up `fit` of one
+epoch, then a timed `fit` of 4 epochs of 8 global batches of 4096.
 
 Reported per variant over the series: the timed `fit`'s seconds, and the
 epoch boundary (from `on_epoch_begin` to the first `on_train_batch_begin`)
@@ -31,7 +31,7 @@ import time
 EPOCHS = 4
 STEPS_PER_EPOCH = 8
 BATCH = 4096
-VARIANTS = ("stock", "tfpar", "one_device")
+VARIANTS = ("stock", "tfpar", "tfpar_pipeline", "one_device")
 
 
 def child(variant: str) -> None:
@@ -46,6 +46,8 @@ def child(variant: str) -> None:
 
     if variant == "tfpar":
         strategy = tfpar.MirroredStrategy()
+    elif variant == "tfpar_pipeline":
+        strategy = tfpar.PipelineStrategy(["/cpu:0", "/cpu:1"], num_microbatches=4)
     elif variant == "stock":
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     else:

@@ -9,6 +9,8 @@ which internals it uses and why:
   profiler's XPlane protos (the callbacks).
 - `cluster`: leaving a cluster (`tfpar.LocalCluster`), the coordinator's
   worker threads.
+- `datasets`: the per-device iterators of a distributed dataset (the
+  mirrored and pipeline strategies).
 - `keras_callers`: which Keras model called into a strategy.
 - `mirrored`: the cross-device ops hooks and reductions of
   `tfpar.MirroredStrategy` and `tfpar.MultiWorkerMirroredStrategy`.

@@ -1,7 +1,7 @@
 """Private TensorFlow and Keras internals of MirroredStrategy, and why.
 
 Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
-`all_reduce.py`, `keras_reduce.py` and `datasets.py`:
+`all_reduce.py` and `keras_reduce.py`:
 
 - `CrossDeviceOps._num_between_graph_workers`, `_gather_implementation`,
   `_all_reduce` (`CrossDeviceOpsHooks` and the functions calling them on a
@@ -60,18 +60,6 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
   keys every worker shares) in tfpar's measured one, and uses every logical
   CPU of `tfpar.simulate_devices` as a replica (`_initialize_local_devices`).
   The stock strategy's constructor adds only usage gauges.
-- `input_lib.DistributedDataset`, `DistributedIterator._iterators`, the
-  per-worker iterator's `_iterator`, `OwnedMultiDeviceIterator._devices`
-  and `_device_iterators`, `OwnedIterator._dataset`
-  (`without_device_autotune`): a distributed dataset's iterator copies each
-  element to every replica's device through one tf.data iterator per
-  device, which TensorFlow builds itself, over a dataset of its own with
-  default options, so tf.data's autotuning thread runs on it; destroying
-  such an iterator (Keras does at every epoch's end) waits for that thread
-  to wake (`strategies/mirrored/datasets.py` has the measurements). No
-  option of the distributed dataset reaches those iterators; each is built
-  again, before its first element, over the same per-device dataset with
-  autotuning off.
 - `Context._context_handle` (`runtime_started`): collective ops must be
   configured before TensorFlow's runtime starts, and TensorFlow says only
   "Collective ops must be configured at program startup" from deep inside
@@ -90,7 +78,6 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy as _collective
 from tensorflow.python.distribute import distribute_lib as _distribute_lib
-from tensorflow.python.distribute import input_lib as _input_lib
 from tensorflow.python.distribute import mirrored_run as _mirrored_run
 from tensorflow.python.distribute import numpy_dataset as _numpy_dataset
 from tensorflow.python.distribute import values as _values
@@ -238,62 +225,6 @@ def init_multi_worker(
 ) -> None:
     """Initializes `strategy` on `extended`, as the stock class does its own."""
     _distribute_lib.Strategy.__init__(strategy, extended)
-
-
-class _DistributedDatasetWithoutDeviceAutotune(_input_lib.DistributedDataset):
-    """A stock distributed dataset whose per-device iterators do not autotune."""
-
-    def __iter__(self) -> Any:
-        iterator = super().__iter__()
-        # Inside a `tf.function` the iterators are graph ops, built per trace.
-        if tf.executing_eagerly():
-            for worker_iterator in iterator._iterators:
-                _rebuild_device_iterators(worker_iterator._iterator)
-        return iterator
-
-
-def _rebuild_device_iterators(devices_iterator: Any) -> None:
-    """Rebuilds, without autotuning, the per-device iterators of this process.
-
-    A worker reading without copying to devices has none. Iterators on
-    another process's devices (the single-client strategy over cluster
-    workers) are left as TensorFlow built them: built again there, they are
-    not initialized when the step reads them.
-    """
-    device_iterators = getattr(devices_iterator, "_device_iterators", None)
-    if device_iterators is None:
-        return
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    source = _task_of(devices_iterator._source_device)
-    for index, device in enumerate(devices_iterator._devices):
-        if _task_of(device) != source:
-            continue
-        dataset = device_iterators[index]._dataset
-        with tf.device(device):
-            device_iterators[index] = iter(dataset.with_options(options))
-
-
-def _task_of(device: str) -> tuple[Any, Any, Any]:
-    spec = tf.DeviceSpec.from_string(device)
-    return spec.job, spec.replica, spec.task
-
-
-def without_device_autotune(distributed: Any) -> Any:
-    """Turns tf.data's autotuning off on `distributed`'s per-device iterators.
-
-    Args:
-        distributed: What a stock `experimental_distribute_dataset` returned.
-
-    Returns:
-        `distributed`, whose iterators, made in eager mode, copy elements to
-        the devices through iterators that do not autotune; anything else
-        than a stock `DistributedDataset` is returned unchanged.
-    """
-    if type(distributed) is _input_lib.DistributedDataset:
-        # The object was made for this call alone: no one else holds it.
-        distributed.__class__ = _DistributedDatasetWithoutDeviceAutotune
-    return distributed
 
 
 def runtime_started() -> bool:

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import tfpar
 from tests._subprocess import run_workers, tagged_json
-from tfpar.strategies.mirrored.datasets import without_autotune_thread
+from tfpar._datasets import without_autotune_thread
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

@@ -30,12 +30,12 @@ import tensorflow as tf
 
 from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
+from tfpar._datasets import distribute_without_autotuning
 from tfpar._validation import check_choice, check_instance, check_number
 from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
-from tfpar.strategies.mirrored.datasets import distribute_without_autotuning
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks
 from tfpar.strategies.mirrored.options import AllReduceOptions

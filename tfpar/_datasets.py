@@ -1,4 +1,4 @@
-"""The datasets the mirrored strategies distribute: without tf.data autotuning.
+"""The datasets tfpar's strategies distribute: without tf.data autotuning.
 
 Measured in TensorFlow 2.21: destroying a tf.data iterator whose autotuning
 thread (`Model::OptimizeLoop`) is asleep can wait for that sleep to end,
@@ -17,10 +17,13 @@ autotuning off on both (`distribute_without_autotuning`):
   128-1024-1024-2, global batch 8192, 3 epochs of 8 steps after a warm-up:
   7.8 to 11.2 s with the device iterators autotuning, 5.45 and 5.5 s
   without (epoch boundaries 0.8 to 2.4 s, then 0.05 s);
-- the same with autotuning on for the dataset itself too: 6 epochs of 8
-  steps at batch 2048 took 24.8 s, 5.5 s without;
-- `tfpar.MirroredStrategy`, 2 simulated CPUs on one core, 4 epochs of 8
-  steps at batch 4096: epoch boundaries of 0.9 to 3.5 s.
+- the same strategy with autotuning on for the dataset itself too: 6
+  epochs of 8 steps at batch 2048 took 24.8 s, 5.5 s without;
+- on 2 simulated CPUs in one process pinned to one core, 4 epochs of 8
+  steps at batch 4096: epoch boundaries of 0.9 to 3.5 s under
+  `tfpar.MirroredStrategy` and 3.5 to 3.6 s under `tfpar.PipelineStrategy`
+  (M=4) with autotuning; `benchmarks/epoch_boundaries.py` measures them
+  without, beside the stock strategy.
 
 With autotuning off, values left to `tf.data.AUTOTUNE` are tf.data's
 defaults, not tuned; a dataset whose options set `autotune.enabled` keeps
@@ -34,7 +37,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar._compat import mirrored as compat
+from tfpar._compat import datasets as compat
 
 
 def without_autotune_thread(dataset: tf.data.Dataset) -> tf.data.Dataset:
