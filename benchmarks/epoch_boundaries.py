@@ -90,7 +90,11 @@ def child(variant: str) -> None:
 
 
 def run_child(variant: str) -> dict:
-    """Runs `variant` in a fresh pinned process; returns its timings."""
+    """Runs `variant` in a fresh pinned process; returns its timings.
+
+    A child that dies (the pipeline's known segmentation fault, issue 15)
+    is reported as `{"exit": status}` and the series goes on.
+    """
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -107,8 +111,8 @@ def run_child(variant: str) -> dict:
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{variant} failed with status {proc.returncode}")
+        sys.stderr.write(f"{variant} exited with {proc.returncode}\n")
+        return {"exit": proc.returncode}
     return json.loads(lines[0].split(" ", 1)[1])
 
 
@@ -128,24 +132,31 @@ def main() -> None:
             results[name].append(run_child(name))
         print(
             f"run {run + 1}/{args.runs}: "
-            + ", ".join(f"{n} {results[n][-1]['seconds']:.2f} s" for n in order),
+            + ", ".join(f"{n} {_seconds(results[n][-1])}" for n in order),
             flush=True,
         )
     print(
         f"\n{EPOCHS} epochs x {STEPS_PER_EPOCH} steps, batch {BATCH}, {args.runs} runs:"
     )
     for name in VARIANTS:
-        seconds = [r["seconds"] for r in results[name]]
-        boundaries = [b for r in results[name] for b in r["boundaries"]]
+        done = [r for r in results[name] if "seconds" in r]
+        died = len(results[name]) - len(done)
+        if not done:
+            print(f"  {name:14s} every run died")
+            continue
+        seconds = [r["seconds"] for r in done]
+        boundaries = [b for r in done for b in r["boundaries"]]
         print(
-            f"  {name:10s} fit s min {min(seconds):6.2f} median "
+            f"  {name:14s} fit s min {min(seconds):6.2f} median "
             f"{statistics.median(seconds):6.2f} max {max(seconds):6.2f}   "
             f"epoch boundary s min {min(boundaries):5.2f} median "
             f"{statistics.median(boundaries):5.2f} max {max(boundaries):5.2f}"
+            + (f"   ({died} of {len(results[name])} runs died)" if died else "")
         )
     ratios = [
         s["seconds"] / t["seconds"]
         for s, t in zip(results["stock"], results["tfpar"], strict=True)
+        if "seconds" in s and "seconds" in t
     ]
     print(
         f"  stock / tfpar fit time, run by run: min {min(ratios):.2f}x median "
@@ -154,6 +165,12 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
+
+
+def _seconds(result: dict) -> str:
+    if "seconds" in result:
+        return f"{result['seconds']:.2f} s"
+    return f"died ({result['exit']})"
 
 
 if __name__ == "__main__":
