@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
-from tfpar._datasets import distribute_without_autotuning
+from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_choice, check_instance, check_number
 from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
@@ -49,7 +49,9 @@ _IMPLEMENTATIONS = {
 _TRAINING_JOBS = ("chief", "worker")
 
 
-class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+class MultiWorkerMirroredStrategy(
+    DistributesWithoutAutotuning, tf.distribute.MultiWorkerMirroredStrategy
+):
     """Synchronous data parallelism over the devices of several processes.
 
     Every worker runs the same script; each holds a copy of every variable,
@@ -211,11 +213,8 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         other errors pass unchanged, and `fit` refuses a global batch size
         that the number of replicas does not divide.
 
-        tf.data's autotuning is turned off for `dataset` unless its options
-        set `autotune.enabled`, and always for the iterators that copy its
-        elements to the replica devices: destroying an iterator (Keras does
-        at every epoch's end) can wait for that thread to wake, up to 10 s
-        (see `docs/multi_worker.md`).
+        Like every tfpar strategy's, the distributed dataset runs without
+        tf.data's autotuning (`docs/multi_worker.md` says why).
 
         Args:
             dataset: A `tf.data.Dataset`.
@@ -235,9 +234,7 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
                 )
             name_lost_tasks(caller.model, self._lost_task_error)
-        return distribute_without_autotuning(
-            super().experimental_distribute_dataset, dataset, options
-        )
+        return super().experimental_distribute_dataset(dataset, options)
 
     def _check_global_batch(self, batch_size: int | None) -> None:
         """Refuses a global batch that the replicas cannot share evenly.

@@ -20,7 +20,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpar._compat import mirrored as compat
-from tfpar._datasets import distribute_without_autotuning
+from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
@@ -32,7 +32,7 @@ from tfpar.strategies.mirrored.options import AllReduceOptions
 _HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
-class MirroredStrategy(tf.distribute.MirroredStrategy):
+class MirroredStrategy(DistributesWithoutAutotuning, tf.distribute.MirroredStrategy):
     """Synchronous data parallelism over local devices, with measured all-reduce.
 
     A drop-in replacement for `tf.distribute.MirroredStrategy`: each replica
@@ -190,38 +190,6 @@ class MirroredStrategy(tf.distribute.MirroredStrategy):
         ```
         """
         return self._tfpar_reducer.stats()
-
-    def experimental_distribute_dataset(
-        self,
-        dataset: tf.data.Dataset,
-        options: tf.distribute.InputOptions | None = None,
-    ) -> Any:
-        """Distributes `dataset`, as the stock method does.
-
-        tf.data's autotuning is turned off for `dataset` unless its options
-        set `autotune.enabled`, and always for the iterators that copy its
-        elements to the replica devices: destroying an iterator (Keras does
-        at every epoch's end) can wait for that thread to wake, up to 10 s
-        (see `docs/mirrored.md`).
-
-        Args:
-            dataset: A `tf.data.Dataset`.
-            options: `tf.distribute.InputOptions` or `None`.
-
-        Returns:
-            The distributed dataset.
-
-        Example:
-
-        ```python
-        dataset = tf.data.Dataset.range(8).batch(4)
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            strategy.run(step, args=(batch,))
-        ```
-        """
-        return distribute_without_autotuning(
-            super().experimental_distribute_dataset, dataset, options
-        )
 
     def reduce(self, reduce_op: Any, value: Any, axis: Any) -> Any:
         """Reduces `value` across replicas, as `tf.distribute.Strategy.reduce`.

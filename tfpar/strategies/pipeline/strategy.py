@@ -27,7 +27,7 @@ import tensorflow as tf
 from keras import tree
 
 from tfpar._compat import pipeline as compat
-from tfpar._datasets import distribute_without_autotuning
+from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_bool
 from tfpar._variables import backing_variable
 from tfpar.devices import resolve_devices
@@ -83,7 +83,7 @@ class PipelineOptions:
             )
 
 
-class PipelineStrategy(tf.distribute.Strategy):
+class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
     """Trains a Keras model cut into stages, one per device, with micro-batches.
 
     Wrap ordinary Keras code: build and compile the model under
@@ -214,37 +214,6 @@ class PipelineStrategy(tf.distribute.Strategy):
             One count per stage (zeros before the first training step).
         """
         return [int(v) for v in self._counters.read()["peak"]]
-
-    def experimental_distribute_dataset(
-        self,
-        dataset: tf.data.Dataset,
-        options: tf.distribute.InputOptions | None = None,
-    ) -> Any:
-        """Distributes `dataset`, as the stock method does.
-
-        tf.data's autotuning is turned off for `dataset` unless its options
-        set `autotune.enabled`, and always for the iterator that copies its
-        elements to the strategy's input device: destroying an iterator (Keras
-        does at every epoch's end) can wait for that thread to wake, up to
-        10 s (see `docs/pipeline.md`).
-
-        Args:
-            dataset: A `tf.data.Dataset`.
-            options: `tf.distribute.InputOptions` or `None`.
-
-        Returns:
-            The distributed dataset.
-
-        Example:
-
-        ```python
-        dataset = tf.data.Dataset.range(8).batch(4)
-        batches = list(strategy.experimental_distribute_dataset(dataset))
-        ```
-        """
-        return distribute_without_autotuning(
-            super().experimental_distribute_dataset, dataset, options
-        )
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-stage counters of the training steps so far.
