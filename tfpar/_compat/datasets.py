@@ -59,6 +59,7 @@ def _rebuild_device_iterators(devices_iterator: Any) -> None:
 
 
 def _task_of(device: str) -> tuple[Any, Any, Any]:
+    """The (job, replica, task) of a device name; `None`s where it has none."""
     spec = tf.DeviceSpec.from_string(device)
     return spec.job, spec.replica, spec.task
 
@@ -71,8 +72,8 @@ def without_device_autotune(distributed: Any) -> Any:
 
     Returns:
         `distributed`, whose iterators, made in eager mode, copy elements to
-        the devices through iterators that do not autotune; anything else
-        than a stock `DistributedDataset` is returned unchanged.
+        the devices through iterators that do not autotune; anything but a
+        stock `DistributedDataset` is returned unchanged.
     """
     if type(distributed) is _input_lib.DistributedDataset:
         # The object was made for this call alone: no one else holds it.
