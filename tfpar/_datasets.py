@@ -16,14 +16,15 @@ autotuning off on both (`DistributesWithoutAutotuning`):
 - 2 `tfpar.MultiWorkerMirroredStrategy` workers pinned one core each, MLP
   128-1024-1024-2, global batch 8192, 3 epochs of 8 steps after a warm-up:
   7.8 to 11.2 s with the device iterators autotuning, 5.45 and 5.5 s
-  without (epoch boundaries 0.8 to 2.4 s, then 0.05 s);
+  without (epoch boundaries 0.8 to 2.4 s, then 0.05 s; one-off scripts);
 - the same strategy with autotuning on for the dataset itself too: 6
   epochs of 8 steps at batch 2048 took 24.8 s, 5.5 s without;
 - on 2 simulated CPUs in one process pinned to one core, 4 epochs of 8
   steps at batch 4096: epoch boundaries of 0.9 to 3.5 s under
   `tfpar.MirroredStrategy` and 3.5 to 3.6 s under `tfpar.PipelineStrategy`
-  (M=4) with autotuning; `benchmarks/epoch_boundaries.py` measures them
-  without, beside the stock strategy.
+  (M=4) with autotuning (one-off scripts, one run each);
+  `benchmarks/epoch_boundaries.py` measures them without, beside the stock
+  strategy.
 
 With autotuning off, values left to `tf.data.AUTOTUNE` are tf.data's
 defaults, not tuned; a dataset whose options set `autotune.enabled` keeps
@@ -37,6 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpar._compat import datasets as compat
+from tfpar._validation import check_instance
 
 
 def without_autotune_thread(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -71,6 +73,13 @@ class DistributesWithoutAutotuning:
 
     Listed before the stock strategy class among the bases, its
     `experimental_distribute_dataset` wraps the stock one.
+
+    Example:
+
+    ```python
+    class MirroredStrategy(DistributesWithoutAutotuning, tf.distribute.MirroredStrategy):
+        ...
+    ```
     """
 
     def experimental_distribute_dataset(
@@ -93,6 +102,10 @@ class DistributesWithoutAutotuning:
         Returns:
             The distributed dataset.
 
+        Raises:
+            TypeError: If `dataset` is not a `tf.data.Dataset` (the stock
+                method fails with an `AttributeError` deep inside).
+
         Example:
 
         ```python
@@ -101,6 +114,7 @@ class DistributesWithoutAutotuning:
             strategy.run(step, args=(batch,))
         ```
         """
+        check_instance("dataset", dataset, tf.data.Dataset, "a tf.data.Dataset")
         distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
             without_autotune_thread(dataset), options
         )

@@ -74,6 +74,16 @@ def without_device_autotune(distributed: Any) -> Any:
         `distributed`, whose iterators, made in eager mode, copy elements to
         the devices through iterators that do not autotune; anything but a
         stock `DistributedDataset` is returned unchanged.
+
+    Example:
+
+    ```python
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    dataset = tf.data.Dataset.range(8).batch(4)
+    distributed = without_device_autotune(
+        strategy.experimental_distribute_dataset(dataset)
+    )
+    ```
     """
     if type(distributed) is _input_lib.DistributedDataset:
         # The object was made for this call alone: no one else holds it.
