@@ -131,6 +131,8 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
         for name, _, _, schedule in configs:
             busy = sum(d.busy_seconds for s in stats[name] for d in s.devices)
             idle = sum(d.idle_seconds for s in stats[name] for d in s.devices)
+            exposed = sum(d.comm_seconds for s in stats[name] for d in s.devices)
+            span = busy + exposed + idle  # per stage, the step's span
             measured_steps = sum(s.steps for s in stats[name])
             planned = get_schedule(
                 schedule,
@@ -144,7 +146,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     "host_cpu_ms": 1000 * cpu[name],
                     "speedup_vs_same_microbatches": one / base[name],
                     "speedup_vs_unsplit": unsplit / base[name],
-                    "bubble_measured": idle / (busy + idle) if busy + idle else 0.0,
+                    "bubble_measured": idle / span if span else 0.0,
                     # Busy time summed over stages: compared across configs,
                     # it shows what splitting the model adds to the work.
                     "busy_ms_per_step": 1000 * busy / max(measured_steps, 1),

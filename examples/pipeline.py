@@ -70,11 +70,12 @@ def main() -> None:
         stats = strategy.communication_stats()
         print(f"\nPer stage, over {stats.steps} training steps:")
         for d in stats.devices:
-            total = d.busy_seconds + d.idle_seconds
+            total = d.busy_seconds + d.comm_seconds + d.idle_seconds
             print(
                 f"  {d.device}: busy {d.busy_seconds:.2f}s, idle (bubble) "
                 f"{d.idle_seconds:.2f}s ({d.idle_seconds / total:.0%}), "
-                f"transfers {d.comm_seconds:.2f}s, sent {d.bytes_sent / 1e6:.1f} MB"
+                f"waiting for transfers {d.comm_seconds:.2f}s, "
+                f"sent {d.bytes_sent / 1e6:.1f} MB"
             )
         print(f"  planned bubble: {strategy.schedule.bubble_fraction():.0%}")
 

@@ -17,12 +17,26 @@ import dataclasses
 class DeviceCommunication:
     """Cumulative counters for one device (a replica, a pipeline stage, a worker).
 
+    Which counters a strategy keeps is listed in
+    `CommunicationStats.counters`, and what exactly each one measures is said
+    by that strategy's `communication_stats()`; a counter a strategy does not
+    keep stays 0.
+
     Attributes:
         device: Canonical device name.
         busy_seconds: Time the device spent computing.
         idle_seconds: Time the device waited (for a pipeline stage: its bubble).
         comm_seconds: Time the device spent sending or receiving.
         bytes_sent: Bytes the device sent to other devices.
+        wait_seconds: Time the replica waited at the gradient synchronization
+            for slower replicas (synchronous data-parallel strategies).
+        slowest_steps: Synchronizations at which this replica was the slowest,
+            the one the others waited for.
+        dispatch_seconds: Wall time of the device's scheduled functions, as
+            the coordinator saw it, beyond their time on the device (the
+            parameter-server strategy).
+        in_process: `False` for a replica of another process, of which only
+            `wait_seconds` and `slowest_steps` are known here.
     """
 
     device: str
@@ -30,6 +44,10 @@ class DeviceCommunication:
     idle_seconds: float = 0.0
     comm_seconds: float = 0.0
     bytes_sent: int = 0
+    wait_seconds: float = 0.0
+    slowest_steps: int = 0
+    dispatch_seconds: float = 0.0
+    in_process: bool = True
 
     def since(self, earlier: DeviceCommunication) -> DeviceCommunication:
         """Returns the counters accumulated after `earlier` was taken."""
@@ -39,6 +57,10 @@ class DeviceCommunication:
             idle_seconds=self.idle_seconds - earlier.idle_seconds,
             comm_seconds=self.comm_seconds - earlier.comm_seconds,
             bytes_sent=self.bytes_sent - earlier.bytes_sent,
+            wait_seconds=self.wait_seconds - earlier.wait_seconds,
+            slowest_steps=self.slowest_steps - earlier.slowest_steps,
+            dispatch_seconds=self.dispatch_seconds - earlier.dispatch_seconds,
+            in_process=self.in_process,
         )
 
 
@@ -49,13 +71,23 @@ class CommunicationStats:
     Attributes:
         kind: What is counted: `"allreduce"` (gradient reductions of a
             mirrored strategy), `"pipeline"` (stage-boundary transfers) or
-            `"parameter_server"` (variable reads and updates on the PS).
+            `"parameter_server"` (scheduled step functions on the workers;
+            no communication time is measured there, see
+            `ParameterServerStrategy.communication_stats`).
         steps: Training steps measured.
-        comm_seconds: Time spent communicating, summed over steps.
+        comm_seconds: Exposed communication time (not hidden behind
+            computation), summed over steps; 0 where not measured.
         calls: Communication calls (reductions, transfers, RPCs).
         bytes_logical: Bytes the model asked to move (before compression).
         bytes_moved: Bytes actually moved (after compression).
         devices: Per-device counters, where the strategy has them.
+        counters: Names of the `DeviceCommunication` counters the strategy
+            keeps (`"busy_seconds"`, `"wait_seconds"`, ...); the others stay
+            0 and mean nothing.
+        modelled: Names of the `DeviceCommunication` counters that are
+            computed from a model of the algorithm rather than measured or
+            counted (the mirrored strategies' `"bytes_sent"`, from the ring's
+            routing).
 
     Example:
 
@@ -74,6 +106,8 @@ class CommunicationStats:
     bytes_logical: int = 0
     bytes_moved: int = 0
     devices: tuple[DeviceCommunication, ...] = ()
+    counters: tuple[str, ...] = ()
+    modelled: tuple[str, ...] = ()
 
     def since(self, earlier: CommunicationStats) -> CommunicationStats:
         """Returns the counters accumulated after `earlier` was taken.
@@ -103,4 +137,6 @@ class CommunicationStats:
                 d.since(before[d.device]) if d.device in before else d
                 for d in self.devices
             ),
+            counters=self.counters,
+            modelled=self.modelled,
         )

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tests._models import mlp
-from tests._subprocess import run_python
-from tfpar import PipelineStrategy
+from tests._subprocess import run_python, tagged_json
+from tfpar import CommunicationStats, PipelineStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
 # Same ops in a different summation order (micro-batch gradients are summed
@@ -185,23 +185,142 @@ def test_schedule_is_enforced_activations_in_flight(
     assert expected == [strategy.schedule.peak_in_flight(s) for s in range(2)]
 
 
+def chain() -> keras.Model:
+    """A 6-16-8-2 MLP, layers `d0`, `d1`, `out`: boundaries of width 16 and 8."""
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="tanh", name="d0"),
+            keras.layers.Dense(8, activation="tanh", name="d1"),
+            keras.layers.Dense(2, name="out"),
+        ]
+    )
+
+
+def test_bytes_count_activations_forward_and_gradients_back() -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d1"])
+    model = train(strategy, chain, batch_size=8, epochs=1)
+    before = strategy.communication_stats()
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    stats = strategy.communication_stats().since(before)
+    assert stats.steps == 5
+    # 40 examples cross the 16-wide boundary as float32 activations forward
+    # and as their gradients back.
+    assert [d.bytes_sent for d in stats.devices] == [40 * 16 * 4, 40 * 16 * 4]
+    assert stats.bytes_moved == stats.bytes_logical == 2 * 40 * 16 * 4
+    assert stats.calls == 5 * 2 * 4 * 1  # steps x (F, B) x M x boundaries
+
+
+def test_bytes_of_three_stages() -> None:
+    proc = run_python(
+        """
+        import json
+        import tfpar
+        tfpar.simulate_devices(3)
+        import keras, numpy as np
+
+        strategy = tfpar.PipelineStrategy(
+            ["/device:CPU:0", "/device:CPU:1", "/device:CPU:2"],
+            num_microbatches=2,
+            partition=["d1", "out"],
+        )
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((6,)),
+                keras.layers.Dense(16, activation="tanh", name="d0"),
+                keras.layers.Dense(8, activation="tanh", name="d1"),
+                keras.layers.Dense(2, name="out"),
+            ])
+            model.compile(optimizer="sgd", loss="mse")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(24, 6)).astype("float32")
+        y = rng.normal(size=(24, 2)).astype("float32")
+        before = strategy.communication_stats()
+        model.fit(x, y, batch_size=6, verbose=0)
+        stats = strategy.communication_stats().since(before)
+        print("RESULTS " + json.dumps({
+            "steps": stats.steps,
+            "calls": stats.calls,
+            "sent": [d.bytes_sent for d in stats.devices],
+            "moved": stats.bytes_moved,
+            "logical": stats.bytes_logical,
+        }))
+        """
+    )
+    r = tagged_json(proc.stdout, "RESULTS")
+    assert r["steps"] == 4
+    # 24 float32 examples per boundary and direction: stage 0 sends 16-wide
+    # activations, stage 1 8-wide activations and 16-wide gradients, stage 2
+    # 8-wide gradients.
+    assert r["sent"] == [24 * 16 * 4, 24 * (8 + 16) * 4, 24 * 8 * 4]
+    assert r["moved"] == r["logical"] == 2 * 24 * (16 + 8) * 4
+    assert r["calls"] == 4 * 2 * 2 * 2  # steps x (F, B) x M x boundaries
+
+
+def assert_stage_times_split_the_span(stats: CommunicationStats) -> float:
+    """Checks that each stage's busy, exposed and bubble time split one span.
+
+    The span is measured once per step for all stages, and no part has a
+    clamp that would hide an overlap: a negative bubble fails. Returns the
+    span.
+    """
+    spans = [d.busy_seconds + d.comm_seconds + d.idle_seconds for d in stats.devices]
+    assert spans == pytest.approx([spans[0]] * len(spans), rel=1e-9, abs=1e-9)
+    for d in stats.devices:
+        assert d.busy_seconds > 0 and d.idle_seconds >= 0, d
+    return spans[0]
+
+
 def test_communication_stats_per_stage() -> None:
     strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d2"])
     before = strategy.communication_stats()
     assert before.kind == "pipeline" and before.steps == 0
+    start = time.time()
     train(strategy, mlp, batch_size=8, epochs=1)
+    wall = time.time() - start
     stats = strategy.communication_stats().since(before)
     assert stats.steps == 5
     assert [d.device for d in stats.devices] == DEVICES
-    # Stage 0 sends an 8-wide float32 activation per example: exact.
-    assert [d.bytes_sent for d in stats.devices] == [40 * 8 * 4, 0]
-    assert stats.bytes_moved == stats.bytes_logical == 40 * 8 * 4
-    assert stats.calls == 5 * 2 * 4 * 1
-    for d in stats.devices:
-        assert d.busy_seconds > 0 and d.idle_seconds >= 0 and d.comm_seconds >= 0
+    span = assert_stage_times_split_the_span(stats)
+    # The steps' spans lie inside the host's clock around `fit`.
+    assert span < wall
+    # The exposed communication of an average stage.
     assert stats.comm_seconds == pytest.approx(
-        sum(d.comm_seconds for d in stats.devices)
+        sum(d.comm_seconds for d in stats.devices) / 2
     )
+
+
+def unbalanced() -> keras.Model:
+    """Three 512-wide layers before the cut at `d3`, one after (and the head)."""
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [keras.Input((512,))]
+        + [keras.layers.Dense(512, activation="relu", name=f"d{i}") for i in range(4)]
+        + [keras.layers.Dense(1, name="out")]
+    )
+
+
+def test_the_lighter_stage_has_the_larger_bubble() -> None:
+    # Stage 0 runs three 512-wide layers, stage 1 one (and the head), so
+    # stage 1 spends the difference waiting for stage 0 to compute.
+    strategy = PipelineStrategy(DEVICES, num_microbatches=4, partition=["d3"])
+    with strategy.scope():
+        model = unbalanced()
+        model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256 * 6, 512)).astype("float32")
+    y = rng.normal(size=(256 * 6, 1)).astype("float32")
+    model.fit(x[:256], y[:256], batch_size=256, verbose=0)  # traces the step
+    before = strategy.communication_stats()
+    model.fit(x, y, batch_size=256, verbose=0)
+    stats = strategy.communication_stats().since(before)
+    assert stats.steps == 6
+    assert_stage_times_split_the_span(stats)
+    heavy, light = stats.devices
+    assert heavy.busy_seconds > light.busy_seconds, stats
+    assert light.idle_seconds > heavy.idle_seconds, stats
 
 
 def test_batch_normalization_trains_per_microbatch() -> None:
@@ -434,7 +553,8 @@ def test_stages_on_cluster_workers_match_and_fail_cleanly() -> None:
                 np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
             assert "task:1" in model.get_layer("out").kernel.value.device
             assert "task:0" in model.get_layer("d0").kernel.value.device
-            assert strategy.communication_stats().devices[0].bytes_sent == 32 * 8 * 4
+            sent = [d.bytes_sent for d in strategy.communication_stats().devices]
+            assert sent == [32 * 8 * 4, 32 * 8 * 4], sent  # activations, gradients
 
             strategy = PipelineStrategy(devices, num_microbatches=2, partition=["d2"])
             with strategy.scope():

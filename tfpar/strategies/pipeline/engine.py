@@ -7,8 +7,9 @@ schedule (`schedules.py`): the batch is split into micro-batches
 pair is created under `tf.device` of its stage in the schedule's order, and the
 actions of each stage are chained with control dependencies. `StepTrace`
 (`trace.py`) records the step's timestamps and byte counts on each stage's device and
-`StageCounters` accumulates them into per-stage busy, idle (bubble) and
-transfer time, bytes sent and peak micro-batches in flight.
+`StageCounters` accumulates them into per-stage busy time, exposed
+communication time (waiting for a neighbour's tensor), bubble, bytes sent and
+peak micro-batches in flight.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import keras
 import tensorflow as tf
 from keras import tree
 
+from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._variables import backing_variable
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.partition import Partition
 from tfpar.strategies.pipeline.schedules import BACKWARD, Action, Schedule
-from tfpar.strategies.pipeline.trace import StageClock, StageCounters, StepTrace
+from tfpar.strategies.pipeline.trace import StageCounters, StepTrace
 
 
 class PipelineEngine:
@@ -37,7 +39,7 @@ class PipelineEngine:
         schedule: The schedule training steps follow.
         recompute: Whether backward passes recompute the stage's forward.
         counters: Where training steps accumulate their timings.
-        clocks: One `StageClock` per stage, created on its device.
+        clocks: One `UnorderedClock` per stage, created on its device.
     """
 
     def __init__(
@@ -49,7 +51,7 @@ class PipelineEngine:
         schedule: Schedule,
         recompute: bool,
         counters: StageCounters,
-        clocks: list[StageClock],
+        clocks: list[UnorderedClock],
     ) -> None:
         self.model = model
         self.stages = stages
@@ -164,12 +166,18 @@ class PipelineEngine:
                         )
                 with tf.control_dependencies(done):
                     end = self.clocks[s]()
+                sent = self._sent(action, outputs, grads_out)
                 trace.busy[s].append(end - start)
                 trace.done[s][action.kind][j] = end
-                trace.ready[s][action.kind][j] = self._ready(action, end, grads_out)
+                trace.ready[s][action.kind][j] = self._ready(action, end, sent)
                 trace.arrived[s][action.kind][j] = arrived
-                if action.kind != BACKWARD and s < num_stages - 1:
-                    trace.sent[s].append(_num_bytes(outputs[(s, j)]))
+                trace.free[s][action.kind][j] = (
+                    last[s]
+                    if last[s] is not None
+                    else tf.constant(float("-inf"), tf.float64)
+                )
+                if sent:
+                    trace.sent[s].append(_num_bytes(sent))
             last[s] = end
             trace.starts[s].append(start)
             trace.ends[s].append(end)
@@ -186,17 +194,29 @@ class PipelineEngine:
         self._accumulate(trace)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _ready(
-        self, action: Action, end: tf.Tensor, grads_out: dict[tuple[int, int], Any]
-    ) -> tf.Tensor:
+    def _sent(
+        self,
+        action: Action,
+        outputs: dict[tuple[int, int], Any],
+        grads_out: dict[tuple[int, int], Any],
+    ) -> list[Any]:
+        # The tensors an action sends to a neighbouring stage: a forward's
+        # activations to the next stage, a backward's input gradients to the
+        # previous one.
+        s, j = action.stage, action.microbatch
+        if action.kind == BACKWARD:
+            if s == 0:
+                return []
+            return [g for g in tree.flatten(grads_out[(s - 1, j)]) if g is not None]
+        return tree.flatten(outputs[(s, j)]) if s < len(self.stages) - 1 else []
+
+    def _ready(self, action: Action, end: tf.Tensor, sent: list[Any]) -> tf.Tensor:
         # When the input gradient a backward sends on was ready; otherwise
         # what an action sends is ready when it ends.
-        s, j = action.stage, action.microbatch
-        if action.kind != BACKWARD or s == 0:
+        if action.kind != BACKWARD or action.stage == 0:
             return end
-        sent = [g for g in tree.flatten(grads_out[(s - 1, j)]) if g is not None]
         with tf.control_dependencies(sent):
-            return self.clocks[s]()
+            return self.clocks[action.stage]()
 
     def _incoming(
         self,
@@ -301,21 +321,30 @@ class PipelineEngine:
         with tf.device(counters.busy.device):
             rows = tf.stack(summaries)
             busy = rows[:, 0]
-            span = tf.reduce_max(rows[:, 2]) - tf.reduce_min(rows[:, 1])
-            done_f, done_b = rows[:, 4 : 4 + m], rows[:, 4 + m : 4 + 2 * m]
-            arrived_f = rows[:, 4 + 2 * m : 4 + 3 * m]
-            arrived_b = rows[:, 4 + 3 * m : 4 + 4 * m]
-            ready_f, ready_b = rows[:, 4 + 4 * m : 4 + 5 * m], rows[:, 4 + 5 * m :]
-            # A transfer lasts from the tensor being ready on the sender to the
-            # receiver having it; it is counted on the sender. The two
-            # timestamps run on different threads, so a transfer shorter than
-            # their scheduling jitter can come out negative: it counts as 0.
+            begin = tf.reduce_min(rows[:, 1])
+            span = tf.reduce_max(rows[:, 2]) - begin
+            done_f, done_b, arrived_f, arrived_b, ready_f, ready_b, free_f, free_b = (
+                rows[:, 4 + i * m : 4 + (i + 1) * m] for i in range(8)
+            )
+            # A stage is free for its first action from the step's start.
+            free_f, free_b = tf.maximum(free_f, begin), tf.maximum(free_b, begin)
+            # Exposed communication, on the receiving stage: a forward on
+            # stage s > 0 waits for stage s - 1's activations, a backward on
+            # stage s < K - 1 for stage s + 1's input gradient. The stage
+            # waited from when it was free and the tensor was ready on the
+            # sender until the tensor arrived; a tensor that arrived before
+            # that made nobody wait, so max(0, .) is the definition, not a
+            # clamp of a timing error.
             zero = tf.zeros([1], tf.float64)
-            forward = _sum_positive(arrived_f[1:] - ready_f[:-1])
-            backward = _sum_positive(arrived_b[:-1] - ready_b[1:])
-            comm = tf.concat([forward, zero], 0) + tf.concat([zero, backward], 0)
+            forward = _exposed(arrived_f[1:], ready_f[:-1], free_f[1:])
+            backward = _exposed(arrived_b[:-1], ready_b[1:], free_b[:-1])
+            comm = tf.concat([zero, forward], 0) + tf.concat([backward, zero], 0)
             counters.busy.assign_add(busy)
-            counters.idle.assign_add(span - busy)
+            # The bubble: waiting for a neighbour still computing, or for the
+            # schedule. Each exposed wait lies between the stage's previous
+            # action and the start of the action that waited, so busy and
+            # exposed time never overlap and the bubble is never negative.
+            counters.idle.assign_add(span - busy - comm)
             counters.comm.assign_add(comm)
             counters.bytes.assign_add(tf.cast(rows[:, 3], tf.int64))
             counters.steps.assign_add(1)
@@ -328,14 +357,15 @@ class PipelineEngine:
             counters.peak.assign(tf.maximum(counters.peak, tf.reduce_max(in_flight, 1)))
 
 
-def _sum_positive(seconds: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_sum(tf.maximum(seconds, 0.0), axis=1)
+def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
+    """Per stage, the seconds spent waiting for tensors already produced."""
+    return tf.reduce_sum(tf.maximum(arrived - tf.maximum(ready, free), 0.0), axis=1)
 
 
-def _num_bytes(structure: Any) -> tf.Tensor:
-    return tf.add_n(
-        [tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in tree.flatten(structure)]
-    )
+def _num_bytes(tensors: list[Any]) -> tf.Tensor:
+    # An `IndexedSlices` gradient travels as its component tensors.
+    flat = tf.nest.flatten(tensors, expand_composites=True)
+    return tf.add_n([tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in flat])
 
 
 def _sum_gradients(parts: list[Any]) -> Any:

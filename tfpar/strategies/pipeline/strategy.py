@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
+from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_bool
@@ -44,7 +45,7 @@ from tfpar.strategies.pipeline.schedules import (
     get_schedule,
     validate_schedule_name,
 )
-from tfpar.strategies.pipeline.trace import StageClock, StageCounters
+from tfpar.strategies.pipeline.trace import StageCounters
 
 _HOST = "/device:CPU:0"
 
@@ -218,13 +219,49 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-stage counters of the training steps so far.
 
+        Each training step is measured from timestamps taken on every stage's
+        device around each of its actions (forward or backward pass of one
+        micro-batch). The step's span runs from the earliest start of any
+        stage's first action to the latest end of any stage's last one; for
+        every stage, the span divides into three disjoint parts: computing,
+        waiting for a tensor its neighbour had already produced, and waiting
+        for anything else.
+
+        The timestamps are taken by ops that run after the tensor they mark
+        exists, so they lag by the dataflow executor's scheduling; on
+        several machines they assume synchronized clocks, and on GPUs they
+        mark when kernels were enqueued, not when they finished.
+
         Returns:
             A `CommunicationStats` with `kind="pipeline"` and one
-            `DeviceCommunication` per stage: `busy_seconds` (time computing),
-            `idle_seconds` (bubble: time inside the step's span not computing),
-            `comm_seconds` (from the moment a stage's output or gradient is
-            ready to its arrival on the neighbouring stage) and `bytes_sent`
-            (activation bytes sent to the next stage).
+            `DeviceCommunication` per stage:
+
+            - `busy_seconds`: time computing, summed over the stage's
+              actions from their start to their end.
+            - `comm_seconds`: exposed communication time, counted on the
+              receiving stage. For each action that receives a tensor from
+              a neighbour (a forward on stage s > 0 receives activations
+              from s - 1, a backward on stage s < K - 1 the input gradient
+              from s + 1): `max(0, arrived - max(ready, free))`, where
+              `ready` is when the tensor existed on the sender, `arrived`
+              when the stage had it, and `free` the end of the stage's
+              previous action (the step's start for its first). A tensor
+              that arrived before the stage was free (or before it was
+              ready, as timestamped) made nobody wait: it counts 0.
+            - `idle_seconds`: the bubble, the step's span minus busy and
+              exposed communication time: waiting for a neighbour still
+              computing, or for the schedule.
+            - `bytes_sent`: bytes of the tensors the stage sent, counted from
+              their sizes: activations to the next stage and input gradients
+              to the previous one.
+
+            The totals: `comm_seconds` is the mean over stages of their
+            exposed communication time, so `comm_seconds / steps` is the
+            exposed communication of an average stage per step, a part of
+            the step's wall time;
+            `bytes_logical` and `bytes_moved` are the bytes sent by all
+            stages; `calls` counts the transfers, `2 * M * (K - 1)` per
+            step.
         """
         values = self._counters.read()
         devices = tuple(
@@ -241,11 +278,12 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         return CommunicationStats(
             kind="pipeline",
             steps=int(values["steps"]),
-            comm_seconds=sum(d.comm_seconds for d in devices),
+            comm_seconds=sum(d.comm_seconds for d in devices) / len(devices),
             calls=int(values["calls"]),
             bytes_logical=total_bytes,
             bytes_moved=total_bytes,
             devices=devices,
+            counters=("busy_seconds", "comm_seconds", "idle_seconds", "bytes_sent"),
         )
 
 
@@ -294,7 +332,7 @@ class _PipelineExtended(compat.OneDeviceAdapter):
                 reference = self._colocated.pop(key, None)
                 if reference is not None and reference in stage_of:
                     compat.move_variable(variable, options.devices[stage_of[reference]])
-            clocks = [StageClock(device) for device in options.devices]
+            clocks = [UnorderedClock(device) for device in options.devices]
         finally:
             self._placing = False
         return PipelineEngine(

@@ -1,7 +1,7 @@
-"""What `PipelineEngine` measures in each step: stage clocks, traces, counters.
+"""What `PipelineEngine` measures in each step: traces and counters.
 
-`StageClock` takes timestamps on a stage's device, `StepTrace` collects one
-step's timestamps and byte counts per stage, and `StageCounters` holds the
+`StepTrace` collects one step's timestamps (taken by `tfpar._clocks`
+clocks on each stage's device) and byte counts per stage, and `StageCounters` holds the
 cumulative per-stage totals that `PipelineStrategy.communication_stats()` and
 `peak_in_flight()` read.
 """
@@ -42,36 +42,6 @@ class StageCounters:
         }
 
 
-class StageClock:
-    """`tf.timestamp()` on one stage's device, left out of tf.function's
-    program-order chain of stateful ops.
-
-    tf.function's automatic control dependencies run every stateful op that
-    takes no resource (`tf.timestamp()` is one) in program order, across
-    devices: the stages' timestamps became one chain that made each worker
-    wait for the other at every action (two workers ran 0.70x of one; 1.18x
-    without the chain, `docs/pipeline.md`). An op that takes a resource is
-    ordered only against writes to that resource, so each timestamp is taken
-    in a small function reading a variable of the stage's own that nothing
-    writes. Create it eagerly.
-
-    Args:
-        device: The stage's device.
-    """
-
-    def __init__(self, device: str) -> None:
-        with tf.init_scope(), tf.device(device):
-            self._anchor = tf.Variable(0.0, trainable=False, name="pipeline_clock")
-        self._now = tf.function(self._timestamp, autograph=False)
-
-    def _timestamp(self) -> tf.Tensor:
-        return tf.timestamp() + tf.cast(0.0 * self._anchor, tf.float64)
-
-    def __call__(self) -> tf.Tensor:
-        """Returns the time in seconds, as `tf.timestamp()`."""
-        return self._now()
-
-
 class StepTrace:
     """Timestamps and byte counts of one step, kept on each stage's device.
 
@@ -88,23 +58,19 @@ class StepTrace:
         # [stage][kind][microbatch]: when an action finished, when its input
         # arrived, when the tensor it sends on was ready (which can be before
         # it finished: a backward sends its input gradient before its weight
-        # gradients are done).
-        self.done: list[dict[str, list[Any]]] = [
-            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
-        ]
-        self.arrived: list[dict[str, list[Any]]] = [
-            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
-        ]
-        self.ready: list[dict[str, list[Any]]] = [
-            {k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)
-        ]
+        # gradients are done), and when the stage came free for it (the end
+        # of its previous action; -inf for the first, whose free time is the
+        # step's start, known only once every stage has reported).
+        self.done, self.arrived, self.ready, self.free = (
+            _per_action(num_stages, num_microbatches) for _ in range(4)
+        )
 
     def summary(self, stage: int) -> tf.Tensor:
         """Packs the stage's record into one float64 vector (on its device):
 
         [busy, first start, last end, bytes sent, done F, done B, arrived F,
-        arrived B, ready F, ready B], the last six with one entry per
-        micro-batch.
+        arrived B, ready F, ready B, free F, free B], the last eight with one
+        entry per micro-batch.
         """
         scalars = [
             tf.add_n(self.busy[stage]),
@@ -112,12 +78,13 @@ class StepTrace:
             tf.reduce_max(tf.stack(self.ends[stage])),
             tf.cast(_total(self.sent[stage], tf.int64), tf.float64),
         ]
-        vectors = [
-            tf.stack(record[kind])
-            for record in (self.done[stage], self.arrived[stage], self.ready[stage])
-            for kind in "FB"
-        ]
+        records = (self.done, self.arrived, self.ready, self.free)
+        vectors = [tf.stack(record[stage][kind]) for record in records for kind in "FB"]
         return tf.concat([tf.stack(scalars), *vectors], axis=0)
+
+
+def _per_action(num_stages: int, num_microbatches: int) -> list[dict[str, list[Any]]]:
+    return [{k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)]
 
 
 def _total(values: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
