@@ -1,4 +1,4 @@
-"""Test helpers: tiny Keras models and reading scalars back from event files."""
+"""Test helpers: tiny Keras models and reading summaries back from event files."""
 
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
             (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)
         ]
     return result
+
+
+def read_texts(run_dir: str) -> dict[str, list[tuple[int, str]]]:
+    """Reads every text summary (the text plugin's) in a run folder, by tag."""
+    acc = event_accumulator.EventAccumulator(
+        run_dir, size_guidance={event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    return {
+        tag: [
+            (e.step, tf.make_ndarray(e.tensor_proto).item().decode())
+            for e in acc.Tensors(tag)
+        ]
+        for tag in acc.Tags()["tensors"]
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"
+    }
 
 
 def event_files(log_dir: str) -> list[str]:

@@ -8,11 +8,13 @@ import keras
 import pytest
 import tensorflow as tf
 
+from tests._subprocess import run_python, tagged_json
 from tests.callbacks._tb import (
     LAYOUT_TAG,
     dataset,
     event_files,
     read_scalars,
+    read_texts,
     stock_mirrored,
     tiny_model,
 )
@@ -156,7 +158,9 @@ def test_profile_steps_keep_a_trace_for_the_profile_plugin(tmp_path: str) -> Non
     ]
 
 
-def test_explicit_devices_are_validated_and_reported(tmp_path: str) -> None:
+def test_explicit_devices_are_validated_and_reported(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     log_dir = str(tmp_path)
     callback = DeviceUtilization(
         log_dir,
@@ -165,11 +169,87 @@ def test_explicit_devices_are_validated_and_reported(tmp_path: str) -> None:
         every_seconds=None,
         metrics=["utilization"],
     )
-    _fit(tiny_model(), [callback])
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        _fit(tiny_model(), [callback])
     scalars = read_scalars(os.path.join(log_dir, "train"))
-    # Nothing ran on CPU:1: an honest zero, never a made-up share.
+    # No op of the step is placed on CPU:1: idle, a measured zero, never
+    # "unknown" and never a made-up share.
     assert set(scalars) == {LAYOUT_TAG, "device/CPU:1/utilization"}
-    assert all(v == 0.0 for _, v in scalars["device/CPU:1/utilization"])
+    values = [v for _, v in scalars["device/CPU:1/utilization"]]
+    assert len(values) >= 2 and all(v == 0.0 for v in values)
+    assert read_texts(os.path.join(log_dir, "train")) == {}
+    assert not [r for r in caplog.records if "unknown" in r.message]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_devices_of_cluster_workers_are_unknown_never_zero(tmp_path) -> None:
+    # A PipelineStrategy and a single-client tfpar.MirroredStrategy over two
+    # LocalCluster workers, driven from a child process (connecting to a
+    # cluster changes a process's devices for good). The workers' ops run in
+    # their own processes, which the driving process's profiler cannot see.
+    proc = run_python(
+        f"""
+        import json, logging, keras, numpy as np, tfpar
+
+        warnings = []
+        handler = logging.Handler()
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("tfpar").addHandler(handler)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 6)).astype("float32")
+        y = rng.normal(size=(32, 2)).astype("float32")
+        with tfpar.LocalCluster(num_workers=2, pin_cores=False) as cluster:
+            devices = cluster.connect()
+            for name, strategy in [
+                ("pipeline", tfpar.PipelineStrategy(
+                    devices, num_microbatches=2, partition=["d1"])),
+                ("mirrored", tfpar.MirroredStrategy(devices)),
+            ]:
+                with strategy.scope():
+                    model = keras.Sequential([
+                        keras.Input((6,)),
+                        keras.layers.Dense(8, name="d0"),
+                        keras.layers.Dense(8, name="d1"),
+                        keras.layers.Dense(2),
+                    ])
+                    model.compile(optimizer="sgd", loss="mse")
+                callback = tfpar.callbacks.DeviceUtilization(
+                    {str(tmp_path)!r} + "/" + name, every_steps=1,
+                    every_seconds=None, window_steps=1, metrics=["utilization"])
+                for _ in range(2):  # two fits of 4 steps
+                    model.fit(x, y, batch_size=8, verbose=0, callbacks=[callback])
+        print("RESULT " + json.dumps(warnings), flush=True)
+        """,
+        timeout=180,
+    )
+    warnings = tagged_json(proc.stdout, "RESULT")
+    workers = ["worker:0/CPU:0", "worker:1/CPU:0"]
+    for name in ["pipeline", "mirrored"]:
+        run = os.path.join(tmp_path, name, "train")
+        scalars = read_scalars(run)
+        # The driving process's own device is measured, in every window (one
+        # step each, after the first step of each fit); the workers get no
+        # point at all.
+        assert set(scalars) == {LAYOUT_TAG, "device/CPU:0/utilization"}, name
+        local = scalars["device/CPU:0/utilization"]
+        assert [s for s, _ in local] == [2, 3, 4, 6, 7, 8]
+        assert all(0.0 < v <= 100.0 for _, v in local), local
+        # Instead, "unknown" and why, at their utilization tag, once per fit.
+        texts = read_texts(run)
+        assert set(texts) == {f"device/{w}/utilization" for w in workers}
+        for worker in workers:
+            notes = texts[f"device/{worker}/utilization"]
+            assert [s for s, _ in notes] == [2, 6], notes
+            for _, text in notes:
+                assert text.startswith("unknown: ") and "ops are placed there" in text
+                assert "they run in another process" in text
+        files = event_files(os.path.join(tmp_path, name))
+        assert [os.path.dirname(f) for f in files] == ["train"] * 2  # one a fit
+    # One warning per device and callback, naming the device.
+    said = [w for w in warnings if "utilization is unknown" in w]
+    assert sorted(w.split(": ")[1] for w in said) == sorted(workers * 2), warnings
+    assert all("they run in another process" in w for w in said)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from tests.callbacks._tb import read_scalars
 from tfpar._compat import callbacks as _compat
 from tfpar.callbacks.device_utilization import DeviceUtilization
 from tfpar.callbacks.placement import OpDevices
-from tfpar.callbacks.profiling import TraceParser, busy_seconds
+from tfpar.callbacks.profiling import ParsedWindow, TraceParser, busy_seconds
 from tfpar.callbacks.sources import Sample
 
 MS = 1_000_000  # ns
@@ -78,6 +78,9 @@ def test_busy_time_is_the_union_of_op_intervals_per_device() -> None:
         "/device:CPU:0": pytest.approx(0.003),
         "/device:CPU:1": pytest.approx(0.001),
     }
+    # Devices whose ops all ran outside the window were seen: idle, not absent.
+    late = busy_seconds(trace, ops, start_ns=start + 13 * MS, end_ns=start + 20 * MS)
+    assert late == {"/device:CPU:0": 0.0, "/device:CPU:1": 0.0}
     # With one device, unknown ops belong to it.
     single = busy_seconds(
         trace,
@@ -104,24 +107,55 @@ class FakeProfiler:
         self.discarded.append(path)
 
 
+WORKER = "/job:worker/replica:0/task:1/device:CPU:0"
+
+
 def test_trace_parser_turns_a_window_into_utilization_samples(tmp_path) -> None:
     start = 10**18
-    trace = _xspace(start, {"tf_Compute/1": [("a/MatMul:MatMul", 0, 5 * MS)]})
+    trace = _xspace(
+        start,
+        {
+            "tf_Compute/1": [("a/MatMul:MatMul", 0, 5 * MS)],
+            # Overlaps a in a 5 ms window: their union is 100 %, a sum 200 %.
+            "tf_Compute/2": [("c/Add:AddV2", 0, 5 * MS)],
+        },
+    )
     path = tmp_path / "window.xplane.pb"
     path.write_bytes(trace)
     profiler = FakeProfiler(str(path))
     errors: list[BaseException] = []
     parser = TraceParser(profiler, on_error=errors.append)
-    ops = OpDevices({"a/MatMul": "/device:CPU:1"})
-    devices = ["/device:CPU:0", "/device:CPU:1"]
-    parser.submit(7, (start, start + 20 * MS), devices, ops, None)
+    # CPU:0 has no op placed on it: idle, 0 % measured. The worker's 14 ops
+    # never show in this process's trace: unknown, no sample.
+    ops = OpDevices(
+        {"a/MatMul": "/device:CPU:1", "c/Add": "/device:CPU:1", "w/MatMul": WORKER},
+        {"/device:CPU:1": 2, WORKER: 14},
+    )
+    devices = ["/device:CPU:0", "/device:CPU:1", WORKER]
+    parser.submit(7, (start, start + 5 * MS), devices, ops, None)
     parser.wait()
     assert parser.collect() == [
-        (7, Sample("device/CPU:0/utilization", 0.0)),
-        (7, Sample("device/CPU:1/utilization", pytest.approx(25.0))),
+        ParsedWindow(
+            7,
+            (
+                Sample("device/CPU:0/utilization", 0.0),
+                Sample("device/CPU:1/utilization", 100.0),
+            ),
+            {WORKER: 14},
+        )
     ]
     assert parser.collect() == []  # each result once
     assert profiler.discarded == [str(path)] and not errors
+    # The fallback device runs the step: no op in the trace is unknown, not 0.
+    path.write_bytes(
+        _xspace(start, {"tf_Compute/1": [("ExecutorState::Process", 0, MS)]})
+    )
+    profiler.path = str(path)
+    parser.submit(
+        8, (start, start + MS), ["/device:CPU:0"], OpDevices({}), "/device:CPU:0"
+    )
+    parser.wait()
+    assert parser.collect() == [ParsedWindow(8, (), {"/device:CPU:0": 0})]
     # A trace that cannot be read is reported, not raised.
     profiler.path = str(tmp_path / "missing.xplane.pb")
     parser.submit(9, (start, start + MS), devices, ops, None)

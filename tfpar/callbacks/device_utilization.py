@@ -27,6 +27,7 @@ from tfpar.callbacks.summaries import (
     ScalarWriter,
     check_log_dir,
     custom_scalars_layout,
+    device_label,
 )
 from tfpar.devices import process_task, resolve_devices
 
@@ -61,13 +62,24 @@ class DeviceUtilization(keras.callbacks.Callback):
     counter is logged once and skipped; training never stops because of this
     callback. Only one profiler session can run per process: when another
     holds it (e.g. Keras's `TensorBoard(profile_batch=...)`), utilization
-    windows that collide with it are skipped, with one warning. Remote devices
-    (cluster workers) are not traced by this process's profiler; their
-    utilization is not logged (under a parameter-server strategy no window
-    is traced at all). Under a multi-worker strategy, where each worker runs
-    its own callbacks, no window is traced either (TensorFlow's profiler
-    aborted a worker), with one warning: host counters only. Utilization is sampled: each point covers the
-    `window_steps` steps traced when the sample came due.
+    windows that collide with it are skipped, with one warning. Utilization
+    is sampled: each point covers the `window_steps` steps traced when the
+    sample came due.
+
+    A device none of whose placed ops appears in this process's trace has
+    no utilization point: its utilization is unknown, not 0 %. That is a
+    remote device (a cluster worker this process drives, e.g. the stages of a
+    `PipelineStrategy` or the replicas of a `tfpar.MirroredStrategy` over
+    `tfpar.LocalCluster` workers: their ops run in other processes), or a
+    device whose ops' names in the trace could not be matched to the placed
+    graph. The callback warns once per device, naming it and why, and once
+    per `fit` writes a text summary saying "unknown", and why, at the
+    device's `device/<device>/utilization` tag. A device with no op of the
+    train step placed on it is idle: its 0 % is measured. Under a
+    parameter-server strategy no window is traced at all. Under a
+    multi-worker strategy, where each worker runs its own callbacks, no
+    window is traced either (TensorFlow's profiler aborted a worker), with
+    one warning: host counters only.
 
     Args:
         log_dir: Folder for the event files, the same as Keras's `TensorBoard`
@@ -123,6 +135,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self.profile_steps = _check_step_range(profile_steps)
         self._placement = GraphPlacement()
         self._said_untraced = False  # the multi-worker warning, once
+        self._said_unseen: set[str] = set()  # devices warned about, once each
         self._sources = SourceGroup(on_error=self._fail)
         self._reset(trace=False)
 
@@ -151,6 +164,8 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._op_devices = OpDevices({})
         self._reported: list[str] = []
         self._fallback: str | None = None
+        self._task: str | None = None
+        self._unseen_written: set[str] = set()  # a text summary once per fit
 
     def set_model(self, model: keras.Model) -> None:
         """Notes whether `fit` is about to build a new train function."""
@@ -171,7 +186,8 @@ class DeviceUtilization(keras.callbacks.Callback):
         trace = "utilization" in self.metrics and not isinstance(
             strategy, tf.distribute.ParameterServerStrategy
         )
-        if trace and process_task(strategy) is not None:
+        task = process_task(strategy)
+        if trace and task is not None:
             trace = False
             if not self._said_untraced:
                 self._said_untraced = True
@@ -181,9 +197,13 @@ class DeviceUtilization(keras.callbacks.Callback):
                     "aborted the worker); host counters are logged."
                 )
         self._reset(trace=trace)
+        self._task = task
         computing = strategy_devices(strategy)
         self._reported = list(self.devices or computing)
-        self._fallback = computing[0] if len(computing) == 1 else None
+        # Ops missing from the placement run on the one device, unless that is
+        # another process's: then this process's own ops are not its work.
+        one = len(computing) == 1 and self._own(computing[0])
+        self._fallback = computing[0] if one else None
         self._first_step = optimizer_step(self.model)
         # What the per-step hooks compare against, read once per fit.
         self._per_call = steps_per_call(self.model)
@@ -223,14 +243,22 @@ class DeviceUtilization(keras.callbacks.Callback):
     def _use_placement(self, placement: OpDevices) -> None:
         self._op_devices = placement
         if self.devices is None:
-            local = placement.local_devices()
-            self._reported += [d for d in local if d not in self._reported]
+            # Remote devices too: they are reported unknown, not left out.
+            placed = sorted(placement.placed)
+            self._reported += [d for d in placed if d not in self._reported]
+
+    def _own(self, device: str) -> bool:
+        """Whether `device` is this process's, so its profiler sees its ops."""
+        return "/job:" not in device or (
+            self._task is not None and device.startswith(f"{self._task}/")
+        )
 
     def _sample(self, steps_done: int, traced: tuple[int, int] | None) -> None:
         """Called by `ProfilerWindows` when a window closes."""
         step = self._first_step + steps_done
         if traced is not None:
-            devices = [d for d in self._reported if "GPU" not in d and "/job:" not in d]
+            # This process's GPUs are measured by NVML (`SourceGroup`).
+            devices = [d for d in self._reported if "GPU" not in d or not self._own(d)]
             # Stopping exports the trace (tens of ms): the parser thread does
             # it, and the parsing, off the training thread.
             self._parser.submit(step, traced, devices, self._op_devices, self._fallback)
@@ -240,8 +268,38 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._writer.flush()
 
     def _write_parsed(self) -> None:
-        for step, sample in self._parser.collect():
-            self._writer.add(step, sample.tag, sample.value)
+        for window in self._parser.collect():
+            for sample in window.samples:
+                self._writer.add(window.step, sample.tag, sample.value)
+            for device, ops in window.unseen.items():
+                self._say_unseen(window.step, device, ops)
+
+    def _say_unseen(self, step: int, device: str, ops: int) -> None:
+        """Warns once, and notes once per fit, that a device's utilization is unknown."""
+        label = device_label(device)
+        if not self._own(device):
+            why = "they run in another process"
+        elif ops:
+            why = "their names in the trace could not be matched to the placed graph"
+        else:  # the one device, placement not collected: the trace has no op
+            why = "the profiler recorded no op event"
+        placed = f"{ops} ops are placed there, none" if ops else "no op of the step"
+        reason = f"{placed} appeared in this process's profiler trace ({why})"
+        if device not in self._said_unseen:
+            self._said_unseen.add(device)
+            logger.warning(
+                "tfpar DeviceUtilization: %s: %s; its utilization is unknown and "
+                "not logged. This is logged once.",
+                label,
+                reason,
+            )
+        if device not in self._unseen_written:
+            self._unseen_written.add(device)
+            self._writer.add_text(
+                step,
+                f"device/{label}/utilization",
+                f"unknown: {reason}. No utilization of {label} is logged.",
+            )
 
     def _fail(self, name: str, err: BaseException) -> None:
         if name not in self._failed:

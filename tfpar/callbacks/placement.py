@@ -11,6 +11,7 @@ function.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping
 
@@ -27,6 +28,11 @@ class OpDevices:
 
     Attributes:
         devices: Op name (as the profiler records it) to canonical device.
+            A name placed on several devices (e.g. a `Const` in many
+            functions) is left out: it cannot be attributed honestly.
+        placed: Number of op names placed on each device, those left out of
+            `devices` included. A device with no op placed on it is absent.
+            Empty (the default) when the placement is not known.
 
     Example:
 
@@ -38,21 +44,19 @@ class OpDevices:
     """
 
     devices: Mapping[str, str]
+    placed: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_run_metadata(cls, metadata: tf.compat.v1.RunMetadata) -> OpDevices:
         """Reads the placed partition graphs of every instantiated function.
 
-        A name placed on several devices (e.g. a `Const` in many functions)
-        is dropped: it cannot be attributed honestly.
-
         Args:
             metadata: What graph collection recorded (`_compat`).
 
         Returns:
-            The op-to-device map.
+            The op-to-device map, with the number of ops on each device.
         """
-        seen: dict[str, str | None] = {}
+        pairs: set[tuple[str, str]] = set()
         canonical: dict[str, str] = {}  # a few device strings, many nodes
         graphs = [g for f in metadata.function_graphs for g in f.partition_graphs]
         for graph in [*graphs, *metadata.partition_graphs]:
@@ -61,18 +65,12 @@ class OpDevices:
                     continue
                 if node.device not in canonical:
                     canonical[node.device] = canonical_device(node.device)
-                device = canonical[node.device]
-                if seen.setdefault(node.name, device) != device:
-                    seen[node.name] = None
-        return cls({name: dev for name, dev in seen.items() if dev is not None})
-
-    def local_devices(self) -> list[str]:
-        """Returns the devices of this process that ops were placed on, sorted.
-
-        Remote devices (cluster workers) are left out: this process's
-        profiler does not trace them.
-        """
-        return sorted({d for d in self.devices.values() if "/job:" not in d})
+                pairs.add((node.name, canonical[node.device]))
+        names = collections.Counter(name for name, _ in pairs)
+        return cls(
+            {name: dev for name, dev in pairs if names[name] == 1},
+            dict(collections.Counter(dev for _, dev in pairs)),
+        )
 
 
 class GraphPlacement:

@@ -4,8 +4,15 @@ The profiler records every op a step runs, with its duration, but on CPU it
 records the thread, not the logical device: `/device:CPU:0` and
 `/device:CPU:1` share one thread pool. The device comes from the placed
 partition graphs (`placement.OpDevices`). A device's busy time in a window is
-the union of the intervals its ops ran, so overlapping ops are not counted
-twice and the utilization (busy time over wall time) stays within [0, 100] %.
+the union of the intervals its ops ran, clipped to the window, so overlapping
+ops are not counted twice and the utilization (busy time over wall time) stays
+within [0, 100] % by construction.
+
+A device with ops placed on it, none of which appears in the trace, is not
+idle but unseen: its ops ran in another process (a cluster worker, which this
+process's profiler does not trace), or their names could not be matched to
+the placed graph. Its utilization is unknown, and no sample is made for it. A
+device with no op placed on it is idle: 0 % is a measurement there.
 
 Waiting is not work: receives and collective ops, whose recorded duration is
 mostly waiting for a peer, are left out here and reported by
@@ -20,6 +27,7 @@ thread never waits for either.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -79,7 +87,10 @@ def busy_seconds(
             the model runs on one device); `None` leaves them out.
 
     Returns:
-        Busy seconds per canonical device name (devices with no op are absent).
+        Busy seconds per canonical device name, for each device at least one
+        of whose ops appears in the trace (`0.0` when they all ran outside
+        the window). A device none of whose ops appears is absent: its busy
+        time is unknown, not zero.
 
     Example:
 
@@ -103,11 +114,13 @@ def busy_seconds(
                 device = device_of.get(event.metadata_id)
                 if device is None:
                     continue
+                # Seen even if it ran outside the window: idle then, not unknown.
+                spans = intervals.setdefault(device, [])
                 begin = base + line.timestamp_ns + event.offset_ps // 1000
                 end = begin + event.duration_ps // 1000
                 begin, end = max(begin, start_ns), min(end, end_ns)
                 if end > begin:
-                    intervals.setdefault(device, []).append((begin, end))
+                    spans.append((begin, end))
     return {dev: _union_ns(spans) / 1e9 for dev, spans in intervals.items()}
 
 
@@ -154,13 +167,40 @@ def _union_ns(spans: Iterable[tuple[int, int]]) -> int:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class ParsedWindow:
+    """What one utilization window measured.
+
+    Attributes:
+        step: The step its samples are logged at.
+        samples: One `device/<device>/utilization` sample per measured device.
+        unseen: The devices whose utilization is unknown, each with the number
+            of op names placed on it (`0` for the fallback device when the
+            placement is not known): ops run there, yet none appeared in the
+            trace.
+
+    Example:
+
+    ```python
+    ParsedWindow(7, (Sample("device/CPU:0/utilization", 41.5),),
+                 {"/job:worker/replica:0/task:1/device:CPU:0": 196})
+    ```
+    """
+
+    step: int
+    samples: tuple[Sample, ...]
+    unseen: Mapping[str, int]
+
+
 class TraceParser:
     """Stops utilization windows and turns their traces into samples, off-thread.
 
     Each job stops the window's profiler session (which exports the trace),
     measures busy time per device, deletes the trace and makes one
-    `device/<device>/utilization` sample per device. Jobs run in order on one
-    thread; `collect` hands finished ones to the training thread.
+    `device/<device>/utilization` sample per measured device; a device with
+    ops placed on it but none in the trace is listed as unseen instead. Jobs
+    run in order on one thread; `collect` hands finished ones to the training
+    thread.
 
     Args:
         profiler: The profiler the utilization windows run in.
@@ -173,8 +213,9 @@ class TraceParser:
     parser = TraceParser(windows.sampler, on_error=report)
     parser.submit(step, (start_ns, end_ns), ["/device:CPU:0"], placed, None)
     ...
-    for step, sample in parser.collect():
-        writer.add(step, sample.tag, sample.value)
+    for window in parser.collect():
+        for sample in window.samples:
+            writer.add(window.step, sample.tag, sample.value)
     parser.shutdown()
     ```
     """
@@ -187,7 +228,7 @@ class TraceParser:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tfpar-trace-parser"
         )
-        self._pending: list[concurrent.futures.Future[tuple[int, list[Sample]]]] = []
+        self._pending: list[concurrent.futures.Future[ParsedWindow]] = []
 
     def submit(
         self,
@@ -203,9 +244,11 @@ class TraceParser:
             step: The step its samples are logged at.
             window: Its `(start_ns, end_ns)` wall-clock span; trace events
                 outside it are clipped away.
-            devices: Devices to make a sample for (an idle one gets 0 %).
+            devices: Devices to measure. One with no op placed on it gets
+                0 %; one with ops placed on it but none in the trace is unseen.
             op_devices: Where each op was placed.
-            fallback_device: Device for ops missing from `op_devices`.
+            fallback_device: Device for ops missing from `op_devices`; it
+                runs the train step, so it is unseen when no op shows.
         """
         self._pending.append(
             self._pool.submit(
@@ -217,18 +260,16 @@ class TraceParser:
         """Waits until every queued job has finished."""
         concurrent.futures.wait(self._pending)
 
-    def collect(self) -> list[tuple[int, Sample]]:
-        """Returns the `(step, sample)`s of finished jobs, each once."""
+    def collect(self) -> list[ParsedWindow]:
+        """Returns the windows of finished jobs, each once, in order."""
         done = [f for f in self._pending if f.done()]
         self._pending = [f for f in self._pending if not f.done()]
         result = []
         for future in done:
             try:
-                step, samples = future.result()
+                result.append(future.result())
             except Exception as err:  # never break training over a measurement
                 self._on_error(err)
-                continue
-            result += [(step, sample) for sample in samples]
         return result
 
     def shutdown(self) -> None:
@@ -242,11 +283,11 @@ class TraceParser:
         devices: list[str],
         op_devices: OpDevices,
         fallback_device: str | None,
-    ) -> tuple[int, list[Sample]]:
+    ) -> ParsedWindow:
         """Runs on the parser thread: stops the profiler, turns the trace into samples."""
         path = self._profiler.stop()
         if path is None:
-            return step, []
+            return ParsedWindow(step, (), {})
         start_ns, end_ns = window
         try:
             with open(path, "rb") as f:
@@ -260,11 +301,13 @@ class TraceParser:
         finally:
             self._profiler.discard(path)
         wall = (end_ns - start_ns) / 1e9
-        samples = [
-            Sample(
-                f"device/{device_label(d)}/utilization",
-                min(100.0, 100.0 * busy.get(d, 0.0) / wall),
-            )
-            for d in devices
-        ]
-        return step, samples
+        samples, unseen = [], {}
+        for device in devices:
+            tag = f"device/{device_label(device)}/utilization"
+            if device in busy:
+                samples.append(Sample(tag, 100.0 * busy[device] / wall))
+            elif device in op_devices.placed or device == fallback_device:
+                unseen[device] = op_devices.placed.get(device, 0)
+            else:
+                samples.append(Sample(tag, 0.0))  # nothing placed there: idle
+        return ParsedWindow(step, tuple(samples), unseen)

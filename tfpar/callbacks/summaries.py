@@ -11,7 +11,8 @@ Tag scheme (device names lose their leading `/device:`; remote devices keep
 their job and task, e.g. `worker:1/CPU:0`):
 
 - `device/<device>/utilization`, `device/<device>/memory_mib`,
-  `device/<device>/peak_memory_mib`
+  `device/<device>/peak_memory_mib`; for a device whose utilization is
+  unknown, a text summary at its utilization tag says so, and why
 - `host/cpu_utilization`, `host/rss_mib`, `host/peak_rss_mib`
 - `comm/step_time_ms`, `comm/time_ms`, `comm/compute_ms`, `comm/fraction`,
   `comm/bytes_per_step`, `comm/bandwidth_mib_per_s`
@@ -61,6 +62,9 @@ def device_label(device: str) -> str:
 class ScalarWriter:
     """Buffers scalars and writes them to `<log_dir>/train` in batches, off-thread.
 
+    The odd text summary (`add_text`, e.g. why a value is unknown) goes the
+    same way, into the same event file.
+
     The event file is created on the first flush that has something to write,
     so a callback that never samples leaves no empty file behind. `flush`
     hands the batch to one background thread and returns at once: writing a
@@ -88,6 +92,7 @@ class ScalarWriter:
     def __init__(self, log_dir: str, *, run: str = TRAIN_RUN) -> None:
         self._path = os.path.join(log_dir, run)
         self._pending: list[tuple[int, str, float]] = []
+        self._texts: list[tuple[int, str, str]] = []
         self._layout: bytes | None = None
         self._lock = threading.Lock()
         self._writer: tf.summary.SummaryWriter | None = None
@@ -104,23 +109,29 @@ class ScalarWriter:
         with self._lock:
             self._pending.append((step, tag, float(value)))
 
+    def add_text(self, step: int, tag: str, text: str) -> None:
+        """Queues one text summary (Markdown); nothing is written until `flush`."""
+        with self._lock:
+            self._texts.append((step, tag, text))
+
     def add_layout(self, layout: bytes) -> None:
         """Queues a serialized custom-scalars layout, written once at step 0."""
         with self._lock:
             self._layout = layout
 
     def flush(self) -> None:
-        """Hands every queued scalar to the background thread, in one batch."""
+        """Hands every queued summary to the background thread, in one batch."""
         with self._lock:
             pending, self._pending = self._pending, []
+            texts, self._texts = self._texts, []
             layout, self._layout = self._layout, None
-        if not pending and layout is None:
+        if not pending and not texts and layout is None:
             return
         if self._thread is None:
             self._thread = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="tfpar-summary-writer"
             )
-        self._thread.submit(self._write, pending, layout)
+        self._thread.submit(self._write, pending, texts, layout)
 
     def close(self) -> None:
         """Writes what is queued, waits for every batch, closes the event file.
@@ -136,7 +147,10 @@ class ScalarWriter:
             self._writer = None
 
     def _write(
-        self, pending: list[tuple[int, str, float]], layout: bytes | None
+        self,
+        pending: list[tuple[int, str, float]],
+        texts: list[tuple[int, str, str]],
+        layout: bytes | None,
     ) -> None:
         """Runs on the writer thread."""
         try:
@@ -147,6 +161,8 @@ class ScalarWriter:
                     tf.summary.experimental.write_raw_pb(layout, step=0)
                 for step, summary in _summaries_by_step(pending).items():
                     tf.summary.experimental.write_raw_pb(summary, step=step)
+                for step, tag, text in texts:
+                    tf.summary.text(tag, text, step=step)
             self._writer.flush()
         except Exception as err:  # never break training over a measurement
             if not self._failed:
