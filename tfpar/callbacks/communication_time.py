@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tfpar.callbacks.cadence import Cadence, Trigger, optimizer_step, steps_per_call
 from tfpar.callbacks.sources import Sample
+from tfpar.callbacks.stragglers import StragglerDetector
 from tfpar.callbacks.summaries import (
     ScalarWriter,
     check_log_dir,
@@ -29,25 +30,42 @@ class CommunicationTime(keras.callbacks.Callback):
 
     Reads the cumulative counters every tfpar strategy exposes through
     `strategy.communication_stats()` (`tfpar.CommunicationStats`) and logs,
-    per step, averaged over the steps since the previous sample:
+    per step, averaged over the steps since the previous sample (each
+    strategy's `communication_stats()` says how it measures its counters;
+    docs/callbacks.md has the table):
 
     - `comm/step_time_ms`: wall time of a training step (measured here, from
       the start to the end of each batch, so epoch ends and validation do not
       count).
-    - `comm/time_ms`: time spent communicating, as the strategy measured it:
-      gradient reductions for `tfpar.MirroredStrategy`, stage-boundary
-      transfers for `tfpar.PipelineStrategy`, variable reads and updates on
-      the parameter servers for `tfpar.ParameterServerStrategy`.
-    - `comm/compute_ms`: step time minus communication time.
-    - `comm/fraction`: communication time over step time, in [0, 1].
+    - `comm/time_ms`: exposed communication time, as the strategy measured
+      it: gradient all-reduce for the mirrored strategies, the time an
+      average pipeline stage waits for a tensor in transit.
+    - `comm/compute_ms`: `step_time_ms - time_ms`, everything else.
+    - `comm/fraction`: `time_ms / step_time_ms`.
+    - `comm/dispatch_ms` (`tfpar.ParameterServerStrategy`, instead of the
+      three above): a step function's wall time as the coordinator saw it
+      beyond its time on the worker. Communication with the parameter
+      servers happens inside the workers' steps and is not measured.
     - `comm/bytes_per_step`: bytes moved (after any compression) per step.
     - `comm/bandwidth_mib_per_s`: bytes moved over communication time.
-    - `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../bytes_sent_per_step`,
-      and `.../idle_ms` (`.../bubble_ms` for a pipeline stage), where the
-      strategy counts per device. A counter that is zero on every device is
-      taken as not kept by the strategy and is not logged; so are all the
-      communication numbers of a sample over which no counter moved (no
-      step finished yet under the asynchronous parameter-server strategy).
+    - `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../idle_ms`
+      (`.../bubble_ms` for a pipeline stage), `.../dispatch_ms`, and
+      `.../bytes_sent_per_step` (`.../modelled_bytes_sent_per_step` where
+      the strategy computes them from the algorithm's routing), where the
+      strategy keeps them (`CommunicationStats.counters`). All the
+      communication numbers of a sample over which no counter moved are
+      left out (no step finished yet under the asynchronous
+      parameter-server strategy), never logged as made-up zeros.
+    - `comm/device/<replica>/wait_ms` and `.../slowest_fraction` (the
+      synchronous data-parallel strategies): per step, how long the replica
+      waited at the gradient synchronization for the slowest one, and the
+      share of synchronizations at which it was that slowest one; for
+      every replica of the job, other workers' too.
+
+    A replica that is the slowest at 75% or more of the synchronizations
+    while the others wait 5% or more of the step for it, in two samples in a
+    row, is named a straggler: once per `fit`, in a warning and in a
+    TensorBoard text summary at `comm/straggler`.
 
     Under a strategy without `communication_stats()` (the stock
     `tf.distribute` strategies, or none) it says once, with a warning, what it
@@ -95,6 +113,7 @@ class CommunicationTime(keras.callbacks.Callback):
         self._writer = ScalarWriter(self.log_dir)
         self._trigger = Trigger(self.cadence)
         self._stats: Callable[[], CommunicationStats] | None = None
+        self._stragglers = StragglerDetector()
         self._warned = False
         self._failed = False
         self._reset_run()
@@ -114,6 +133,7 @@ class CommunicationTime(keras.callbacks.Callback):
         """Finds the strategy's counters, or says once what cannot be measured."""
         self._reset_run()
         self._trigger = Trigger(self.cadence)
+        self._stragglers.reset()
         self._first_step = optimizer_step(self.model)
         self._per_call = steps_per_call(self.model)
         strategy = self.model.distribute_strategy
@@ -163,6 +183,12 @@ class CommunicationTime(keras.callbacks.Callback):
                 delta = self._advanced(current.since(self._previous))
             for sample in step_samples(self._busy, self._steps, delta):
                 self._writer.add(step, sample.tag, sample.value)
+            if delta is not None:
+                step_ms = 1000.0 * self._busy / self._steps
+                straggler = self._stragglers.update(delta, step_ms)
+                if straggler is not None:
+                    logger.warning("tfpar CommunicationTime: %s", straggler.message())
+                    self._writer.add_text(step, "comm/straggler", straggler.message())
             self._writer.flush()
         self._baseline = True
         self._previous = current
@@ -231,7 +257,10 @@ def step_samples(
 ) -> list[Sample]:
     """Turns measured step time and a counter delta into per-step samples.
 
-    The one place where communication arithmetic is done.
+    The one place where communication arithmetic is done. Every number is a
+    counter divided by the steps it was counted over, or one of the two
+    definitions `comm/compute_ms = step_time_ms - time_ms` and
+    `comm/fraction = time_ms / step_time_ms`; nothing is clamped.
 
     Args:
         busy_seconds: Wall time spent inside the measured batches.
@@ -257,33 +286,61 @@ def step_samples(
     # The strategy's own step count, when it has one, is the right divisor for
     # its counters (a pipeline step may not be one Keras batch).
     counted = delta.steps if delta.steps > 0 else steps
-    comm_ms = 1000.0 * delta.comm_seconds / counted
-    samples += [
-        Sample("comm/time_ms", comm_ms),
-        Sample("comm/compute_ms", max(0.0, step_ms - comm_ms)),
-        Sample("comm/fraction", min(1.0, comm_ms / step_ms) if step_ms > 0 else 0.0),
-    ]
-    # A counter that stays zero over measured steps is one the strategy does
-    # not keep (a parameter-server strategy counts no bytes, a mirrored one no
-    # per-replica busy time): it is left out rather than logged as a made-up
-    # zero.
+    if delta.kind == "parameter_server":
+        # Communication happens inside the workers' steps there, unmeasured:
+        # what is logged is named for what it is.
+        dispatch = sum(d.dispatch_seconds for d in delta.devices)
+        samples.append(Sample("comm/dispatch_ms", 1000.0 * dispatch / counted))
+    else:
+        comm_ms = 1000.0 * delta.comm_seconds / counted
+        samples += [
+            Sample("comm/time_ms", comm_ms),
+            Sample("comm/compute_ms", step_ms - comm_ms),
+            Sample("comm/fraction", comm_ms / step_ms),
+        ]
+    # Zero bytes over measured steps: a strategy that counts none (the
+    # parameter-server one), left out rather than logged as a made-up zero.
     if delta.bytes_moved > 0:
         samples.append(Sample("comm/bytes_per_step", delta.bytes_moved / counted))
         if delta.comm_seconds > 0:
             bandwidth = delta.bytes_moved / delta.comm_seconds / _MIB
             samples.append(Sample("comm/bandwidth_mib_per_s", bandwidth))
-    # (tag suffix, counter, scale), per device, by the same rule.
+    return samples + _device_samples(delta, counted)
+
+
+def _device_samples(delta: CommunicationStats, counted: int) -> list[Sample]:
+    """Per-device samples: each counter the strategy keeps, per step."""
     idle = "bubble_ms" if delta.kind == "pipeline" else "idle_ms"
+    sent = "bytes_sent_per_step"
+    if "bytes_sent" in delta.modelled:
+        sent = "modelled_" + sent
+    # (counter, tag suffix, scale), per device in this process.
     fields = [
-        ("busy_ms", "busy_seconds", 1000.0),
-        ("comm_ms", "comm_seconds", 1000.0),
-        (idle, "idle_seconds", 1000.0),
-        ("bytes_sent_per_step", "bytes_sent", 1.0),
+        ("busy_seconds", "busy_ms", 1000.0),
+        ("comm_seconds", "comm_ms", 1000.0),
+        ("idle_seconds", idle, 1000.0),
+        ("bytes_sent", sent, 1.0),
+        ("dispatch_seconds", "dispatch_ms", 1000.0),
     ]
-    for suffix, counter, scale in fields:
-        if not any(getattr(d, counter) for d in delta.devices):
+    samples = []
+    for counter, suffix, scale in fields:
+        if counter not in delta.counters:
             continue
         for device in delta.devices:
-            tag = f"comm/device/{device_label(device.device)}/{suffix}"
-            samples.append(Sample(tag, scale * getattr(device, counter) / counted))
+            if device.in_process:
+                tag = f"comm/device/{device_label(device.device)}/{suffix}"
+                samples.append(Sample(tag, scale * getattr(device, counter) / counted))
+    # Waits are known for every replica of the group, other processes' too.
+    syncs = sum(d.slowest_steps for d in delta.devices)
+    if "wait_seconds" in delta.counters and syncs:
+        for device in delta.devices:
+            label = device_label(device.device)
+            wait_ms = 1000.0 * device.wait_seconds / counted
+            samples += [
+                Sample(f"comm/device/{label}/wait_ms", wait_ms),
+                Sample(
+                    f"comm/device/{label}/slowest_fraction",
+                    device.slowest_steps / syncs,
+                ),
+            ]
     return samples

@@ -59,6 +59,10 @@ for name, make in optimizers.items():
         "bytes_logical": counted.bytes_logical,
         "bytes_moved": counted.bytes_moved,
         "parameter_bytes": sum(w.size * 4 for w in model.get_weights()),
+        "sync_devices": [d.device for d in counted.devices],
+        "in_process": [d.in_process for d in counted.devices],
+        "slowest": [d.slowest_steps for d in counted.devices],
+        "waits": [d.wait_seconds for d in counted.devices],
     }
     if name == "adam":
         results["eval"] = model.evaluate(x, y, batch_size=64, verbose=0)
@@ -106,6 +110,20 @@ def test_two_workers_hold_the_weights_of_one_process_on_the_global_batch():
         assert a["steps"] == a["iterations"]
         assert a["bytes_logical"] == a["iterations"] * a["parameter_bytes"]
         assert a["bytes_moved"] == a["bytes_logical"]
+        # Both workers know every replica's interval, from one exchange: the
+        # same waits, the same slowest replica at each synchronization (every
+        # one but the strategy's first, which has no interval yet).
+        assert (
+            a["sync_devices"]
+            == b["sync_devices"]
+            == [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in (0, 1)]
+        )
+        assert (a["in_process"], b["in_process"]) == ([True, False], [False, True])
+        assert a["slowest"] == b["slowest"]
+        assert a["waits"] == b["waits"]
+        first_fit = name == "sgd_momentum"
+        assert sum(a["slowest"]) == a["steps"] - first_fit
+        assert min(a["waits"]) >= 0 and max(a["waits"]) > 0
     # evaluate and predict see every sample, on every worker.
     assert first["eval"] == pytest.approx(first["ref_eval"], rel=1e-5)
     assert first["eval"] == second["eval"]
@@ -132,6 +150,11 @@ def test_two_workers_of_two_simulated_devices_compress_and_still_match():
         # bf16 gradients: close to the float32 reference, not equal.
         assert 0 < a["diff"] < 2e-2, (name, a["diff"])
         assert a["bytes_moved"] * 2 == a["bytes_logical"]
+        # Intervals travel in bf16 with the gradients: still one slowest
+        # replica of the 4 per synchronization, the same on both workers.
+        assert len(a["sync_devices"]) == 4
+        assert a["slowest"] == b["slowest"]
+        assert sum(a["slowest"]) == a["steps"] - (name == "sgd_momentum")
 
 
 def _tf_config(cluster, task_type="worker", index=0):

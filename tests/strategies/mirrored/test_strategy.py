@@ -148,8 +148,15 @@ def test_communication_stats_count_exactly() -> None:
     assert 0 < stats.comm_seconds < 5
     assert [d.device for d in stats.devices] == DEVICES
     assert all(d.comm_seconds >= 0 for d in stats.devices)
-    # A ring sends 2(n-1)/n of the (compressed) buffer from every device.
+    # A ring sends 2(n-1)/n of the (compressed) buffer from every device: a
+    # model of the routing, not an observation, and the stats say so.
     assert [d.bytes_sent for d in stats.devices] == [stats.bytes_moved] * 2
+    assert stats.modelled == ("bytes_sent",)
+    # One replica is the slowest at each synchronization but the strategy's
+    # first (no interval yet); the others waited for it, none a negative time.
+    assert sum(d.slowest_steps for d in stats.devices) == steps - 1
+    assert all(d.wait_seconds >= 0 for d in stats.devices)
+    assert max(d.wait_seconds for d in stats.devices) > 0
 
     bucketed = MirroredStrategy(bucket_bytes=1 << 20)
     _model(bucketed).fit(x, y, batch_size=16, epochs=1, verbose=0)

@@ -13,21 +13,24 @@ which never appear in a saved model or checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from tfpar._clocks import HostClocks
 from tfpar._compat import mirrored as compat
 from tfpar.devices import canonical_device
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.mirrored.codec import Codec, byte_size
+from tfpar.strategies.mirrored.arrivals import Arrivals
+from tfpar.strategies.mirrored.codec import Codec, byte_size, is_dense_float
 from tfpar.strategies.mirrored.counters import AllReduceCounters
 from tfpar.strategies.mirrored.measurement import (
     Reduction,
     bytes_sent,
     ring_bytes_sent,
-    timestamp_after,
+    routing_known,
 )
 from tfpar.strategies.mirrored.nonfinite import NonFinitePolicy
 from tfpar.strategies.mirrored.options import AllReduceOptions
@@ -55,14 +58,19 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
     were enqueued and the values became available to the host's executor,
     which is an approximation; use the profiler for kernel times.
 
+    Also measured, per replica of the whole group: how long it took from
+    being released by the previous reduction to arriving at this one, which
+    names the replica the others waited for and how long (`arrivals.py`).
+
     Args:
         devices: Canonical names of the replica devices, in replica order.
         options: An `AllReduceOptions`.
         algorithm: The wrapped `CrossDeviceOps`, or `None` to bind one later
             with `bind` (the strategy binds its stock default).
-        group_size: Replicas taking part in each reduction, in every process
-            (`None`, the default: `devices`, this process's replicas). A
-            multi-worker strategy's all-reduce spans every worker's replicas.
+        group_devices: Every replica taking part in each reduction, in every
+            process, in slot order (`None`, the default: `devices`, this
+            process's replicas). A multi-worker strategy's all-reduce spans
+            every worker's replicas.
 
     Example:
 
@@ -83,16 +91,19 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         devices: Sequence[str],
         options: AllReduceOptions,
         algorithm: tf.distribute.CrossDeviceOps | None = None,
-        group_size: int | None = None,
+        group_devices: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self._devices = tuple(devices)
-        self._group_size = group_size or len(self._devices)
+        group = tuple(group_devices or self._devices)
+        self._group_size = len(group)
         self._options = options
         self._algorithm = algorithm
         self._codec = Codec(options.compression, options.bucket_bytes)
         self._nonfinite = NonFinitePolicy(options.on_nonfinite, self._devices)
-        self._counters = AllReduceCounters(self._devices)
+        self._counters = AllReduceCounters(self._devices, group)
+        self._clocks = HostClocks()
+        self._arrivals = Arrivals(self._devices, group) if options.measure else None
         self._collective = False
         self._replica_algorithm: tf.distribute.CrossDeviceOps | None = None
 
@@ -132,8 +143,18 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         self._replica_algorithm = replica_algorithm
 
     def stats(self) -> CommunicationStats:
-        """Returns the cumulative counters (one host read of each variable)."""
-        return self._counters.stats()
+        """Returns the cumulative counters (one host read of each variable).
+
+        Bytes sent per device are not kept for an algorithm whose routing
+        is unknown (a user's own `CrossDeviceOps`).
+        """
+        stats = self._counters.stats()
+        if self._algorithm is None or routing_known(
+            self._algorithm, collective=self._collective
+        ):
+            return stats
+        kept = tuple(c for c in stats.counters if c != "bytes_sent")
+        return dataclasses.replace(stats, counters=kept)
 
     def skipped_steps(self) -> int:
         """Returns how many reductions `on_nonfinite="skip"` zeroed."""
@@ -191,7 +212,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
                 )
             ]
 
-        outputs, reduction = self._reduce([flat], exchange, replica_id)
+        outputs, reduction = self._reduce([flat], exchange, reduce_op, replica_id)
         if self._options.measure:
             seconds = reduction.ends[0] - reduction.starts[0]
             sent = ring_bytes_sent(self._group_size, reduction.moved_bytes)
@@ -235,7 +256,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
                     for i in range(n)
                 ]
 
-            outputs, reduction = self._reduce(replicas, exchange)
+            outputs, reduction = self._reduce(replicas, exchange, reduce_op)
             reduced = (
                 list(outputs[0])
                 if named
@@ -273,6 +294,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         self,
         replicas: list[list[Any]],
         exchange: Exchange,
+        reduce_op: Any,
         replica_id: int | None = None,
     ) -> tuple[list[list[Any]], Reduction]:
         """The one reduction path: measure, encode, exchange, decode, check.
@@ -281,22 +303,48 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             replicas: Per replica seen, its tensors: every replica in a batch
                 reduction, only replica `replica_id` in a replica context.
             exchange: Hands the encoded buckets to the algorithm.
+            reduce_op: The `tf.distribute.ReduceOp` the algorithm applies.
             replica_id: The replica of a replica context, else `None`.
 
         Returns:
             Per replica seen, its reduced tensors, and what was measured.
         """
         devices = [tensors[0].device for tensors in replicas]
+        local = list(range(len(replicas))) if replica_id is None else [replica_id]
         starts = self._timestamps(replicas, devices)
         encoded = [self._codec.encode(tensors) for tensors in replicas]
-        decoded = [
-            e.decode(r)
-            for e, r in zip(encoded, exchange([e.packed for e in encoded]), strict=True)
-        ]
+        packed = [e.packed for e in encoded]
+        arrivals = self._arrivals
+        took_all = None
+        if arrivals is not None:
+            took = [arrivals.took(i, t) for i, t in zip(local, starts, strict=True)]
+            if replica_id is None and arrivals.group_size == len(self._devices):
+                took_all = tf.stack(took)
+            else:
+                # This reduction does not see every replica: the intervals
+                # travel with the gradients, one slot per replica.
+                packed = [
+                    [*p, arrivals.slot_vector(i, t, _first_dense(p))]
+                    for i, t, p in zip(local, took, packed, strict=True)
+                ]
+        results = exchange(packed)
+        if arrivals is not None and took_all is None:
+            took_all = tf.cast(results[0][-1], tf.float64)
+            if reduce_op == tf.distribute.ReduceOp.MEAN:
+                took_all *= arrivals.group_size
+            results = [r[:-1] for r in results]
+        decoded = [e.decode(r) for e, r in zip(encoded, results, strict=True)]
         outputs, skipped = self._nonfinite.apply(replicas, decoded, devices, replica_id)
+        ends = self._timestamps(outputs, devices)
+        if arrivals is not None:
+            for i, end in zip(local, ends, strict=True):
+                arrivals.release(i, end)
+            if local[0] == 0:  # every replica knows every interval; one counts
+                waits, slowest = arrivals.waits(took_all)
+                self._counters.add_waits(0, waits, slowest)
         reduction = Reduction(
             starts=starts,
-            ends=self._timestamps(outputs, devices),
+            ends=ends,
             calls=len(encoded[0].packed),
             logical_bytes=sum(byte_size(t) for t in replicas[0]),
             moved_bytes=encoded[0].wire_bytes,
@@ -311,7 +359,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         if not self._options.measure:
             return []
         return [
-            timestamp_after(tensors, device)
+            self._clocks.after(tensors, device)
             for tensors, device in zip(replicas, devices, strict=True)
         ]
 
@@ -323,6 +371,11 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             ends - starts if len(reduction.ends) == len(self._devices) else None
         )
         self._counters.add_batch(reduction.totals(seconds), per_device, sent)
+
+
+def _first_dense(tensors: Sequence[Any]) -> Any:
+    """The first dense float tensor of one replica's exchange, else its first."""
+    return next((t for t in tensors if is_dense_float(t)), tensors[0])
 
 
 def _is_distributed(value: Any) -> bool:

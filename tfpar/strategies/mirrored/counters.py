@@ -32,19 +32,32 @@ class AllReduceCounters:
     other by automatic control dependencies, and a collective waiting for the
     other replica would then never complete.
 
+    Waits at the synchronization are counted for every replica of the group,
+    this process's and other workers', in one vector per local replica.
+
     Args:
         devices: The replica devices, in replica order.
+        group_devices: Every replica of the reduction group, in slot order.
+            Defaults to `devices`.
     """
 
-    def __init__(self, devices: Sequence[str]) -> None:
+    def __init__(
+        self, devices: Sequence[str], group_devices: Sequence[str] | None = None
+    ) -> None:
         self._devices = tuple(devices)
-        n = len(self._devices)
+        self._group = tuple(group_devices or devices)
+        n, g = len(self._devices), len(self._group)
         with tf.init_scope(), tf.device("/device:CPU:0"):
             self._totals = _variable(6, "tfpar_allreduce")
             self._seconds = _variable(n, "tfpar_allreduce_devices")
             self._bytes = _variable(n, "tfpar_allreduce_device_bytes")
             self._replicas = [
                 _variable(8, f"tfpar_allreduce_replica_{i}") for i in range(n)
+            ]
+            # Per group replica: seconds waited, then synchronizations at
+            # which it was the slowest.
+            self._sync = [
+                _variable(2 * g, f"tfpar_allreduce_sync_{i}") for i in range(n)
             ]
 
     def add_batch(
@@ -85,12 +98,40 @@ class AllReduceCounters:
                 tf.cast(tf.stack([*values, seconds, sent]), tf.float64)
             )
 
+    def add_waits(self, replica_id: int, waits: Any, slowest: Any) -> None:
+        """Adds one synchronization's waits, per group replica (graph ops).
+
+        Added to local `replica_id`'s own vector: in a replica context each
+        replica is traced on its own, and only one of them adds.
+        """
+        with tf.device("/device:CPU:0"):
+            self._sync[replica_id].assign_add(tf.concat([waits, slowest], 0))
+
     def stats(self) -> CommunicationStats:
         """Returns the counters (one host read of each variable)."""
         replicas = np.stack([r.numpy() for r in self._replicas])
         c = self._totals.numpy() + replicas[:, :6].sum(axis=0)
         seconds = self._seconds.numpy() + replicas[:, _DEVICE_SECONDS]
         sent = self._bytes.numpy() + replicas[:, _DEVICE_BYTES]
+        sync = np.stack([v.numpy() for v in self._sync]).sum(axis=0)
+        g = len(self._group)
+        local = {
+            d: (float(s), int(b))
+            for d, s, b in zip(self._devices, seconds, sent, strict=True)
+        }
+        devices = []
+        for k, device in enumerate(self._group):
+            own_seconds, own_bytes = local.get(device, (0.0, 0))
+            devices.append(
+                DeviceCommunication(
+                    device=device,
+                    comm_seconds=own_seconds,
+                    bytes_sent=own_bytes,
+                    wait_seconds=float(sync[k]),
+                    slowest_steps=int(sync[g + k]),
+                    in_process=device in local,
+                )
+            )
         return CommunicationStats(
             kind="allreduce",
             steps=int(c[STEPS]),
@@ -98,10 +139,9 @@ class AllReduceCounters:
             calls=int(c[CALLS]),
             bytes_logical=int(c[LOGICAL]),
             bytes_moved=int(c[MOVED]),
-            devices=tuple(
-                DeviceCommunication(device=d, comm_seconds=float(s), bytes_sent=int(b))
-                for d, s, b in zip(self._devices, seconds, sent, strict=True)
-            ),
+            devices=tuple(devices),
+            counters=("comm_seconds", "bytes_sent", "wait_seconds", "slowest_steps"),
+            modelled=("bytes_sent",),
         )
 
     def skipped_steps(self) -> int:

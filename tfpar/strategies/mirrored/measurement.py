@@ -1,8 +1,8 @@
 """What `MeasuredAllReduce` measures of one reduction: time and bytes.
 
 That Python runs only while a step is traced, so every time is a host
-`tf.timestamp()` op under control dependencies, taken when a replica's
-inputs, then its outputs, all exist. Bytes are known at trace time; bytes
+timestamp op under control dependencies (`tfpar._clocks`), taken when a
+replica's inputs, then its outputs, all exist. Bytes are known at trace time; bytes
 sent per device follow from the algorithm's routing, not from observation.
 The cumulative totals live in `counters.py`.
 """
@@ -51,19 +51,16 @@ class Reduction:
         ]
 
 
-def timestamp_after(tensors: Sequence[Any], device: str) -> Any:
-    """A host timestamp, on `device`'s host, taken once `tensors` all exist."""
-    spec = tf.DeviceSpec.from_string(device)
-    if spec.device_type != "CPU":
-        spec = spec.replace(device_type="CPU", device_index=0)
-    deps = [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors]
-    with tf.device(spec.to_string()), tf.control_dependencies(deps):
-        return tf.timestamp()
-
-
 def ring_bytes_sent(num_replicas: int, moved: int) -> float:
     """Bytes each device sends in a ring all-reduce of `moved` bytes each."""
     return 2.0 * (num_replicas - 1) / num_replicas * moved
+
+
+def routing_known(algorithm: tf.distribute.CrossDeviceOps, *, collective: bool) -> bool:
+    """Whether `bytes_sent` knows how `algorithm` routes its bytes."""
+    return collective or isinstance(
+        algorithm, (tf.distribute.ReductionToOneDevice, tf.distribute.NcclAllReduce)
+    )
 
 
 def bytes_sent(
@@ -98,7 +95,7 @@ def bytes_sent(
         names = [canonical_device(d) for d in devices]
         index = 0 if target is None else _find(canonical_device(target), names)
         return [float((n - 1) * moved if i == index else moved) for i in range(n)]
-    if collective or isinstance(algorithm, tf.distribute.NcclAllReduce):
+    if routing_known(algorithm, collective=collective):
         return [ring_bytes_sent(group_size or n, moved)] * n
     return [0.0] * n
 

@@ -24,6 +24,7 @@ changes, and models trained elsewhere are untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -32,6 +33,7 @@ from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
 from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_choice, check_instance, check_number
+from tfpar.devices import canonical_device
 from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
@@ -172,7 +174,14 @@ class MultiWorkerMirroredStrategy(
             group_size: int,
         ) -> MeasuredAllReduce:
             # Made once TensorFlow knows this worker's replicas and their count.
-            reducer = MeasuredAllReduce(devices, options, group_size=group_size)
+            group = _group_devices(resolver.cluster_spec().as_dict(), devices)
+            if len(group) != group_size:
+                raise RuntimeError(
+                    f"tfpar found {len(group)} replicas in the cluster, TensorFlow "
+                    f"{group_size}: report this as a tfpar bug."
+                )
+            names = tuple(canonical_device(d) for d in devices)
+            reducer = MeasuredAllReduce(names, options, group_devices=group)
             reducer.bind(stock, collective=True, replica_algorithm=stock)
             self._tfpar_reducer = reducer
             return reducer
@@ -315,6 +324,22 @@ class MultiWorkerMirroredStrategy(
     def skipped_steps(self) -> int:
         """Returns how many steps `on_nonfinite="skip"` skipped so far."""
         return self._tfpar_reducer.skipped_steps()
+
+
+def _group_devices(cluster: Mapping[str, Any], devices: Sequence[str]) -> list[str]:
+    """Every worker's replicas, in TensorFlow's task order (the chief first).
+
+    Every worker has the same local devices as this one (TensorFlow's
+    collectives need that), under its own job and task.
+    """
+    tasks = [("chief", i) for i in range(len(cluster.get("chief", [])))]
+    tasks += [("worker", i) for i in range(len(cluster.get("worker", [])))]
+    specs = [tf.DeviceSpec.from_string(d) for d in devices]
+    return [
+        canonical_device(spec.replace(job=job, replica=0, task=i).to_string())
+        for job, i in tasks
+        for spec in specs
+    ]
 
 
 def _resolver(

@@ -245,35 +245,41 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-worker step counters (`kind="parameter_server"`).
 
-        For each worker, `busy_seconds` is the time its step functions ran,
-        measured in the graph on the worker (`tf.timestamp()` at the first
-        and last op): computation plus the variable reads and updates on the
-        parameter servers that the step's ops wait for. `comm_seconds` is
-        the rest of each scheduled function's wall time as the coordinator
-        saw it: dispatching the function, moving inputs and results between
-        coordinator and worker, and queueing in the RPC layer. TensorFlow
-        runs PS reads and updates as ops inside the step, so without a
-        profiler trace they cannot be told apart from computation; see
-        docs/parameter_server.md.
+        Communication time is not measured: TensorFlow runs the reads and
+        updates of variables on the parameter servers as ops inside each
+        step, so without a profiler trace they cannot be told apart from
+        computation (see docs/parameter_server.md); `comm_seconds` stays 0.
+        Per worker, of its training functions only:
+
+        - `busy_seconds`: the time they ran, measured in the graph on the
+          worker (`tf.timestamp()` at the first and last op): computation
+          plus the reads and updates on the parameter servers the ops wait
+          for;
+        - `dispatch_seconds`: the rest of their wall time as the
+          coordinator saw it, from scheduling to results back: dispatching
+          the function, moving inputs and results between coordinator and
+          worker, queueing in the RPC layer. A coordinator clock and a
+          worker clock are compared, so a function shorter than their
+          jitter can add a few microseconds below zero.
 
         Returns:
             A `tfpar.CommunicationStats`: `steps` (training steps finished),
-            `calls` (scheduled functions finished), `comm_seconds`, and one
-            `DeviceCommunication` per worker.
+            `calls` (scheduled functions finished, evaluation and prediction
+            included), and one `DeviceCommunication` per worker.
         """
         records = list(self.runtime.tracker.records)
         devices = tuple(
             DeviceCommunication(
                 device=f"/job:worker/replica:0/task:{i}/device:CPU:0",
                 busy_seconds=r.device_seconds,
-                comm_seconds=max(r.wall_seconds - r.device_seconds, 0.0),
+                dispatch_seconds=r.wall_seconds - r.device_seconds,
             )
             for i, r in enumerate(records)
         )
         return CommunicationStats(
             kind="parameter_server",
             steps=sum(r.steps for r in records),
-            comm_seconds=sum(d.comm_seconds for d in devices),
+            counters=("busy_seconds", "dispatch_seconds"),
             calls=sum(r.closures for r in records),
             devices=devices,
         )

@@ -213,7 +213,7 @@ class CoordinatedFunctions:
         except BaseException:
             self.tracker.fail(worker)
             raise
-        self.tracker.finish(worker, started, steps=0, device_seconds=0.0, logs=None)
+        self.tracker.finish(worker, started, steps=0, device_seconds=None, logs=None)
         return values
 
     def _closure_runner(
@@ -230,8 +230,9 @@ class CoordinatedFunctions:
             except BaseException:
                 self.tracker.fail(worker)
                 raise
+            timed = device_seconds if kind == "train" else None
             self.tracker.finish(
-                worker, started, steps=steps, device_seconds=device_seconds, logs=local
+                worker, started, steps=steps, device_seconds=timed, logs=local
             )
 
         return run

@@ -50,10 +50,11 @@ class WorkerRecord:
     Attributes:
         steps: Training steps completed on the worker.
         closures: Scheduled functions completed on the worker.
-        wall_seconds: Wall time of those functions, measured on the
+        wall_seconds: Wall time of its training functions, measured on the
             coordinator from dispatch to results back.
-        device_seconds: Time between the first and the last op of each step
-            function, measured in the graph on the worker (`tf.timestamp`).
+        device_seconds: Time between the first and the last op of each
+            training function, measured in the graph on the worker
+            (`tf.timestamp`).
         running_since: Monotonic start time of the function now running on
             the worker, or `None` when it is idle.
         failures: Scheduled functions that failed on the worker (and that the
@@ -120,17 +121,22 @@ class StepTracker:
         started: float,
         *,
         steps: int,
-        device_seconds: float,
+        device_seconds: float | None,
         logs: dict[str, Any] | None,
     ) -> None:
-        """Records a function that completed on `worker`."""
+        """Records a function that completed on `worker`.
+
+        `device_seconds` is `None` for a function that is not timed (only
+        training functions are: the counters describe training steps).
+        """
         with self._condition:
             record = self.records[worker]
             record.running_since = None
             record.steps += steps
             record.closures += 1
-            record.wall_seconds += time.monotonic() - started
-            record.device_seconds += device_seconds
+            if device_seconds is not None:
+                record.wall_seconds += time.monotonic() - started
+                record.device_seconds += device_seconds
             self._finished += 1
             self._last_progress = time.monotonic()
             if logs is not None:

@@ -1,0 +1,139 @@
+"""Stragglers: the replica the others wait for, named from the wait counters.
+
+The end-to-end test makes a real straggler: two worker processes of a
+`tfpar.MultiWorkerMirroredStrategy`, each pinned to its own core, and a busy
+process sharing worker 1's core, so worker 1 computes at about half speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests._subprocess import kill_all, run_workers, tagged_json
+from tfpar.callbacks.stragglers import StragglerDetector
+from tfpar.stats import CommunicationStats, DeviceCommunication
+
+A = "/job:worker/replica:0/task:0/device:CPU:0"
+B = "/job:worker/replica:0/task:1/device:CPU:0"
+
+
+def _sample(slowest_a: int, slowest_b: int, wait_a: float, wait_b: float):
+    return CommunicationStats(
+        kind="allreduce",
+        steps=slowest_a + slowest_b,
+        devices=(
+            DeviceCommunication(A, wait_seconds=wait_a, slowest_steps=slowest_a),
+            DeviceCommunication(B, wait_seconds=wait_b, slowest_steps=slowest_b),
+        ),
+        counters=("wait_seconds", "slowest_steps"),
+    )
+
+
+def test_a_replica_slowest_sample_after_sample_is_named_once():
+    detector = StragglerDetector()
+    # B slowest at 9 of 10 synchronizations, A waited 40 ms per step of 100.
+    persistent = _sample(1, 9, wait_a=0.4, wait_b=0.001)
+    assert detector.update(persistent, step_ms=100.0) is None  # one sample
+    found = detector.update(persistent, step_ms=100.0)
+    assert found is not None and found.device == B
+    assert found.slowest_share == pytest.approx(0.9)
+    assert found.others_wait_ms == pytest.approx(40.0)
+    assert "worker:1/CPU:0 is a straggler" in found.message()
+    assert detector.update(persistent, step_ms=100.0) is None  # named once
+    detector.reset()
+    detector.update(persistent, step_ms=100.0)
+    assert detector.update(persistent, step_ms=100.0) is not None  # a new fit
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [
+        # Identical replicas taking turns: nobody is persistently slowest.
+        [(5, 5, 0.02, 0.02), (6, 4, 0.03, 0.02)],
+        # Always slowest, but the others barely wait (1 ms of 100).
+        [(0, 10, 0.01, 0.0), (0, 10, 0.01, 0.0)],
+        # Slowest in one sample, then not: the run is broken.
+        [(0, 10, 0.4, 0.0), (5, 5, 0.02, 0.02), (0, 10, 0.4, 0.0)],
+        # Too few synchronizations to judge.
+        [(0, 3, 0.1, 0.0), (0, 3, 0.1, 0.0)],
+    ],
+    ids=["turns", "no_margin", "broken_run", "few_steps"],
+)
+def test_no_straggler_without_a_persistent_margin(samples):
+    detector = StragglerDetector()
+    assert all(detector.update(_sample(*s), step_ms=100.0) is None for s in samples)
+
+
+FIT = """
+import json, logging, os
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+os.sched_setaffinity(0, {task})  # before TensorFlow starts its threads
+import tfpar
+strategy = tfpar.MultiWorkerMirroredStrategy()
+import keras, numpy as np
+
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("tfpar").addHandler(handler)
+log_dir = os.path.join(__ROOT__, f"worker{task}")
+x = np.random.default_rng(0).normal(size=(1024 * 8, 256)).astype("float32")
+with strategy.scope():
+    model = keras.Sequential([keras.Input((256,))]
+                             + [keras.layers.Dense(512, activation="relu") for _ in range(3)]
+                             + [keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+model.fit(x, x[:, :1], batch_size=1024, epochs=6, verbose=0, callbacks=[
+    tfpar.callbacks.CommunicationTime(log_dir, every_steps=8, every_seconds=None)])
+print("RESULT " + json.dumps({"task": task, "warnings": warnings}), flush=True)
+"""
+
+
+def _events(run_dir):
+    events = EventAccumulator(str(run_dir / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag: events.Tensors(tag) for tag in events.Tags()["tensors"]}
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores to pin the workers to",
+)
+def test_a_worker_sharing_its_core_is_named_and_the_other_waits_for_it(tmp_path):
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os\nos.sched_setaffinity(0, {1})\nwhile True: pass",
+        ]
+    )
+    try:
+        code = FIT.replace("__ROOT__", json.dumps(str(tmp_path)))
+        results = [tagged_json(p.stdout, "RESULT") for p in run_workers(code, 2)]
+    finally:
+        kill_all([busy])
+    slow = "worker:1/CPU:0"
+    for result in results:
+        # Both workers know both intervals, so both name the same straggler.
+        named = [w for w in result["warnings"] if "is a straggler" in w]
+        assert len(named) == 1, result["warnings"]
+        assert named[0].startswith(f"tfpar CommunicationTime: {slow} is a straggler")
+    events = _events(tmp_path / "worker0")
+    text = events["comm/straggler"][0].tensor_proto.string_val[0].decode()
+    assert text.startswith(f"{slow} is a straggler")
+
+    def mean(tag):
+        values = [e.tensor_proto.float_val[0] for e in events[tag]]
+        return sum(values) / len(values)
+
+    # The fast worker waits for the slow one, not the other way round.
+    fast_wait = mean("comm/device/worker:0/CPU:0/wait_ms")
+    slow_wait = mean("comm/device/worker:1/CPU:0/wait_ms")
+    assert fast_wait > 5 * slow_wait, (fast_wait, slow_wait)
+    assert mean(f"comm/device/{slow}/slowest_fraction") > 0.9
