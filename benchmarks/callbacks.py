@@ -89,11 +89,34 @@ class StepTimer(keras.callbacks.Callback):
         return 1000.0 * (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
 
 
+class ThroughputTimer(StepTimer):
+    """Wall time per step up to the end of the epoch, for asynchronous steps.
+
+    Under a parameter-server strategy a batch end on the coordinator means a
+    step was scheduled, not run; Keras waits for every scheduled step before
+    `on_epoch_end`. The time from the first batch end to the epoch's end,
+    over the steps after the first, is the coordinator's throughput. Put it
+    first in the callback list, so that others' epoch-end work is outside.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.ends[-1] = time.perf_counter()  # the last step ended by now
+
+
 def build(name: str) -> tuple[keras.Model, tf.data.Dataset]:
-    features, width, depth, batch = MODELS[name]
+    return build_model(*MODELS[name])
+
+
+def build_model(
+    features: int, width: int, depth: int, batch: int
+) -> tuple[keras.Model, tf.data.Dataset]:
+    """An MLP with layers `hidden_0`, ... and `output`, compiled, and its data."""
     layers = [keras.Input((features,))]
-    layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
-    model = keras.Sequential([*layers, keras.layers.Dense(1)])
+    layers += [
+        keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")
+        for i in range(depth)
+    ]
+    model = keras.Sequential([*layers, keras.layers.Dense(1, name="output")])
     model.compile(optimizer="adam", loss="mse")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch * 64, features)).astype("float32")
@@ -125,13 +148,17 @@ def rounds_ms(
     rounds: int,
     steps: int,
     every_steps: int,
+    timer: StepTimer | None = None,
 ) -> dict[str, dict]:
-    """Times `rounds` rotations of `configs`; returns each one's cost against "off"."""
+    """Times `rounds` rotations of `configs`; returns each one's cost against "off".
+
+    With two configurations the rotation alternates their order.
+    """
     log_dir = tempfile.mkdtemp(prefix="tfpar-bench-")
     callbacks = {
         c: make_callbacks(c, os.path.join(log_dir, c), every_steps) for c in configs
     }
-    timer = StepTimer()
+    timer = timer or StepTimer()
     times: dict[str, list[float]] = {c: [] for c in configs}
     fit = {"x": data, "steps_per_epoch": steps, "verbose": 0}
     try:
@@ -147,12 +174,17 @@ def rounds_ms(
     result = {"off": {"step_ms": statistics.median(times["off"]), "rounds_ms": []}}
     result["off"]["rounds_ms"] = times["off"]
     for config in configs[1:]:
-        diffs = [on - off for on, off in zip(times[config], times["off"], strict=True)]
+        pairs = list(zip(times[config], times["off"], strict=True))
+        diffs = [on - off for on, off in pairs]
+        percents = [100.0 * (on - off) / off for on, off in pairs]
         result[config] = {
             "step_ms": statistics.median(times[config]),
             "cost_ms": statistics.median(diffs),
             "min_ms": min(diffs),
             "max_ms": max(diffs),
+            "cost_percent": statistics.median(percents),
+            "min_percent": min(percents),
+            "max_percent": max(percents),
             "rounds_ms": times[config],
         }
     return result

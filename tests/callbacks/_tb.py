@@ -59,6 +59,19 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return result
 
 
+def read_descriptions(run_dir: str) -> dict[str, str]:
+    """Reads the description TensorBoard shows for each scalar tag of a run."""
+    acc = event_accumulator.EventAccumulator(
+        run_dir, size_guidance={event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    return {
+        tag: acc.SummaryMetadata(tag).summary_description
+        for tag in acc.Tags()["tensors"]
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }
+
+
 def read_texts(run_dir: str) -> dict[str, list[tuple[int, str]]]:
     """Reads every text summary (the text plugin's) in a run folder, by tag."""
     acc = event_accumulator.EventAccumulator(

@@ -13,6 +13,7 @@ from tests._subprocess import run_python
 from tests.callbacks._tb import (
     LAYOUT_TAG,
     dataset,
+    read_descriptions,
     read_scalars,
     stock_mirrored,
     tiny_model,
@@ -22,6 +23,7 @@ from tfpar.callbacks.device_utilization import DeviceUtilization
 from tfpar.stats import CommunicationStats, DeviceCommunication
 
 MIB = 1024.0 * 1024.0
+KINDS_OF_NUMBER = ("Measured", "Counted", "Computed", "Modelled")
 ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
@@ -378,6 +380,15 @@ def test_both_callbacks_log_the_strategy_counters_per_step(
         "device/CPU:1/utilization",
     }
     assert {"host/rss_mib", "epoch_loss"} <= set(scalars)
+    # TensorBoard shows beside each tfpar number what it is, under this
+    # strategy: measured, counted, computed or modelled.
+    descriptions = read_descriptions(os.path.join(log_dir, "train"))
+    for tag in tfpar_tags | {"host/rss_mib"}:
+        assert descriptions[tag].startswith(KINDS_OF_NUMBER), (tag, descriptions[tag])
+    if kind == "pipeline":
+        assert "stage" in descriptions["comm/time_ms"]
+    else:
+        assert "all-reduce" in descriptions["comm/time_ms"]
     # Baseline after step 1, samples after steps 5 and 9.
     for (step, comm_ms), (_, bytes_per_step) in zip(
         scalars["comm/time_ms"], scalars["comm/bytes_per_step"], strict=True

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from tfpar.callbacks.cadence import Cadence, Trigger, optimizer_step, steps_per_call
+from tfpar.callbacks.definitions import describe
 from tfpar.callbacks.sources import Sample
 from tfpar.callbacks.stragglers import StragglerDetector
 from tfpar.callbacks.summaries import (
@@ -71,7 +72,9 @@ class CommunicationTime(keras.callbacks.Callback):
     `tf.distribute` strategies, or none) it says once, with a warning, what it
     cannot measure, and logs `comm/step_time_ms` only.
 
-    Scalars go to `<log_dir>/train` at the optimizer's step, beside Keras's
+    Each scalar's TensorBoard description says what it is, under the
+    strategy in use (`tfpar.callbacks.definitions`). Scalars go to
+    `<log_dir>/train` at the optimizer's step, beside Keras's
     `TensorBoard` callback. The first sample is a baseline taken after the
     first (tracing) step; the last is written when training ends, so even a
     short `fit` logs one point.
@@ -110,7 +113,10 @@ class CommunicationTime(keras.callbacks.Callback):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds)
-        self._writer = ScalarWriter(self.log_dir)
+        self._kind: str | None = None  # the strategy's, once its counters are read
+        self._writer = ScalarWriter(
+            self.log_dir, describe=lambda tag: describe(tag, self._kind)
+        )
         self._trigger = Trigger(self.cadence)
         self._stats: Callable[[], CommunicationStats] | None = None
         self._stragglers = StragglerDetector()
@@ -184,6 +190,7 @@ class CommunicationTime(keras.callbacks.Callback):
             for sample in step_samples(self._busy, self._steps, delta):
                 self._writer.add(step, sample.tag, sample.value)
             if delta is not None:
+                self._kind = delta.kind
                 step_ms = 1000.0 * self._busy / self._steps
                 straggler = self._stragglers.update(delta, step_ms)
                 if straggler is not None:

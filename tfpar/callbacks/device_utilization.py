@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfpar._validation import check_instance, check_int, check_sequence, value_error
 from tfpar.callbacks.cadence import Cadence, optimizer_step, steps_per_call
+from tfpar.callbacks.definitions import describe
 from tfpar.callbacks.placement import GraphPlacement, OpDevices, strategy_devices
 from tfpar.callbacks.profiler_window import ProfilerWindows
 from tfpar.callbacks.profiling import TraceParser
@@ -141,7 +142,7 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def _reset(self, *, trace: bool) -> None:
         """Makes the parts of one `fit` (its counter sources aside)."""
-        self._writer = ScalarWriter(self.log_dir)
+        self._writer = ScalarWriter(self.log_dir, describe=_describe)
         self._failed: set[str] = set()
         self._windows = ProfilerWindows(
             self.cadence,
@@ -341,3 +342,8 @@ def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:
     if not 0 <= first <= last:
         raise value_error("profile_steps", steps, allowed)
     return (first, last)
+
+
+def _describe(tag: str) -> str:
+    """A tag's definition; GPUs' utilization comes from NVML, others' from traces."""
+    return describe(tag, "nvml" if "/GPU:" in tag else "profiler")

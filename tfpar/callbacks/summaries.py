@@ -15,9 +15,13 @@ their job and task, e.g. `worker:1/CPU:0`):
   unknown, a text summary at its utilization tag says so, and why
 - `host/cpu_utilization`, `host/rss_mib`, `host/peak_rss_mib`
 - `comm/step_time_ms`, `comm/time_ms`, `comm/compute_ms`, `comm/fraction`,
-  `comm/bytes_per_step`, `comm/bandwidth_mib_per_s`
+  `comm/dispatch_ms`, `comm/bytes_per_step`, `comm/bandwidth_mib_per_s`;
+  `comm/straggler` (text)
 - `comm/device/<device>/busy_ms`, `.../comm_ms`, `.../idle_ms` (for a pipeline
-  stage: `.../bubble_ms`), `.../bytes_sent_per_step`
+  stage: `.../bubble_ms`), `.../dispatch_ms`, `.../bytes_sent_per_step` (or
+  `.../modelled_bytes_sent_per_step`), `.../wait_ms`, `.../slowest_fraction`
+
+Each scalar's description (`definitions.py`) says what it is.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -75,9 +80,14 @@ class ScalarWriter:
     training. Thread-safe: background samplers may `add` while the training
     thread flushes.
 
+    Each tag's first scalar carries its description (TensorBoard shows it
+    beside the chart), from `describe`.
+
     Args:
         log_dir: The log directory shared with Keras's `TensorBoard` callback.
         run: The run folder under `log_dir`. Defaults to `"train"`.
+        describe: Returns a tag's description (`definitions.describe`);
+            called on the writer thread, once per tag. Defaults to none.
 
     Example:
 
@@ -89,8 +99,16 @@ class ScalarWriter:
     ```
     """
 
-    def __init__(self, log_dir: str, *, run: str = TRAIN_RUN) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        run: str = TRAIN_RUN,
+        describe: Callable[[str], str] | None = None,
+    ) -> None:
         self._path = os.path.join(log_dir, run)
+        self._describe = describe
+        self._described: set[str] = set()  # touched on the writer thread only
         self._pending: list[tuple[int, str, float]] = []
         self._texts: list[tuple[int, str, str]] = []
         self._layout: bytes | None = None
@@ -159,7 +177,7 @@ class ScalarWriter:
             with self._writer.as_default():
                 if layout is not None:
                     tf.summary.experimental.write_raw_pb(layout, step=0)
-                for step, summary in _summaries_by_step(pending).items():
+                for step, summary in self._summaries_by_step(pending).items():
                     tf.summary.experimental.write_raw_pb(summary, step=step)
                 for step, tag, text in texts:
                     tf.summary.text(tag, text, step=step)
@@ -175,23 +193,29 @@ class ScalarWriter:
                     err,
                 )
 
+    def _summaries_by_step(
+        self, pending: list[tuple[int, str, float]]
+    ) -> dict[int, bytes]:
+        """Packs the scalars of each step into one serialized `Summary`.
 
-def _summaries_by_step(pending: list[tuple[int, str, float]]) -> dict[int, bytes]:
-    """Packs the scalars of each step into one serialized `Summary`.
+        The same records `tf.summary.scalar` writes (a float32 tensor with
+        the scalars plugin's metadata, the description on a tag's first),
+        but one write op per step instead of one per scalar: eager summary
+        ops cost about 0.3 ms each.
+        """
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 
-    The same records `tf.summary.scalar` writes (a float32 tensor with the
-    scalars plugin's metadata), but one write op per step instead of one per
-    scalar: eager summary ops cost about 0.3 ms each.
-    """
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-
-    summaries: dict[int, summary_pb2.Summary] = {}
-    for step, tag, value in pending:
-        summaries.setdefault(step, summary_pb2.Summary()).MergeFrom(
-            scalar_pb(tag, value)
-        )
-    return {step: s.SerializeToString() for step, s in summaries.items()}
+        summaries: dict[int, summary_pb2.Summary] = {}
+        for step, tag, value in pending:
+            description = None
+            if self._describe is not None and tag not in self._described:
+                self._described.add(tag)
+                description = self._describe(tag) or None
+            summaries.setdefault(step, summary_pb2.Summary()).MergeFrom(
+                scalar_pb(tag, value, description=description)
+            )
+        return {step: s.SerializeToString() for step, s in summaries.items()}
 
 
 def custom_scalars_layout() -> bytes:
@@ -251,11 +275,22 @@ LAYOUT: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("communication fraction", r"^comm/fraction$"),
             ("bytes per step", r"^comm/bytes_per_step$"),
             ("effective bandwidth (MiB/s)", r"^comm/bandwidth_mib_per_s$"),
+            ("dispatch time (ms/step)", r"^comm/dispatch_ms$"),
             ("busy time per device (ms/step)", r"^comm/device/.+/busy_ms$"),
             ("communication time per device (ms/step)", r"^comm/device/.+/comm_ms$"),
             (
                 "idle or bubble time per device (ms/step)",
                 r"^comm/device/.+/(idle|bubble)_ms$",
+            ),
+            (
+                "bytes sent per device (modelled where tagged)",
+                r"^comm/device/.+/(modelled_)?bytes_sent_per_step$",
+            ),
+            ("dispatch time per worker (ms/step)", r"^comm/device/.+/dispatch_ms$"),
+            ("wait for the slowest replica (ms/step)", r"^comm/device/.+/wait_ms$"),
+            (
+                "share of synchronizations as the slowest replica",
+                r"^comm/device/.+/slowest_fraction$",
             ),
         ),
     ),
