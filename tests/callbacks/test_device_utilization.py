@@ -13,6 +13,7 @@ from tests.callbacks._tb import (
     LAYOUT_TAG,
     dataset,
     event_files,
+    read_descriptions,
     read_scalars,
     read_texts,
     stock_mirrored,
@@ -183,11 +184,13 @@ def test_explicit_devices_are_validated_and_reported(
 
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
-def test_devices_of_cluster_workers_are_unknown_never_zero(tmp_path) -> None:
+def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -> None:
     # A PipelineStrategy and a single-client tfpar.MirroredStrategy over two
     # LocalCluster workers, driven from a child process (connecting to a
     # cluster changes a process's devices for good). The workers' ops run in
-    # their own processes, which the driving process's profiler cannot see.
+    # their own processes, which the driving process's profiler cannot see:
+    # the pipeline measures its stages' busy time in its graph, the mirrored
+    # strategy has no such counter.
     proc = run_python(
         f"""
         import json, logging, keras, numpy as np, tfpar
@@ -228,15 +231,31 @@ def test_devices_of_cluster_workers_are_unknown_never_zero(tmp_path) -> None:
     for name in ["pipeline", "mirrored"]:
         run = os.path.join(tmp_path, name, "train")
         scalars = read_scalars(run)
+        texts = read_texts(run)
         # The driving process's own device is measured, in every window (one
-        # step each, after the first step of each fit); the workers get no
-        # point at all.
-        assert set(scalars) == {LAYOUT_TAG, "device/CPU:0/utilization"}, name
+        # step each, after the first step of each fit).
         local = scalars["device/CPU:0/utilization"]
         assert [s for s, _ in local] == [2, 3, 4, 6, 7, 8]
         assert all(0.0 < v <= 100.0 for _, v in local), local
-        # Instead, "unknown" and why, at their utilization tag, once per fit.
-        texts = read_texts(run)
+        if name == "pipeline":
+            # The stages, from the strategy's in-graph busy time, at the same
+            # samples, with a description that says so.
+            assert set(scalars) == {
+                LAYOUT_TAG,
+                "device/CPU:0/utilization",
+                *(f"device/{w}/utilization" for w in workers),
+            }
+            for worker in workers:
+                points = scalars[f"device/{worker}/utilization"]
+                assert [s for s, _ in points] == [2, 3, 4, 6, 7, 8]
+                assert all(0.0 < v <= 100.0 for _, v in points), points
+                description = read_descriptions(run)[f"device/{worker}/utilization"]
+                assert description.startswith("Measured in the step's graph")
+            assert texts == {}
+            continue
+        # The workers get no point at all: "unknown" and why, at their
+        # utilization tag, once per fit.
+        assert set(scalars) == {LAYOUT_TAG, "device/CPU:0/utilization"}, name
         assert set(texts) == {f"device/{w}/utilization" for w in workers}
         for worker in workers:
             notes = texts[f"device/{worker}/utilization"]
@@ -248,7 +267,7 @@ def test_devices_of_cluster_workers_are_unknown_never_zero(tmp_path) -> None:
         assert [os.path.dirname(f) for f in files] == ["train"] * 2  # one a fit
     # One warning per device and callback, naming the device.
     said = [w for w in warnings if "utilization is unknown" in w]
-    assert sorted(w.split(": ")[1] for w in said) == sorted(workers * 2), warnings
+    assert sorted(w.split(": ")[1] for w in said) == sorted(workers), warnings
     assert all("they run in another process" in w for w in said)
 
 
@@ -346,3 +365,41 @@ def test_unbalanced_pipeline_shows_stage_0_about_3x_busier(tmp_path: str) -> Non
     # session's changes. Issue #13 replaces it with pinned cluster workers.
     busy0, busy1 = (d.busy_seconds for d in counted.devices)
     assert measured == pytest.approx(busy0 / busy1, rel=0.5)
+
+
+def test_pinned_stages_of_a_3_to_1_split_show_a_3_to_1_utilization(tmp_path) -> None:
+    # Two LocalCluster workers pinned to a core each; stage 0 holds three
+    # times the matrix work of stage 1 (forward, weight and input gradients:
+    # 0.25 + 3 * 3 = 9.25 units of a 512x512 matmul against 3). Each stage's
+    # utilization, read back from the event files, follows the split: the
+    # ground truth is the analytic count, not the strategy's own formula.
+    proc = run_python(
+        f"""
+        import keras, numpy as np, tfpar
+
+        x = np.random.default_rng(0).normal(size=(512 * 12, 64)).astype("float32")
+        with tfpar.LocalCluster(num_workers=2, pin_cores=True) as cluster:
+            strategy = tfpar.PipelineStrategy(
+                cluster.connect(), num_microbatches=4, partition=["cut"])
+            with strategy.scope():
+                model = keras.Sequential(
+                    [keras.Input((64,))]
+                    + [keras.layers.Dense(512, activation="relu") for _ in range(4)]
+                    + [keras.layers.Dense(512, activation="relu", name="cut"),
+                       keras.layers.Dense(1)])
+                model.compile(optimizer="sgd", loss="mse")
+            model.fit(x, x[:, :1], batch_size=512, epochs=2, verbose=0, callbacks=[
+                tfpar.callbacks.DeviceUtilization(
+                    {str(tmp_path)!r}, every_steps=4, every_seconds=None,
+                    metrics=["utilization"])])
+        """,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(os.path.join(tmp_path, "train"))
+    first, second = (
+        [v for _, v in scalars[f"device/worker:{i}/CPU:0/utilization"]] for i in (0, 1)
+    )
+    assert len(first) == len(second) >= 4
+    ratio = sum(first) / sum(second)
+    assert 0.7 * 3 <= ratio <= 1.3 * 3, (ratio, first, second)

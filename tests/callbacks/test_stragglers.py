@@ -1,8 +1,12 @@
 """Stragglers: the replica the others wait for, named from the wait counters.
 
-The end-to-end test makes a real straggler: two worker processes of a
-`tfpar.MultiWorkerMirroredStrategy`, each pinned to its own core, and a busy
-process sharing worker 1's core, so worker 1 computes at about half speed.
+The end-to-end tests make a real straggler: two worker processes, each
+pinned to its own core, and a busy process sharing worker 1's core, so
+worker 1 computes at about half speed. Once as the two workers of a
+`tfpar.MultiWorkerMirroredStrategy` (each sees the other's interval through
+the all-reduce), once as the replicas of a single-client
+`tfpar.MirroredStrategy` over `tfpar.LocalCluster` workers (one process sees
+both).
 """
 
 import json
@@ -13,7 +17,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests._subprocess import kill_all, run_workers, tagged_json
+from tests._subprocess import kill_all, run_python, run_workers, tagged_json
 from tfpar.callbacks.stragglers import StragglerDetector
 from tfpar.stats import CommunicationStats, DeviceCommunication
 
@@ -137,3 +141,50 @@ def test_a_worker_sharing_its_core_is_named_and_the_other_waits_for_it(tmp_path)
     slow_wait = mean("comm/device/worker:1/CPU:0/wait_ms")
     assert fast_wait > 5 * slow_wait, (fast_wait, slow_wait)
     assert mean(f"comm/device/{slow}/slowest_fraction") > 0.9
+
+
+SINGLE_CLIENT = """
+import json, logging, tfpar, keras, numpy as np
+
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("tfpar").addHandler(handler)
+x = np.random.default_rng(0).normal(size=(1024 * 8, 256)).astype("float32")
+with tfpar.LocalCluster(num_workers=2, pin_cores=True) as cluster:
+    strategy = tfpar.MirroredStrategy(cluster.connect())
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((256,))]
+                                 + [keras.layers.Dense(512, activation="relu")
+                                    for _ in range(3)]
+                                 + [keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, x[:, :1], batch_size=1024, epochs=6, verbose=0, callbacks=[
+        tfpar.callbacks.CommunicationTime(__LOG_DIR__, every_steps=8,
+                                          every_seconds=None)])
+print("RESULT " + json.dumps(warnings), flush=True)
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores to pin the workers to",
+)
+def test_a_cluster_worker_of_a_single_client_strategy_is_named(tmp_path):
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os\nos.sched_setaffinity(0, {1})\nwhile True: pass",
+        ]
+    )
+    try:
+        code = SINGLE_CLIENT.replace("__LOG_DIR__", json.dumps(str(tmp_path)))
+        warnings = tagged_json(run_python(code, timeout=200).stdout, "RESULT")
+    finally:
+        kill_all([busy])
+    named = [w for w in warnings if "is a straggler" in w]
+    assert len(named) == 1, warnings
+    assert named[0].startswith("tfpar CommunicationTime: worker:1/CPU:0 is a straggler")

@@ -2,7 +2,7 @@
 
 One definition per tag and, where strategies measure differently, per
 strategy kind (`tfpar.CommunicationStats.kind`) or per source of a device's
-utilization (`"profiler"`, `"nvml"`). Each says whether the number is
+utilization (`"profiler"`, `"nvml"`, `"in_graph"`). Each says whether the number is
 measured, counted, computed from other numbers, or modelled. docs/callbacks.md
 holds the same definitions as tables.
 """
@@ -155,6 +155,14 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
     ),
     (
         r"device/.+/utilization",
+        "in_graph",
+        "Measured in the step's graph by the strategy (this device's ops run in "
+        "another process): the share of the training steps' wall time, batch "
+        "start to batch end in this process, during which the device ran the "
+        "step's actions (timestamps on the device around each action).",
+    ),
+    (
+        r"device/.+/utilization",
         "nvml",
         "Measured (NVML): the share of time a kernel was running on the GPU, "
         "whatever process ran it.",
@@ -196,7 +204,8 @@ def describe(tag: str, context: str | None = None) -> str:
         tag: The summary's tag, e.g. `"comm/time_ms"`.
         context: What tells apart the strategies or sources that measure
             the tag differently: a `CommunicationStats.kind` for `comm/`
-            tags, `"profiler"` or `"nvml"` for a device's utilization.
+            tags, `"profiler"`, `"nvml"` or `"in_graph"` for a device's
+            utilization.
 
     Returns:
         The definition, which says whether the number is measured, counted,

@@ -20,6 +20,7 @@ import tensorflow as tf
 from tfpar._validation import check_instance, check_int, check_sequence, value_error
 from tfpar.callbacks.cadence import Cadence, optimizer_step, steps_per_call
 from tfpar.callbacks.definitions import describe
+from tfpar.callbacks.in_graph_busy import InGraphBusy
 from tfpar.callbacks.placement import GraphPlacement, OpDevices, strategy_devices
 from tfpar.callbacks.profiler_window import ProfilerWindows
 from tfpar.callbacks.profiling import TraceParser
@@ -142,7 +143,7 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def _reset(self, *, trace: bool) -> None:
         """Makes the parts of one `fit` (its counter sources aside)."""
-        self._writer = ScalarWriter(self.log_dir, describe=_describe)
+        self._writer = ScalarWriter(self.log_dir, describe=self._describe)
         self._failed: set[str] = set()
         self._windows = ProfilerWindows(
             self.cadence,
@@ -167,6 +168,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._fallback: str | None = None
         self._task: str | None = None
         self._unseen_written: set[str] = set()  # a text summary once per fit
+        self._in_graph: InGraphBusy | None = None
 
     def set_model(self, model: keras.Model) -> None:
         """Notes whether `fit` is about to build a new train function."""
@@ -212,6 +214,12 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._sources = SourceGroup.for_metrics(
             self.metrics, self._reported, on_error=self._fail
         )
+        stats = getattr(strategy, "communication_stats", None)
+        if "utilization" in self.metrics and callable(stats):
+            try:
+                self._in_graph = InGraphBusy.covering(stats, self._measured_in_graph)
+            except Exception as err:  # never break training over a measurement
+                self._fail("the strategy's busy counters", err)
         if trace:
             multi_device = self._fallback is None or self.devices is not None
             known = self._placement.start(self.model, rebuild=multi_device)
@@ -221,11 +229,15 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Starts a profiler window (for utilization or a kept capture) when due."""
+        if self._in_graph is not None:
+            self._in_graph.begin_step()
         self._windows.begin_step(self._step)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Closes a window when its last step ends, then samples and writes."""
         self._step += self._per_call
+        if self._in_graph is not None:
+            self._in_graph.end_step()
         learned = self._placement.finish(self.model)
         if learned is not None:
             self._use_placement(learned)
@@ -248,6 +260,19 @@ class DeviceUtilization(keras.callbacks.Callback):
             placed = sorted(placement.placed)
             self._reported += [d for d in placed if d not in self._reported]
 
+    def _measured_in_graph(self, device: str) -> bool:
+        """Whether to take `device`'s utilization from the strategy's counters:
+        another process's device, which this process's profiler cannot see."""
+        wanted = self.devices is None or device in self.devices
+        return wanted and not self._own(device)
+
+    def _describe(self, tag: str) -> str:
+        """A tag's definition, by where its device's utilization comes from."""
+        in_graph = self._in_graph.devices if self._in_graph is not None else ()
+        if any(tag == f"device/{device_label(d)}/utilization" for d in in_graph):
+            return describe(tag, "in_graph")
+        return describe(tag, "nvml" if "/GPU:" in tag else "profiler")
+
     def _own(self, device: str) -> bool:
         """Whether `device` is this process's, so its profiler sees its ops."""
         return "/job:" not in device or (
@@ -259,12 +284,24 @@ class DeviceUtilization(keras.callbacks.Callback):
         step = self._first_step + steps_done
         if traced is not None:
             # This process's GPUs are measured by NVML (`SourceGroup`).
-            devices = [d for d in self._reported if "GPU" not in d or not self._own(d)]
+            # Devices the strategy measures in its graph are read below.
+            in_graph = self._in_graph.devices if self._in_graph is not None else ()
+            devices = [
+                d
+                for d in self._reported
+                if ("GPU" not in d or not self._own(d)) and d not in in_graph
+            ]
             # Stopping exports the trace (tens of ms): the parser thread does
             # it, and the parsing, off the training thread.
             self._parser.submit(step, traced, devices, self._op_devices, self._fallback)
         for sample in self._sources.read():
             self._writer.add(step, sample.tag, sample.value)
+        if self._in_graph is not None:
+            try:
+                for sample in self._in_graph.read():
+                    self._writer.add(step, sample.tag, sample.value)
+            except Exception as err:  # never break training over a measurement
+                self._fail("the strategy's busy counters", err)
         self._write_parsed()
         self._writer.flush()
 
@@ -342,8 +379,3 @@ def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:
     if not 0 <= first <= last:
         raise value_error("profile_steps", steps, allowed)
     return (first, last)
-
-
-def _describe(tag: str) -> str:
-    """A tag's definition; GPUs' utilization comes from NVML, others' from traces."""
-    return describe(tag, "nvml" if "/GPU:" in tag else "profiler")

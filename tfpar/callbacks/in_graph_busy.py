@@ -1,0 +1,93 @@
+"""Utilization of devices in other processes, from a strategy's in-graph busy time.
+
+This process's profiler cannot see ops that run in another process (the
+stages of a `tfpar.PipelineStrategy` on cluster workers). The strategy
+measures each stage's busy time itself, with timestamps in the step's graph
+on the stage's own device; divided by the training steps' wall time, it is
+that device's utilization, whatever process it is in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from tfpar.callbacks.sources import Sample
+from tfpar.callbacks.summaries import device_label
+from tfpar.stats import CommunicationStats
+
+
+class InGraphBusy:
+    """`device/<d>/utilization` from the strategy's `busy_seconds` counters.
+
+    Utilization is the busy time the strategy counted since the previous
+    read over the wall time of the training steps in between (batch start to
+    batch end in this process, so epoch ends and validation do not count).
+    The first step, which traces the step function, is left out.
+
+    Args:
+        stats: The strategy's `communication_stats`.
+        devices: The devices to report, among those it counts busy time for.
+
+    Example:
+
+    ```python
+    busy = InGraphBusy(strategy.communication_stats, [worker_0, worker_1])
+    busy.begin_step(); ...; busy.end_step()   # around each training step
+    busy.read()  # [Sample('device/worker:0/CPU:0/utilization', 71.2), ...]
+    ```
+    """
+
+    def __init__(
+        self, stats: Callable[[], CommunicationStats], devices: Sequence[str]
+    ) -> None:
+        self._stats = stats
+        self.devices = tuple(devices)
+        self._previous: CommunicationStats | None = None  # after the first step
+        self._wall = 0.0
+        self._started = 0.0
+
+    @classmethod
+    def covering(
+        cls,
+        stats: Callable[[], CommunicationStats],
+        wanted: Callable[[str], bool],
+    ) -> InGraphBusy | None:
+        """Returns a source for the `wanted` devices the strategy counts busy time
+        of in the step's graph, or `None` if there is none.
+
+        The parameter-server strategy's busy time is that of asynchronous
+        steps, which Keras's batches in this process only schedule: it is
+        not divided by their wall time.
+        """
+        current = stats()
+        if "busy_seconds" not in current.counters or current.kind == "parameter_server":
+            return None
+        devices = [d.device for d in current.devices if wanted(d.device)]
+        return cls(stats, devices) if devices else None
+
+    def begin_step(self) -> None:
+        """Starts a training step's clock."""
+        self._started = time.perf_counter()
+
+    def end_step(self) -> None:
+        """Adds the step's wall time; the first step only sets the baseline."""
+        if self._previous is None:
+            self._previous = self._stats()
+            return
+        self._wall += time.perf_counter() - self._started
+
+    def read(self) -> list[Sample]:
+        """Returns each device's utilization (%) since the previous read."""
+        if self._previous is None:
+            return []
+        current = self._stats()
+        delta = current.since(self._previous)
+        wall, self._wall, self._previous = self._wall, 0.0, current
+        if wall <= 0.0 or delta.steps <= 0:
+            return []
+        busy = {d.device: d.busy_seconds for d in delta.devices}
+        return [
+            Sample(f"device/{device_label(d)}/utilization", 100.0 * busy[d] / wall)
+            for d in self.devices
+        ]
