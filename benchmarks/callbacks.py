@@ -34,9 +34,25 @@ samples after its first step: the measured total includes that one extra
 sample per round, and so is a little higher than the steady state of a long
 `fit`.
 
+These two sections (`--section models`) run on no strategy, so
+`CommunicationTime` reads no counters there. The third, end to end under
+each strategy (`--section strategies`, `callbacks_strategies.py`), measures
+"both" against "off" under no strategy, `tfpar.MirroredStrategy` and
+`tfpar.PipelineStrategy` on 2 simulated CPUs, `tfpar.ParameterServerStrategy`
+on a local cluster of 2 workers and 1 PS, and
+`tfpar.MultiWorkerMirroredStrategy` with 2 worker processes: each in its own
+child process (or 2-worker job), with steps of about 10 ms, in alternating
+rounds of two `fit` calls of 5 s (`--fit-seconds`), 20 rounds
+(`--strategy-rounds`). A child that fails or outlasts its time limit is
+killed with everything it started, reported with the end of its stderr (the
+whole of it in `{--out}.{strategy}.stderr`), and the others still run. By
+default (`--section all`) all three sections run, the strategies last.
+
 Usage:
 
-    python benchmarks/callbacks.py                 # full run, about 6 minutes
+    python benchmarks/callbacks.py --out callbacks.json   # all, about 25 minutes
+    python benchmarks/callbacks.py --section models       # about 6 minutes
+    python benchmarks/callbacks.py --section strategies --out strategies.json
     python benchmarks/callbacks.py --quick --out /tmp/callbacks.json
 """
 
@@ -55,6 +71,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from callbacks_strategies import STRATEGIES, report_strategies, run_strategies
 
 import tfpar
 from tfpar.callbacks.cadence import Cadence
@@ -298,6 +315,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument(
+        "--section",
+        choices=("models", "strategies", "all"),
+        default="all",
+        help="per source and totals on each model, end to end under each "
+        "strategy, or both (the default)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per model")
     parser.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated model names"
@@ -308,10 +332,47 @@ def main() -> None:
         default=25,
         help="steps between samples of the per-source configurations",
     )
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated strategies of the strategies section",
+    )
+    parser.add_argument(
+        "--strategy-rounds",
+        type=int,
+        default=None,
+        help="rounds per strategy (default 20; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--fit-seconds",
+        type=float,
+        default=None,
+        help="seconds of one fit under a strategy (default 5; 1 with --quick)",
+    )
     args = parser.parse_args()
     models = args.models.split(",")
     if set(models) - set(MODELS):
         parser.error(f"unknown --models {models}; valid: {list(MODELS)}")
+    strategies = args.strategies.split(",")
+    if set(strategies) - set(STRATEGIES):
+        parser.error(f"unknown --strategies {strategies}; valid: {list(STRATEGIES)}")
+    output: dict = {"quick": args.quick}
+    if args.section in ("models", "all"):
+        output["results"] = run_models(args, models)
+    if args.section in ("strategies", "all"):
+        rounds = args.strategy_rounds or (2 if args.quick else 20)
+        fit_seconds = args.fit_seconds or (1.0 if args.quick else 5.0)
+        if rounds < 1 or fit_seconds <= 0:
+            parser.error("--strategy-rounds and --fit-seconds must be positive")
+        output["strategies"] = run_strategies(strategies, rounds, fit_seconds, args.out)
+        report_strategies(output["strategies"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(output, f, indent=2)
+
+
+def run_models(args: argparse.Namespace, models: list[str]) -> list[dict]:
+    """The per-source and total sections, in this process, on each model."""
     rounds = args.rounds or (3 if args.quick else 8)
     # (steps per source round, steps per total round): about 1.5 s and 6 s.
     steps = {
@@ -321,9 +382,7 @@ def main() -> None:
     counters = counters_read_us()
     results = [measure(m, rounds, steps[m], args.every_steps, counters) for m in models]
     report(results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"quick": args.quick, "results": results}, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":
