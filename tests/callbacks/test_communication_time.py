@@ -358,6 +358,7 @@ def test_both_callbacks_log_the_strategy_counters_per_step(
         per_device = {"comm_ms", "bytes_sent_per_step", "busy_ms", "bubble_ms"}
     else:
         per_device = {
+            "busy_ms",
             "comm_ms",
             "modelled_bytes_sent_per_step",
             "wait_ms",

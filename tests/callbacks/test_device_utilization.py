@@ -189,8 +189,8 @@ def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -
     # LocalCluster workers, driven from a child process (connecting to a
     # cluster changes a process's devices for good). The workers' ops run in
     # their own processes, which the driving process's profiler cannot see:
-    # the pipeline measures its stages' busy time in its graph, the mirrored
-    # strategy has no such counter.
+    # the tfpar strategies measure their devices' busy time in their graph,
+    # unless told not to measure.
     proc = run_python(
         f"""
         import json, logging, keras, numpy as np, tfpar
@@ -208,6 +208,7 @@ def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -
                 ("pipeline", tfpar.PipelineStrategy(
                     devices, num_microbatches=2, partition=["d1"])),
                 ("mirrored", tfpar.MirroredStrategy(devices)),
+                ("unmeasured", tfpar.MirroredStrategy(devices, measure=False)),
             ]:
                 with strategy.scope():
                     model = keras.Sequential([
@@ -228,7 +229,7 @@ def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -
     )
     warnings = tagged_json(proc.stdout, "RESULT")
     workers = ["worker:0/CPU:0", "worker:1/CPU:0"]
-    for name in ["pipeline", "mirrored"]:
+    for name in ["pipeline", "mirrored", "unmeasured"]:
         run = os.path.join(tmp_path, name, "train")
         scalars = read_scalars(run)
         texts = read_texts(run)
@@ -237,9 +238,9 @@ def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -
         local = scalars["device/CPU:0/utilization"]
         assert [s for s, _ in local] == [2, 3, 4, 6, 7, 8]
         assert all(0.0 < v <= 100.0 for _, v in local), local
-        if name == "pipeline":
-            # The stages, from the strategy's in-graph busy time, at the same
-            # samples, with a description that says so.
+        if name != "unmeasured":
+            # The stages or replicas, from the strategy's in-graph busy time,
+            # at the same samples, with a description that says so.
             assert set(scalars) == {
                 LAYOUT_TAG,
                 "device/CPU:0/utilization",

@@ -75,6 +75,12 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
     ),
     (
         r"comm/device/.+/busy_ms",
+        "allreduce",
+        "Measured: per step, from this replica's step inputs existing to its "
+        "gradients existing: the forward and backward pass.",
+    ),
+    (
+        r"comm/device/.+/busy_ms",
         "parameter_server",
         "Measured: per step, the time this worker's training functions ran, "
         "first to last op, including the reads and updates of variables on "
@@ -156,10 +162,12 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
     (
         r"device/.+/utilization",
         "in_graph",
-        "Measured in the step's graph by the strategy (this device's ops run in "
-        "another process): the share of the training steps' wall time, batch "
-        "start to batch end in this process, during which the device ran the "
-        "step's actions (timestamps on the device around each action).",
+        "Measured in the step's graph by the strategy (no profiler sees this "
+        "device's ops from here): the share of the training steps' wall time, "
+        "batch start to batch end in this process, during which the device was "
+        "busy, from timestamps on its host: a pipeline stage inside its "
+        "actions, a data-parallel replica from its step's inputs to its "
+        "gradients (the forward and backward pass).",
     ),
     (
         r"device/.+/utilization",

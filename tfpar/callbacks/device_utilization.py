@@ -169,6 +169,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._task: str | None = None
         self._unseen_written: set[str] = set()  # a text summary once per fit
         self._in_graph: InGraphBusy | None = None
+        self._tracing = False  # whether profiler windows measure this process
 
     def set_model(self, model: keras.Model) -> None:
         """Notes whether `fit` is about to build a new train function."""
@@ -185,22 +186,16 @@ class DeviceUtilization(keras.callbacks.Callback):
         # which this process's profiler does not see: no windows to trace.
         # Under a multi-worker strategy, stopping the profiler while steps run
         # aborted the process ("double free or corruption", TensorFlow 2.21):
-        # no windows either, until that is solved.
+        # no windows either; the strategy's in-graph busy time, if it has it.
         trace = "utilization" in self.metrics and not isinstance(
             strategy, tf.distribute.ParameterServerStrategy
         )
         task = process_task(strategy)
-        if trace and task is not None:
-            trace = False
-            if not self._said_untraced:
-                self._said_untraced = True
-                logger.warning(
-                    "DeviceUtilization: device utilization is not measured "
-                    "under a multi-worker strategy yet (TensorFlow's profiler "
-                    "aborted the worker); host counters are logged."
-                )
+        untraceable = trace and task is not None
+        trace = trace and not untraceable
         self._reset(trace=trace)
         self._task = task
+        self._tracing = trace
         computing = strategy_devices(strategy)
         self._reported = list(self.devices or computing)
         # Ops missing from the placement run on the one device, unless that is
@@ -220,6 +215,14 @@ class DeviceUtilization(keras.callbacks.Callback):
                 self._in_graph = InGraphBusy.covering(stats, self._measured_in_graph)
             except Exception as err:  # never break training over a measurement
                 self._fail("the strategy's busy counters", err)
+        if untraceable and self._in_graph is None and not self._said_untraced:
+            self._said_untraced = True
+            logger.warning(
+                "DeviceUtilization: device utilization is not measured under "
+                "this multi-worker strategy: TensorFlow's profiler aborted the "
+                "worker, and the strategy measures no busy time (a tfpar "
+                "strategy with measure=True does); host counters are logged."
+            )
         if trace:
             multi_device = self._fallback is None or self.devices is not None
             known = self._placement.start(self.model, rebuild=multi_device)
@@ -262,9 +265,10 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def _measured_in_graph(self, device: str) -> bool:
         """Whether to take `device`'s utilization from the strategy's counters:
-        another process's device, which this process's profiler cannot see."""
+        another process's device, which this process's profiler cannot see,
+        or any device when the profiler traces nothing here."""
         wanted = self.devices is None or device in self.devices
-        return wanted and not self._own(device)
+        return wanted and (not self._own(device) or not self._tracing)
 
     def _describe(self, tag: str) -> str:
         """A tag's definition, by where its device's utilization comes from."""

@@ -1,10 +1,12 @@
-"""Utilization of devices in other processes, from a strategy's in-graph busy time.
+"""Utilization from a strategy's in-graph busy time, where no profiler sees.
 
 This process's profiler cannot see ops that run in another process (the
-stages of a `tfpar.PipelineStrategy` on cluster workers). The strategy
-measures each stage's busy time itself, with timestamps in the step's graph
-on the stage's own device; divided by the training steps' wall time, it is
-that device's utilization, whatever process it is in.
+stages of a `tfpar.PipelineStrategy`, the replicas of a single-client
+`tfpar.MirroredStrategy` on cluster workers), and traces nothing under a
+multi-worker strategy. The tfpar strategies measure each device's busy time
+themselves, with timestamps in the step's graph on the device's host;
+divided by the training steps' wall time, it is that device's utilization,
+whatever process it is in.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ class InGraphBusy:
         current = stats()
         if "busy_seconds" not in current.counters or current.kind == "parameter_server":
             return None
-        devices = [d.device for d in current.devices if wanted(d.device)]
+        # Another worker's replica, known here by its wait only, is not one.
+        devices = [
+            d.device for d in current.devices if d.in_process and wanted(d.device)
+        ]
         return cls(stats, devices) if devices else None
 
     def begin_step(self) -> None:

@@ -6,6 +6,7 @@ Every test runs on the two simulated CPUs of `tests/conftest.py`.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import keras
 import numpy as np
@@ -136,7 +137,9 @@ def test_communication_stats_count_exactly() -> None:
     x, y = _data()
     model = _model(strategy)
     start = strategy.communication_stats()
+    began = time.perf_counter()
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y))
+    fit_seconds = time.perf_counter() - began
     stats = strategy.communication_stats().since(start)
     params = sum(w.size for w in model.get_weights())
     steps = 64 // 16
@@ -155,6 +158,9 @@ def test_communication_stats_count_exactly() -> None:
     # One replica is the slowest at each synchronization but the strategy's
     # first (no interval yet); the others waited for it, none a negative time.
     assert sum(d.slowest_steps for d in stats.devices) == steps - 1
+    # Each replica was busy (inputs to gradients) in every step, for less
+    # than the whole fit.
+    assert all(0 < d.busy_seconds < fit_seconds for d in stats.devices)
     assert all(d.wait_seconds >= 0 for d in stats.devices)
     assert max(d.wait_seconds for d in stats.devices) > 0
 

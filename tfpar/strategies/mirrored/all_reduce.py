@@ -104,6 +104,9 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         self._counters = AllReduceCounters(self._devices, group)
         self._clocks = HostClocks()
         self._arrivals = Arrivals(self._devices, group) if options.measure else None
+        # Per local replica, when its current step's inputs existed (a graph
+        # tensor, set while a step is traced by `note_step_start`).
+        self._step_starts: dict[int, Any] = {}
         self._collective = False
         self._replica_algorithm: tf.distribute.CrossDeviceOps | None = None
 
@@ -142,13 +145,39 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         self._collective = collective
         self._replica_algorithm = replica_algorithm
 
+    def note_step_start(self, inputs: Sequence[Any]) -> None:
+        """Notes, while a replica's step is traced, when its inputs exist.
+
+        The step's gradient reduction then counts the replica's busy time:
+        from its inputs to its gradients, the forward and backward pass. A
+        step that reduces no gradient (evaluation, prediction) counts none.
+        Called from the replica's own context; inputs on no replica device
+        (or no tensor inputs) are not timed.
+        """
+        if not self._options.measure:
+            return
+        tensors = [t for t in tf.nest.flatten(inputs) if isinstance(t, tf.Tensor)]
+        if not tensors:
+            return
+        # The inputs are unplaced in the step's graph; an op made here takes
+        # the replica's device from the replica context's device scope.
+        probe = tf.identity(tensors[0])
+        devices = [canonical_device(d) for d in self._devices]
+        device = canonical_device(probe.device) if probe.device else None
+        if device in devices:
+            replica = devices.index(device)
+            self._step_starts[replica] = self._clocks.after([probe, *tensors], device)
+
     def stats(self) -> CommunicationStats:
         """Returns the cumulative counters (one host read of each variable).
 
         Bytes sent per device are not kept for an algorithm whose routing
-        is unknown (a user's own `CrossDeviceOps`).
+        is unknown (a user's own `CrossDeviceOps`), and no counter is kept
+        with `measure=False`.
         """
         stats = self._counters.stats()
+        if not self._options.measure:
+            return dataclasses.replace(stats, counters=())
         if self._algorithm is None or routing_known(
             self._algorithm, collective=self._collective
         ):
@@ -311,7 +340,19 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         """
         devices = [tensors[0].device for tensors in replicas]
         local = list(range(len(replicas))) if replica_id is None else [replica_id]
-        starts = self._timestamps(replicas, devices)
+        # When each replica's step began, where `note_step_start` saw it: its
+        # arrival is timestamped after that, so its busy time is never below 0
+        # when the first timestamp op happens to run late.
+        graph = tf.compat.v1.get_default_graph()
+        begun = [self._step_starts.pop(i, None) for i in local]
+        begun = [b if b is not None and b.graph is graph else None for b in begun]
+        starts = self._timestamps(
+            [
+                [*t, *([b] if b is not None else [])]
+                for t, b in zip(replicas, begun, strict=True)
+            ],
+            devices,
+        )
         encoded = [self._codec.encode(tensors) for tensors in replicas]
         packed = [e.packed for e in encoded]
         arrivals = self._arrivals
@@ -336,6 +377,10 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         decoded = [e.decode(r) for e, r in zip(encoded, results, strict=True)]
         outputs, skipped = self._nonfinite.apply(replicas, decoded, devices, replica_id)
         ends = self._timestamps(outputs, devices)
+        if starts:
+            for i, began, arrived in zip(local, begun, starts, strict=True):
+                if began is not None:
+                    self._counters.add_busy(i, arrived - began)
         if arrivals is not None:
             for i, end in zip(local, ends, strict=True):
                 arrivals.release(i, end)

@@ -18,8 +18,8 @@ from tfpar.stats import CommunicationStats, DeviceCommunication
 
 # Slots of a counter vector; float64 holds integers exactly up to 2**53.
 STEPS, SECONDS, CALLS, LOGICAL, MOVED, SKIPPED = range(6)
-# A replica's own vector adds its device seconds and bytes sent.
-_DEVICE_SECONDS, _DEVICE_BYTES = 6, 7
+# A replica's own vector adds its device seconds, bytes sent and busy time.
+_DEVICE_SECONDS, _DEVICE_BYTES, _DEVICE_BUSY = 6, 7, 8
 
 
 class AllReduceCounters:
@@ -52,7 +52,7 @@ class AllReduceCounters:
             self._seconds = _variable(n, "tfpar_allreduce_devices")
             self._bytes = _variable(n, "tfpar_allreduce_device_bytes")
             self._replicas = [
-                _variable(8, f"tfpar_allreduce_replica_{i}") for i in range(n)
+                _variable(9, f"tfpar_allreduce_replica_{i}") for i in range(n)
             ]
             # Per group replica: seconds waited, then synchronizations at
             # which it was the slowest.
@@ -95,7 +95,19 @@ class AllReduceCounters:
         values = list(totals) if replica_id == 0 and totals else [0.0] * 6
         with tf.device("/device:CPU:0"):
             self._replicas[replica_id].assign_add(
-                tf.cast(tf.stack([*values, seconds, sent]), tf.float64)
+                tf.cast(tf.stack([*values, seconds, sent, 0.0]), tf.float64)
+            )
+
+    def add_busy(self, replica_id: int, seconds: Any) -> None:
+        """Adds one step's busy time of local `replica_id` (graph op)."""
+        with tf.device("/device:CPU:0"):
+            self._replicas[replica_id].assign_add(
+                tf.one_hot(
+                    _DEVICE_BUSY,
+                    9,
+                    on_value=tf.cast(seconds, tf.float64),
+                    dtype=tf.float64,
+                )
             )
 
     def add_waits(self, replica_id: int, waits: Any, slowest: Any) -> None:
@@ -113,18 +125,20 @@ class AllReduceCounters:
         c = self._totals.numpy() + replicas[:, :6].sum(axis=0)
         seconds = self._seconds.numpy() + replicas[:, _DEVICE_SECONDS]
         sent = self._bytes.numpy() + replicas[:, _DEVICE_BYTES]
+        busy = replicas[:, _DEVICE_BUSY]
         sync = np.stack([v.numpy() for v in self._sync]).sum(axis=0)
         g = len(self._group)
         local = {
-            d: (float(s), int(b))
-            for d, s, b in zip(self._devices, seconds, sent, strict=True)
+            d: (float(s), int(b), float(u))
+            for d, s, b, u in zip(self._devices, seconds, sent, busy, strict=True)
         }
         devices = []
         for k, device in enumerate(self._group):
-            own_seconds, own_bytes = local.get(device, (0.0, 0))
+            own_seconds, own_bytes, own_busy = local.get(device, (0.0, 0, 0.0))
             devices.append(
                 DeviceCommunication(
                     device=device,
+                    busy_seconds=own_busy,
                     comm_seconds=own_seconds,
                     bytes_sent=own_bytes,
                     wait_seconds=float(sync[k]),
@@ -140,7 +154,13 @@ class AllReduceCounters:
             bytes_logical=int(c[LOGICAL]),
             bytes_moved=int(c[MOVED]),
             devices=tuple(devices),
-            counters=("comm_seconds", "bytes_sent", "wait_seconds", "slowest_steps"),
+            counters=(
+                "busy_seconds",
+                "comm_seconds",
+                "bytes_sent",
+                "wait_seconds",
+                "slowest_steps",
+            ),
             modelled=("bytes_sent",),
         )
 

@@ -41,6 +41,7 @@ from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks
 from tfpar.strategies.mirrored.options import AllReduceOptions
+from tfpar.strategies.mirrored.replica_steps import TimesReplicaSteps
 
 _IMPLEMENTATIONS = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -52,7 +53,9 @@ _TRAINING_JOBS = ("chief", "worker")
 
 
 class MultiWorkerMirroredStrategy(
-    DistributesWithoutAutotuning, tf.distribute.MultiWorkerMirroredStrategy
+    TimesReplicaSteps,
+    DistributesWithoutAutotuning,
+    tf.distribute.MultiWorkerMirroredStrategy,
 ):
     """Synchronous data parallelism over the devices of several processes.
 

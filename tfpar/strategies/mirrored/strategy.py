@@ -27,12 +27,15 @@ from tfpar.stats import CommunicationStats
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.options import AllReduceOptions
+from tfpar.strategies.mirrored.replica_steps import TimesReplicaSteps
 
 # This process's CPU: where the input pipeline runs when the replicas are remote.
 _HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
-class MirroredStrategy(DistributesWithoutAutotuning, tf.distribute.MirroredStrategy):
+class MirroredStrategy(
+    TimesReplicaSteps, DistributesWithoutAutotuning, tf.distribute.MirroredStrategy
+):
     """Synchronous data parallelism over local devices, with measured all-reduce.
 
     A drop-in replacement for `tf.distribute.MirroredStrategy`: each replica
