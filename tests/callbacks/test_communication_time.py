@@ -474,3 +474,10 @@ def test_parameter_server_strategy_logs_the_time_it_can_measure(
     # not necessarily on every worker.
     busy = [[v for _, v in scalars[f"{w}/busy_ms"]] for w in workers]
     assert all(a >= 0 and b >= 0 and a + b > 0 for a, b in zip(*busy, strict=True))
+    # Each worker runs one function at a time: its share of the wall time
+    # spent in training functions, from the same in-graph busy time.
+    shares = [
+        [v for _, v in scalars[f"device/worker:{i}/CPU:0/utilization"]] for i in (0, 1)
+    ]
+    assert all(0 <= v <= 100 for share in shares for v in share), shares
+    assert sum(map(sum, shares)) > 0

@@ -2,7 +2,7 @@
 
 One definition per tag and, where strategies measure differently, per
 strategy kind (`tfpar.CommunicationStats.kind`) or per source of a device's
-utilization (`"profiler"`, `"nvml"`, `"in_graph"`). Each says whether the number is
+utilization (`"profiler"`, `"nvml"`, `"in_graph"`, `"in_graph_async"`). Each says whether the number is
 measured, counted, computed from other numbers, or modelled. docs/callbacks.md
 holds the same definitions as tables.
 """
@@ -158,6 +158,15 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
         "Measured (TensorFlow profiler): the share of a traced window of steps "
         "during which an op placed on this device ran (union of op intervals; "
         "receives, collectives and tf.data ops left out).",
+    ),
+    (
+        r"device/.+/utilization",
+        "in_graph_async",
+        "Measured in the step's graph by the parameter-server strategy: the "
+        "share of wall time between two samples during which this worker ran "
+        "training functions, first to last op (timestamps on the worker), "
+        "including the reads and updates on the parameter servers they wait "
+        "for.",
     ),
     (
         r"device/.+/utilization",

@@ -68,20 +68,20 @@ class DeviceUtilization(keras.callbacks.Callback):
     is sampled: each point covers the `window_steps` steps traced when the
     sample came due.
 
-    A device none of whose placed ops appears in this process's trace has
-    no utilization point: its utilization is unknown, not 0 %. That is a
-    remote device (a cluster worker this process drives, e.g. the stages of a
-    `PipelineStrategy` or the replicas of a `tfpar.MirroredStrategy` over
-    `tfpar.LocalCluster` workers: their ops run in other processes), or a
-    device whose ops' names in the trace could not be matched to the placed
-    graph. The callback warns once per device, naming it and why, and once
-    per `fit` writes a text summary saying "unknown", and why, at the
-    device's `device/<device>/utilization` tag. A device with no op of the
-    train step placed on it is idle: its 0 % is measured. Under a
-    parameter-server strategy no window is traced at all. Under a
-    multi-worker strategy, where each worker runs its own callbacks, no
-    window is traced either (TensorFlow's profiler aborted a worker), with
-    one warning: host counters only.
+    Devices whose ops run where this process's profiler cannot see them
+    (cluster workers it drives: the stages of a `PipelineStrategy`, the
+    replicas of a `tfpar.MirroredStrategy` over `tfpar.LocalCluster`
+    workers, the workers of a `tfpar.ParameterServerStrategy`), and every
+    device under a multi-worker strategy (where TensorFlow's profiler aborted
+    a worker, so no window is traced), take their utilization from the tfpar
+    strategy's in-graph busy time, under the same tag; its TensorBoard
+    description says so. A device none of whose placed ops appears in this
+    process's trace, and of which the strategy measures no busy time, has no
+    utilization point: its utilization is unknown, not 0 %. The callback
+    warns once per device, naming it and why, and once per `fit` writes a
+    text summary saying "unknown", and why, at the device's
+    `device/<device>/utilization` tag. A device with no op of the train step
+    placed on it is idle: its 0 % is measured.
 
     Args:
         log_dir: Folder for the event files, the same as Keras's `TensorBoard`
@@ -272,9 +272,11 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def _describe(self, tag: str) -> str:
         """A tag's definition, by where its device's utilization comes from."""
-        in_graph = self._in_graph.devices if self._in_graph is not None else ()
+        source = self._in_graph
+        in_graph = source.devices if source is not None else ()
         if any(tag == f"device/{device_label(d)}/utilization" for d in in_graph):
-            return describe(tag, "in_graph")
+            assert source is not None
+            return describe(tag, "in_graph_async" if source.per_wall else "in_graph")
         return describe(tag, "nvml" if "/GPU:" in tag else "profiler")
 
     def _own(self, device: str) -> bool:

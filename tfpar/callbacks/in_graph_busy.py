@@ -25,11 +25,16 @@ class InGraphBusy:
     Utilization is the busy time the strategy counted since the previous
     read over the wall time of the training steps in between (batch start to
     batch end in this process, so epoch ends and validation do not count).
-    The first step, which traces the step function, is left out.
+    Under the asynchronous parameter-server strategy, whose steps Keras's
+    batches here only schedule, it is over the wall time between the reads:
+    the share of time a worker ran training functions. The first step,
+    which traces the step function, is left out.
 
     Args:
         stats: The strategy's `communication_stats`.
         devices: The devices to report, among those it counts busy time for.
+        per_wall: Divide by the wall time between reads rather than by the
+            training steps'. Defaults to `False`.
 
     Example:
 
@@ -41,13 +46,19 @@ class InGraphBusy:
     """
 
     def __init__(
-        self, stats: Callable[[], CommunicationStats], devices: Sequence[str]
+        self,
+        stats: Callable[[], CommunicationStats],
+        devices: Sequence[str],
+        *,
+        per_wall: bool = False,
     ) -> None:
         self._stats = stats
         self.devices = tuple(devices)
+        self.per_wall = per_wall
         self._previous: CommunicationStats | None = None  # after the first step
         self._wall = 0.0
         self._started = 0.0
+        self._read_at = 0.0
 
     @classmethod
     def covering(
@@ -56,20 +67,16 @@ class InGraphBusy:
         wanted: Callable[[str], bool],
     ) -> InGraphBusy | None:
         """Returns a source for the `wanted` devices the strategy counts busy time
-        of in the step's graph, or `None` if there is none.
-
-        The parameter-server strategy's busy time is that of asynchronous
-        steps, which Keras's batches in this process only schedule: it is
-        not divided by their wall time.
-        """
+        of in the step's graph, or `None` if there is none."""
         current = stats()
-        if "busy_seconds" not in current.counters or current.kind == "parameter_server":
+        if "busy_seconds" not in current.counters:
             return None
         # Another worker's replica, known here by its wait only, is not one.
         devices = [
             d.device for d in current.devices if d.in_process and wanted(d.device)
         ]
-        return cls(stats, devices) if devices else None
+        per_wall = current.kind == "parameter_server"
+        return cls(stats, devices, per_wall=per_wall) if devices else None
 
     def begin_step(self) -> None:
         """Starts a training step's clock."""
@@ -79,6 +86,7 @@ class InGraphBusy:
         """Adds the step's wall time; the first step only sets the baseline."""
         if self._previous is None:
             self._previous = self._stats()
+            self._read_at = time.perf_counter()
             return
         self._wall += time.perf_counter() - self._started
 
@@ -87,8 +95,10 @@ class InGraphBusy:
         if self._previous is None:
             return []
         current = self._stats()
+        now = time.perf_counter()
         delta = current.since(self._previous)
-        wall, self._wall, self._previous = self._wall, 0.0, current
+        wall = now - self._read_at if self.per_wall else self._wall
+        self._wall, self._previous, self._read_at = 0.0, current, now
         if wall <= 0.0 or delta.steps <= 0:
             return []
         busy = {d.device: d.busy_seconds for d in delta.devices}
