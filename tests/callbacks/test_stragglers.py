@@ -103,25 +103,27 @@ def _events(run_dir):
     return {tag: events.Tensors(tag) for tag in events.Tags()["tensors"]}
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(240)
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="needs two cores to pin the workers to",
-)
-def test_a_worker_sharing_its_core_is_named_and_the_other_waits_for_it(tmp_path):
+@pytest.fixture
+def core_1_loaded():
+    """A busy process on core 1, where worker 1 is pinned, for the test's length."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to pin the workers to")
     busy = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os\nos.sched_setaffinity(0, {1})\nwhile True: pass",
-        ]
+        [sys.executable, "-c", "import os\nos.sched_setaffinity(0, {1})\nwhile 1: pass"]
     )
     try:
-        code = FIT.replace("__ROOT__", json.dumps(str(tmp_path)))
-        results = [tagged_json(p.stdout, "RESULT") for p in run_workers(code, 2)]
+        yield
     finally:
         kill_all([busy])
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_a_worker_sharing_its_core_is_named_and_the_other_waits_for_it(
+    tmp_path, core_1_loaded
+):
+    code = FIT.replace("__ROOT__", json.dumps(str(tmp_path)))
+    results = [tagged_json(p.stdout, "RESULT") for p in run_workers(code, 2)]
     slow = "worker:1/CPU:0"
     for result in results:
         # Both workers know both intervals, so both name the same straggler.
@@ -168,23 +170,9 @@ print("RESULT " + json.dumps(warnings), flush=True)
 
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="needs two cores to pin the workers to",
-)
-def test_a_cluster_worker_of_a_single_client_strategy_is_named(tmp_path):
-    busy = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os\nos.sched_setaffinity(0, {1})\nwhile True: pass",
-        ]
-    )
-    try:
-        code = SINGLE_CLIENT.replace("__LOG_DIR__", json.dumps(str(tmp_path)))
-        warnings = tagged_json(run_python(code, timeout=200).stdout, "RESULT")
-    finally:
-        kill_all([busy])
+def test_a_cluster_worker_of_a_single_client_strategy_is_named(tmp_path, core_1_loaded):
+    code = SINGLE_CLIENT.replace("__LOG_DIR__", json.dumps(str(tmp_path)))
+    warnings = tagged_json(run_python(code, timeout=200).stdout, "RESULT")
     named = [w for w in warnings if "is a straggler" in w]
     assert len(named) == 1, warnings
     assert named[0].startswith("tfpar CommunicationTime: worker:1/CPU:0 is a straggler")
