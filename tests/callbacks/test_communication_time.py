@@ -420,7 +420,7 @@ sys.path.insert(0, {root!r})
 import keras, numpy as np, tensorflow as tf
 import tfpar
 from tfpar.callbacks import CommunicationTime, DeviceUtilization
-from tests.callbacks._tb import read_scalars
+from tests.callbacks._tb import read_scalars, read_texts
 
 log_dir = {log_dir!r}
 rng = np.random.default_rng(0)
@@ -439,6 +439,7 @@ with tfpar.LocalCluster(num_workers=2, num_ps=1, pin_cores=False) as cluster:
     ])
     counted = strategy.communication_stats().steps
 print("SCALARS " + json.dumps(read_scalars(os.path.join(log_dir, "train"))))
+print("TEXTS " + json.dumps(read_texts(os.path.join(log_dir, "train"))))
 print("COUNTED", counted)
 """
 
@@ -481,3 +482,11 @@ def test_parameter_server_strategy_logs_the_time_it_can_measure(
     ]
     assert all(0 <= v <= 100 for share in shares for v in share), shares
     assert sum(map(sum, shares)) > 0
+    # The parameter server: no source sees it, and the run says so.
+    texts = json.loads(
+        next(x for x in proc.stdout.splitlines() if x.startswith("TEXTS "))[6:]
+    )
+    assert list(texts) == ["device/ps:0/CPU:0/utilization"], texts
+    assert texts["device/ps:0/CPU:0/utilization"][0][1].startswith(
+        "unknown: its ops run in another process"
+    )

@@ -76,8 +76,8 @@ class DeviceUtilization(keras.callbacks.Callback):
     a worker, so no window is traced), take their utilization from the tfpar
     strategy's in-graph busy time, under the same tag; its TensorBoard
     description says so. A device none of whose placed ops appears in this
-    process's trace, and of which the strategy measures no busy time, has no
-    utilization point: its utilization is unknown, not 0 %. The callback
+    process's trace, and of which the strategy measures no busy time (a
+    parameter server, for one), has no utilization point: its utilization is unknown, not 0 %. The callback
     warns once per device, naming it and why, and once per `fit` writes a
     text summary saying "unknown", and why, at the device's
     `device/<device>/utilization` tag. A device with no op of the train step
@@ -136,7 +136,6 @@ class DeviceUtilization(keras.callbacks.Callback):
         self.devices = None if devices is None else resolve_devices(devices)
         self.profile_steps = _check_step_range(profile_steps)
         self._placement = GraphPlacement()
-        self._said_untraced = False  # the multi-worker warning, once
         self._said_unseen: set[str] = set()  # devices warned about, once each
         self._sources = SourceGroup(on_error=self._fail)
         self._reset(trace=False)
@@ -170,6 +169,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._unseen_written: set[str] = set()  # a text summary once per fit
         self._in_graph: InGraphBusy | None = None
         self._tracing = False  # whether profiler windows measure this process
+        self._untraced_why = ""
 
     def set_model(self, model: keras.Model) -> None:
         """Notes whether `fit` is about to build a new train function."""
@@ -215,14 +215,15 @@ class DeviceUtilization(keras.callbacks.Callback):
                 self._in_graph = InGraphBusy.covering(stats, self._measured_in_graph)
             except Exception as err:  # never break training over a measurement
                 self._fail("the strategy's busy counters", err)
-        if untraceable and self._in_graph is None and not self._said_untraced:
-            self._said_untraced = True
-            logger.warning(
-                "DeviceUtilization: device utilization is not measured under "
-                "this multi-worker strategy: TensorFlow's profiler aborted the "
-                "worker, and the strategy measures no busy time (a tfpar "
-                "strategy with measure=True does); host counters are logged."
-            )
+        # Why a device neither traced nor measured in-graph is unknown.
+        self._untraced_why = (
+            "TensorFlow's profiler aborted workers of a multi-worker job, so no "
+            "window is traced here, and the strategy measures no busy time of "
+            "it (a tfpar strategy with measure=True does)"
+            if untraceable
+            else "its ops run in another process, and the strategy measures no "
+            "busy time of it"
+        )
         if trace:
             multi_device = self._fallback is None or self.devices is not None
             known = self._placement.start(self.model, rebuild=multi_device)
@@ -308,6 +309,11 @@ class DeviceUtilization(keras.callbacks.Callback):
                     self._writer.add(step, sample.tag, sample.value)
             except Exception as err:  # never break training over a measurement
                 self._fail("the strategy's busy counters", err)
+        if not self._tracing and "utilization" in self.metrics:
+            covered = self._in_graph.devices if self._in_graph is not None else ()
+            for device in self._reported:
+                if device not in covered:
+                    self._say_unknown(step, device, self._untraced_why)
         self._write_parsed()
         self._writer.flush()
 
@@ -319,8 +325,7 @@ class DeviceUtilization(keras.callbacks.Callback):
                 self._say_unseen(window.step, device, ops)
 
     def _say_unseen(self, step: int, device: str, ops: int) -> None:
-        """Warns once, and notes once per fit, that a device's utilization is unknown."""
-        label = device_label(device)
+        """Says why a traced window did not see `device`'s ops."""
         if not self._own(device):
             why = "they run in another process"
         elif ops:
@@ -329,6 +334,11 @@ class DeviceUtilization(keras.callbacks.Callback):
             why = "the profiler recorded no op event"
         placed = f"{ops} ops are placed there, none" if ops else "no op of the step"
         reason = f"{placed} appeared in this process's profiler trace ({why})"
+        self._say_unknown(step, device, reason)
+
+    def _say_unknown(self, step: int, device: str, reason: str) -> None:
+        """Warns once, and notes once per fit, that a device's utilization is unknown."""
+        label = device_label(device)
         if device not in self._said_unseen:
             self._said_unseen.add(device)
             logger.warning(

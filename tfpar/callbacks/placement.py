@@ -167,8 +167,9 @@ def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
     """
     if isinstance(strategy, tf.distribute.ParameterServerStrategy):
         # The coordinator computes nothing: the workers do, in other processes
-        # (their counters name them below; their utilization is not traced).
-        devices = []
+        # (their counters name them below), and the parameter servers apply
+        # the updates.
+        devices = _parameter_servers()
     else:
         devices = _local_devices(strategy)
     # A tfpar strategy also names its devices in its counters (for a pipeline:
@@ -176,11 +177,22 @@ def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
     stats = getattr(strategy, "communication_stats", None)
     if callable(stats):
         try:
-            counted = [d.device for d in stats().devices]
+            # Another worker's replica (known by its wait) is that worker's.
+            counted = [d.device for d in stats().devices if d.in_process]
         except Exception:  # the counters are CommunicationTime's business
             counted = []
         devices += [d for d in counted if d not in devices]
     return devices
+
+
+def _parameter_servers() -> list[str]:
+    # The strategy connected this process to the cluster: its devices are
+    # listed with the others'.
+    return [
+        canonical_device(d.name)
+        for d in tf.config.list_logical_devices()
+        if tf.DeviceSpec.from_string(d.name).job == "ps"
+    ]
 
 
 def _local_devices(strategy: tf.distribute.Strategy) -> list[str]:
