@@ -215,7 +215,8 @@ class ScalarWriter:
             summaries.setdefault(step, summary_pb2.Summary()).MergeFrom(
                 scalar_pb(tag, value, description=description)
             )
-        return {step: s.SerializeToString() for step, s in summaries.items()}
+        # In step order: a batch can hold older steps' parsed windows too.
+        return {step: summaries[step].SerializeToString() for step in sorted(summaries)}
 
 
 def custom_scalars_layout() -> bytes:
