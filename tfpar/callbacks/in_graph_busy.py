@@ -66,8 +66,17 @@ class InGraphBusy:
         stats: Callable[[], CommunicationStats],
         wanted: Callable[[str], bool],
     ) -> InGraphBusy | None:
-        """Returns a source for the `wanted` devices the strategy counts busy time
-        of in the step's graph, or `None` if there is none."""
+        """Returns a source for the `wanted` devices whose busy time the strategy
+        counts in the step's graph.
+
+        Args:
+            stats: The strategy's `communication_stats`.
+            wanted: Whether to report a device, by its canonical name.
+
+        Returns:
+            The source, or `None` if the strategy keeps no busy time of any
+            wanted device in this process's counters.
+        """
         current = stats()
         if "busy_seconds" not in current.counters:
             return None

@@ -23,6 +23,13 @@ class TimesReplicaSteps:
 
     Listed before the stock base class. Eager `run` calls, and strategies
     built with `measure=False`, are left as they are.
+
+    Example:
+
+    ```python
+    class MirroredStrategy(TimesReplicaSteps, tf.distribute.MirroredStrategy):
+        ...  # sets self._tfpar_reducer, a MeasuredAllReduce, in __init__
+    ```
     """
 
     _tfpar_reducer: MeasuredAllReduce
@@ -38,6 +45,15 @@ class TimesReplicaSteps:
 
         While a step is traced, each replica also notes when its inputs
         exist, so that the step's gradient reduction counts its busy time.
+
+        Args:
+            fn: The function to run on each replica.
+            args: Positional arguments for `fn`.
+            kwargs: Keyword arguments for `fn`.
+            options: `tf.distribute.RunOptions`, or `None`.
+
+        Returns:
+            The merged results of `fn` on every replica, as the stock method's.
         """
         reducer = self._tfpar_reducer
         if not tf.inside_function() or not reducer.options.measure:
