@@ -130,3 +130,63 @@ def test_every_object_swap_is_listed_and_says_tfpar():
     with pytest.raises(TypeError, match="a tfpar subclass of exactly"):
         _subclass.swap_class(layer, "ps_extended", sharding.TfparShardedExtended)
     assert type(layer) is keras.layers.Dense
+
+
+def test_merge_call_hooks_used_by_tfpar_exist_and_apply_only_while_tracing():
+    # TfparParameterServerExtended skips merge_call through TensorFlow's own
+    # hooks: maybe_merge_call asks _use_merge_call, a replica-context update
+    # goes to _replica_ctx_update, a replica-context all-reduce to
+    # _replica_ctx_all_reduce.
+    from tensorflow.python.distribute import distribute_lib, merge_call_interim
+    from tensorflow.python.distribute import parameter_server_strategy_v2 as ps
+
+    assert "_use_merge_call()" in inspect.getsource(
+        merge_call_interim.strategy_supports_no_merge_call
+    )
+    update = inspect.getsource(distribute_lib.StrategyExtendedV2.update)
+    assert "self._replica_ctx_update(" in update
+    assert "_replica_ctx_all_reduce(" in inspect.getsource(
+        distribute_lib.ReplicaContext.all_reduce
+    )
+    for name in ("_use_merge_call", "_replica_ctx_update", "_replica_ctx_all_reduce"):
+        assert callable(getattr(ps.ParameterServerStrategyV2Extended, name)), name
+    assert isinstance(
+        ps.ParameterServerStrategyV2Extended._num_replicas_in_sync, property
+    )
+    extended = object.__new__(_compat.TfparParameterServerExtended)
+    extended._num_gpus_per_worker = 0
+    stock = object.__new__(ps.ParameterServerStrategyV2Extended)
+    assert extended._use_merge_call()
+    with _compat.without_merge_call(extended), _compat.without_merge_call(stock):
+        assert not extended._use_merge_call()
+        assert stock._use_merge_call()  # TensorFlow's class is unchanged
+        value = tf.constant([1.0, 2.0])
+        np.testing.assert_array_equal(
+            extended._replica_ctx_all_reduce("SUM", [value])[0], value
+        )
+    assert extended._use_merge_call()
+    extended._num_gpus_per_worker = 2  # several replicas: TensorFlow's path
+    with _compat.without_merge_call(extended):
+        assert extended._use_merge_call()
+
+
+def test_keras_data_adapters_of_python_data_are_where_tfpar_looks():
+    # feeds_python_data: Keras's epoch iterator keeps its adapter as
+    # `data_adapter`; PyDataset and generators have adapters of their own.
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return np.zeros((2, 1)), np.zeros((2, 1))
+
+    def generator():
+        yield np.zeros((2, 1)), np.zeros((2, 1))
+
+    x = np.zeros((4, 1))
+    for data, python in [(Batches(), True), (generator(), True), (x, False)]:
+        iterator = EpochIterator(x=data, y=None if python else x, batch_size=2)
+        assert _compat.feeds_python_data(iterator) is python, data
+    assert not _compat.feeds_python_data(None)

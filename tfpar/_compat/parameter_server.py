@@ -12,17 +12,33 @@ Used by `tfpar/strategies/parameter_server/` (`strategy.py`, `runtime.py`,
 - `make_updates_atomic`: Keras 3's `Variable.assign_add` reads then writes,
   which loses concurrent updates from several workers (uses Keras's private
   `_convert_to_tensor` and `_dtype` to convert like Keras does).
+- `feeds_python_data`: whether Keras's epoch iterator reads a
+  `keras.utils.PyDataset` or a Python generator (Keras keeps its data adapter
+  as the iterator's `data_adapter` attribute; the adapter classes are not
+  public). Such elements come from this process's Python objects, so
+  tfpar reads them here and sends them to the workers.
 - `TfparParameterServerExtended`: overrides TensorFlow's private
   `_assert_being_scheduled_by_cluster_coordinator`, so tfpar's scheduled
   callables, which trace on the coordinator's worker threads, do not log
-  TensorFlow's "not scheduled" warning (no process-wide log filter).
+  TensorFlow's "not scheduled" warning (no process-wide log filter); and,
+  while tfpar traces a step (`without_merge_call`), TensorFlow's private
+  `_use_merge_call`, `_replica_ctx_update` and `_replica_ctx_all_reduce`, so
+  that Keras's optimizers update without `merge_call`, which fails inside
+  the `ops.cond` of gradient accumulation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import tensorflow as tf
+from keras.src.trainers.data_adapters.generator_data_adapter import (
+    GeneratorDataAdapter,
+)
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 from tensorflow.python.distribute.coordinator import coordinator_context
 from tensorflow.python.distribute.parameter_server_strategy_v2 import (
     ParameterServerStrategyV2Extended,
@@ -71,6 +87,23 @@ def current_worker_index() -> int:
     if context is None:
         raise RuntimeError("Not running in a ClusterCoordinator worker thread.")
     return int(context.worker_index)
+
+
+def feeds_python_data(epoch_iterator: Any) -> bool:
+    """Whether Keras's epoch iterator reads a `PyDataset` or a generator.
+
+    Why: Keras turns both into a `tf.data` dataset whose elements come from
+    a Python callback of this process (`Dataset.from_generator`); only its
+    private data adapter says so. A worker reading that dataset calls back
+    here for every element, and each worker's repeated copy would restart
+    the `PyDataset` epoch (its enqueuer then fails) or share the
+    generator's elements at random.
+
+    Args:
+        epoch_iterator: Keras's epoch iterator (from `KerasCaller`), or `None`.
+    """
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    return isinstance(adapter, (GeneratorDataAdapter, PyDatasetAdapter))
 
 
 def _atomic_assign_add(self: Any, value: Any) -> Any:
@@ -125,6 +158,72 @@ class TfparParameterServerExtended(ParameterServerStrategyV2Extended):
     def _assert_being_scheduled_by_cluster_coordinator(self) -> None:
         if coordinator_context.get_current_dispatch_context() is None:
             super()._assert_being_scheduled_by_cluster_coordinator()
+
+    # Why: Keras's optimizer updates variables through `maybe_merge_call`,
+    # and a gradient-accumulating optimizer (or a `LossScaleOptimizer`)
+    # does so inside `ops.cond`, where a `merge_call` fails. With one
+    # replica per worker, the merge is a no-op: TensorFlow's documented way
+    # to skip it is a strategy whose `_use_merge_call` is False, with its own
+    # replica-context update and all-reduce. Only while tfpar traces a step
+    # (the steps run in replica threads, hence a count on this object, not
+    # a thread-local flag); custom training loops keep TensorFlow's path.
+
+    def _use_merge_call(self) -> bool:
+        if _tracing_steps(self):
+            return False
+        return bool(super()._use_merge_call())
+
+    def _replica_ctx_update(
+        self, var: Any, fn: Any, args: Any = (), kwargs: Any = None, group: bool = True
+    ) -> Any:
+        if not _tracing_steps(self):
+            return super()._replica_ctx_update(var, fn, args, kwargs, group)
+        # What `merge_call` would run, in the replica's own context.
+        return self._update(var, fn, args, kwargs or {}, group)
+
+    def _replica_ctx_all_reduce(
+        self, reduce_op: Any, value: Any, options: Any = None
+    ) -> Any:
+        if not _tracing_steps(self):
+            return super()._replica_ctx_all_reduce(reduce_op, value, options)
+        # One replica: its sum and its mean are its own value.
+        return tf.nest.map_structure(tf.identity, value)
+
+
+_TRACING_LOCK = threading.Lock()
+# Strategies' extended objects (by id) tracing tfpar steps, and how many.
+_TRACING: dict[int, int] = {}
+
+
+def _tracing_steps(extended: Any) -> bool:
+    return _TRACING.get(id(extended), 0) > 0
+
+
+@contextlib.contextmanager
+def without_merge_call(extended: Any) -> Iterator[None]:
+    """While tfpar traces a step: updates without `merge_call`, if possible.
+
+    Possible on a `TfparParameterServerExtended` with one replica per worker
+    (CPU workers, or one GPU each); otherwise TensorFlow's path is kept.
+
+    Args:
+        extended: The strategy's `extended` object.
+    """
+    if not (
+        isinstance(extended, TfparParameterServerExtended)
+        and extended._num_replicas_in_sync == 1
+    ):
+        yield
+        return
+    with _TRACING_LOCK:
+        _TRACING[id(extended)] = _TRACING.get(id(extended), 0) + 1
+    try:
+        yield
+    finally:
+        with _TRACING_LOCK:
+            _TRACING[id(extended)] -= 1
+            if not _TRACING[id(extended)]:
+                del _TRACING[id(extended)]
 
 
 def use_tfpar_extended(extended: Any) -> None:

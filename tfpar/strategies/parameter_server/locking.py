@@ -38,47 +38,79 @@ def lock_optimizer_updates(optimizer: keras.optimizers.Optimizer) -> None:
 
     Wraps the optimizer's public `update_step` on this instance only; other
     optimizers, the optimizer's class and its saved config are unchanged.
-    Calling it again does nothing.
+    A `LossScaleOptimizer` applies through its inner optimizer, whose
+    updates are the ones locked. With `gradient_accumulation_steps`, the
+    whole `apply` (reading the step count, adding to the accumulators or
+    updating the variables and resetting them, counting the step) is one
+    critical section of the optimizer, on its step counter's parameter
+    server: otherwise two workers could both add to the accumulators with
+    the same count, and no update (or a double one) follows. Calling it
+    again does nothing.
 
     Args:
         optimizer: The Keras optimizer of a model trained under
             `tfpar.ParameterServerStrategy`.
     """
-    update_step: Callable[..., Any] = optimizer.update_step
-    if getattr(update_step, _LOCKED, False):
-        return
-    # By the id of the tf.Variable updated; the variable is kept with its
-    # mutex, so the id stays unique.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     mutexes: dict[int, tuple[Any, Any, str]] = {}
+    update_step: Callable[..., Any] = optimizer.update_step
+    if not getattr(update_step, _LOCKED, False):
 
-    def locked_update_step(gradient: Any, variable: Any, learning_rate: Any) -> Any:
-        mutex, device = _mutex_of(mutexes, variable)
-        if tf.executing_eagerly():
-            lock = tf.raw_ops.MutexLock(mutex=mutex)
-            try:
-                return update_step(gradient, variable, learning_rate)
-            finally:
-                del lock  # deleting the lock releases the mutex
-        graph = tf.compat.v1.get_default_graph()
-        # Locked once the gradient is there, not from the start of the step:
-        # held only while updating, never while waiting for a worker.
-        inputs = tf.nest.flatten((gradient, learning_rate), expand_composites=True)
-        ready = [t for t in inputs if isinstance(t, tf.Tensor)]
-        # Both on the mutex's device: a lock (a variant tensor) cannot be sent
-        # between tasks, and a sharded variable's update has no device scope.
-        with tf.control_dependencies(ready), tf.device(device):
-            lock = tf.raw_ops.MutexLock(mutex=mutex)
-        existing = len(graph.get_operations())
-        with tf.control_dependencies([lock]):
-            result = update_step(gradient, variable, learning_rate)
-        # Release only once every op of the update ran (reads included).
-        update_ops = graph.get_operations()[existing:]
-        with tf.control_dependencies(update_ops), tf.device(device):
-            tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
-        return result
+        def locked_update_step(gradient: Any, variable: Any, learning_rate: Any) -> Any:
+            mutex, device = _mutex_of(mutexes, variable)
+            return _locked(
+                mutex,
+                device,
+                (gradient, learning_rate),
+                lambda: update_step(gradient, variable, learning_rate),
+            )
 
-    setattr(locked_update_step, _LOCKED, True)
-    optimizer.update_step = locked_update_step
+        setattr(locked_update_step, _LOCKED, True)
+        optimizer.update_step = locked_update_step
+    apply: Callable[..., Any] = optimizer.apply
+    if optimizer.gradient_accumulation_steps and not getattr(apply, _LOCKED, False):
+
+        def locked_apply(grads: Any, trainable_variables: Any = None) -> Any:
+            mutex, device = _mutex_of(mutexes, _step_counter(optimizer))
+            return _locked(
+                mutex, device, grads, lambda: apply(grads, trainable_variables)
+            )
+
+        setattr(locked_apply, _LOCKED, True)
+        optimizer.apply = locked_apply
+
+
+def _step_counter(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The `tf.Variable` counting `optimizer`'s steps (`iterations` counts updates)."""
+    counter = next(v for v in optimizer.variables if v.name == "iteration")
+    return counter.value
+
+
+def _locked(mutex: Any, device: str, inputs: Any, call: Callable[[], Any]) -> Any:
+    """Runs `call()`'s ops while holding `mutex`, taken once `inputs` exist."""
+    if tf.executing_eagerly():
+        lock = tf.raw_ops.MutexLock(mutex=mutex)
+        try:
+            return call()
+        finally:
+            del lock  # deleting the lock releases the mutex
+    graph = tf.compat.v1.get_default_graph()
+    # Locked once the gradient is there, not from the start of the step:
+    # held only while updating, never while waiting for a worker.
+    flat = tf.nest.flatten(inputs, expand_composites=True)
+    ready = [t for t in flat if isinstance(t, tf.Tensor)]
+    # Both on the mutex's device: a lock (a variant tensor) cannot be sent
+    # between tasks, and a sharded variable's update has no device scope.
+    with tf.control_dependencies(ready), tf.device(device):
+        lock = tf.raw_ops.MutexLock(mutex=mutex)
+    existing = len(graph.get_operations())
+    with tf.control_dependencies([lock]):
+        result = call()
+    # Release only once every op of the update ran (reads included).
+    update_ops = graph.get_operations()[existing:]
+    with tf.control_dependencies(update_ops), tf.device(device):
+        tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
+    return result
 
 
 def _mutex_of(

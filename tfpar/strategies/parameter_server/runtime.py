@@ -11,6 +11,7 @@ the strategy.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,10 @@ import tensorflow as tf
 
 from tfpar._compat import cluster as compat_cluster
 from tfpar._compat import parameter_server as _compat
+from tfpar.errors import StepDeadlineExceededError
 from tfpar.strategies.parameter_server.watchdog import StepTracker
+
+logger = logging.getLogger("tfpar")
 
 
 class ParameterServerRuntime:
@@ -107,6 +111,30 @@ class ParameterServerRuntime:
     def join(self) -> None:
         """Waits for every scheduled function, with the step deadline."""
         self.tracker.join(self.coordinator)
+
+    def settle(self) -> None:
+        """Waits for the functions an interrupted call left scheduled.
+
+        A `fit` stopped by an error on the coordinator (a callback's, an
+        interrupt) returns with its functions still queued or running; the
+        next call must neither see them in its step counts nor fail with
+        their errors, which belong to the stopped call: they are logged.
+
+        Raises:
+            StepDeadlineExceededError: If they wait past the step deadline.
+        """
+        if self._coordinator is None or not self.tracker.in_flight:
+            return
+        try:
+            self.join()
+        except StepDeadlineExceededError:
+            raise
+        except Exception as err:  # the stopped call's, whatever it is
+            logger.warning(
+                "A function scheduled by an earlier, interrupted call failed "
+                "after that call stopped: %s",
+                err,
+            )
 
     def per_worker_iterator(
         self, dataset: tf.data.Dataset, options: tf.distribute.InputOptions | None

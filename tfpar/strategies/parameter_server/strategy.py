@@ -234,13 +234,22 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         if caller is None:
             return super().experimental_distribute_dataset(dataset, options)
         model, epoch_iterator, _ = caller
+        # Keras calls this first in each fit, evaluate or predict (and
+        # within fit, for validation, once the epoch's steps finished).
+        self.runtime.settle()
         functions = self._functions.get(model)
         if functions is None:
             functions = CoordinatedFunctions(model, self.runtime)
             self._functions[model] = functions
         if not functions.installed():
             functions.install()
-        return KerasInput(self.runtime, dataset, options, epoch_iterator)
+        return KerasInput(
+            self.runtime,
+            dataset,
+            options,
+            epoch_iterator,
+            from_python=_compat.feeds_python_data(epoch_iterator),
+        )
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-worker step counters (`kind="parameter_server"`).

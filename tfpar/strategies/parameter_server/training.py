@@ -12,6 +12,10 @@ schedule the work on the workers, through the strategy's
   copy of the dataset (`ClusterCoordinator.create_per_worker_dataset`), in
   the style of tf-keras 2 and TensorFlow's RFC 334. Steps run
   asynchronously; at most `max_in_flight` are queued ahead.
+- training on a `keras.utils.PyDataset` or a Python generator: their
+  elements come from Python objects of this process, so the coordinator
+  reads each batch, in Keras's order, and sends it with the scheduled
+  function (each exactly once); steps still run asynchronously.
 - evaluation and prediction: the coordinator reads the batches and sends each
   to a worker (exactly once), so metrics and outputs are exact and in order.
 - `model.get_metrics_result()` (which Keras calls at epoch end) first waits
@@ -47,6 +51,9 @@ class KerasInput:
         dataset: The `tf.data.Dataset` Keras built from the user's input.
         options: `tf.distribute.InputOptions` or `None`.
         epoch_iterator: The Keras epoch iterator that owns this input.
+        from_python: Whether the elements come from Python objects of this
+            process (a `PyDataset`, a generator): then training reads them
+            here too, instead of each worker reading its own copy.
     """
 
     def __init__(
@@ -55,8 +62,11 @@ class KerasInput:
         dataset: tf.data.Dataset,
         options: tf.distribute.InputOptions | None,
         epoch_iterator: Any,
+        *,
+        from_python: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.from_python = from_python
         self.dataset = dataset
         self.options = options
         self.epoch_iterator = epoch_iterator
@@ -106,6 +116,7 @@ class CoordinatedFunctions:
         self.tracker: StepTracker = runtime.tracker
         self._original_get_metrics_result = model.get_metrics_result
         self._train_fn = tf.function(self._train_steps, reduce_retracing=True)
+        self._train_batches_fn = tf.function(self._train_batches, reduce_retracing=True)
         self._test_fn = tf.function(self._test_steps, reduce_retracing=True)
         self._predict_fn = tf.function(self._predict_steps, reduce_retracing=True)
         self._metric_names: list[str] | None = None
@@ -136,6 +147,13 @@ class CoordinatedFunctions:
         self._current_logs()  # reads the metric names before scheduling
         source = handle.source
         epoch_steps = source.epoch_iterator.num_batches
+        if source.from_python:
+            # Keras's own epoch: until `steps_per_epoch`, the `PyDataset`'s
+            # length or the generator's end (StopIteration ends it).
+            batches = _take(handle, int(self.model.steps_per_execution))
+            self.runtime.wait_for_room()
+            self.runtime.schedule(self._train_batches_closure, (batches,))
+            return self._current_logs()
         if not epoch_steps:
             raise ValueError(
                 "Under tfpar.ParameterServerStrategy each worker reads its own "
@@ -197,6 +215,10 @@ class CoordinatedFunctions:
     def _train_closure(self, iterator: Any, steps: int) -> None:
         run = self._closure_runner("train", steps)
         run(lambda: self._train_fn(iterator, steps))
+
+    def _train_batches_closure(self, batches: list[Any]) -> None:
+        run = self._closure_runner("train", len(batches))
+        run(lambda: self._train_batches_fn(batches))
 
     def _test_closure(self, batches: list[Any]) -> None:
         run = self._closure_runner("test", 0)
@@ -260,17 +282,27 @@ class CoordinatedFunctions:
         return self._pack("train", logs, end - start)
 
     @tf.autograph.experimental.do_not_convert
+    def _train_batches(self, batches: list[Any]) -> tf.Tensor:
+        return self._steps_in_order("train", self.model.train_step, batches)
+
+    @tf.autograph.experimental.do_not_convert
     def _test_steps(self, batches: list[Any]) -> tf.Tensor:
+        return self._steps_in_order("test", self.model.test_step, batches)
+
+    def _steps_in_order(
+        self, kind: str, step: Callable[[Any], Any], batches: list[Any]
+    ) -> tf.Tensor:
+        """`step` on each batch, one after the other; packed logs and time."""
         self.runtime.before_new_functions()
         start = tf.timestamp()
         logs: Any = None
         for batch in batches:
             deps = tf.nest.flatten(logs) if logs is not None else [start]
             with tf.control_dependencies(deps):
-                logs = self._run(self.model.test_step, batch)
+                logs = self._run(step, batch)
         with tf.control_dependencies(tf.nest.flatten(logs)):
             end = tf.timestamp()
-        return self._pack("test", logs, end - start)
+        return self._pack(kind, logs, end - start)
 
     @tf.autograph.experimental.do_not_convert
     def _predict_steps(self, batches: list[Any]) -> Any:
@@ -299,7 +331,8 @@ class CoordinatedFunctions:
 
     def _run(self, step: Callable[[Any], Any], data: Any) -> Any:
         strategy = self.runtime.strategy
-        outputs = strategy.run(step, args=(data,))
+        with _compat.without_merge_call(strategy.extended):
+            outputs = strategy.run(step, args=(data,))
         # One replica per worker: each value is that replica's tensor.
         return tf.nest.map_structure(
             lambda v: strategy.experimental_local_results(v)[0], outputs

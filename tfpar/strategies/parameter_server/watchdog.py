@@ -200,10 +200,16 @@ class StepTracker:
     ) -> None:
         try:
             coordinator.done()  # raises the first error of a scheduled function
-        except tf.errors.OpError as err:
+        except Exception as err:
+            # Raising, the coordinator waited for the running functions and
+            # dropped the queued ones: none is in flight any more, whatever
+            # the error (a Python error while tracing a step too).
             with self._condition:
-                self._scheduled = self._finished  # the coordinator dropped the rest
-            raise self.describe(err) from err
+                self._scheduled = self._finished
+                self.latest_logs = None
+            if isinstance(err, tf.errors.OpError):
+                raise self.describe(err) from err
+            raise
 
     def _raise_if_frozen(self) -> None:
         if self.step_deadline is None:
@@ -312,10 +318,18 @@ class StepTracker:
             if task and task.startswith("/job:ps")
             else ""
         )
-        # TensorFlow's first line is often just "Graph execution error:".
+        # TensorFlow's first line is often just "Graph execution error:",
+        # followed by where the failed op was defined (a Python traceback).
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        message = next((x for x in lines if not x.endswith(":")), kind)[:300]
+        message = next(
+            (x for x in lines if not x.endswith(":") and not x.startswith(_WHERE)),
+            kind,
+        )[:300]
         return ClusterTaskError(f"{kind} from {where}: {message}{hint}", task)
+
+
+# Lines of a TensorFlow error that say where, not what.
+_WHERE = ('File "', "Detected at node ", "[[")
 
 
 def _failed_task(message: str, tasks: Mapping[str, str]) -> str | None:
