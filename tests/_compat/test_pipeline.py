@@ -80,3 +80,36 @@ def test_tensorflow_calls_the_one_device_hooks() -> None:
     strategy.extended.update(variable, lambda v, x: v.assign_add(x), args=(2.0,))
     assert calls[-1] == "update_variable" and variable.numpy() == 3.0
     assert strategy.experimental_local_results(variable) == (variable,)
+
+
+def test_one_replica_context_is_entered_and_leaves_values_alone() -> None:
+    # OneReplicaContext: entering a ReplicaContext with `with` (what Keras's
+    # LossScaleOptimizer requires), merge_call and updates from inside it.
+    strategy = _Strategy()
+    calls = strategy.extended.calls
+    with strategy.scope():
+        variable = tf.Variable(1.0)
+        assert tf.distribute.in_cross_replica_context()
+        context = _compat.OneReplicaContext(strategy)
+        with context:
+            assert tf.distribute.get_replica_context() is context
+            assert not tf.distribute.in_cross_replica_context()
+            value = tf.constant(2.0)
+            assert context.all_reduce(tf.distribute.ReduceOp.SUM, [value])[0] is value
+            strategy.extended.update(variable, lambda v, x: v.assign_add(x), (value,))
+            merged = context.merge_call(
+                lambda s: s is strategy and tf.distribute.in_cross_replica_context()
+            )
+        assert merged and tf.distribute.in_cross_replica_context()
+    assert calls[-1] == "update_variable" and variable.numpy() == 3.0
+
+
+def test_overridden_steps_are_recognized() -> None:
+    class Custom(keras.Sequential):
+        def train_step(self, data: Any) -> Any:
+            return super().train_step(data)
+
+    model = Custom([keras.Input((2,)), keras.layers.Dense(1)])
+    assert _compat.overrides_step(model, "train")
+    assert not _compat.overrides_step(model, "test")
+    assert not _compat.overrides_step(mlp(), "predict")

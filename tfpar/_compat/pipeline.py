@@ -9,6 +9,12 @@ Used by `tfpar/strategies/pipeline/strategy.py` and `engine.py`:
   strategy. Subclassing its extended object and overriding these private
   hooks is the only way to build a `tf.distribute.Strategy` whose variable
   creation, `run` and `update` we control.
+- `OneReplicaContext`: entering a `tf.distribute.ReplicaContext` with `with`
+  (its `__enter__` is hidden from TensorFlow's docs; strategies enter it in
+  their private `_call_for_each_replica`). Keras's `LossScaleOptimizer`
+  (mixed precision) refuses to apply gradients outside a replica context,
+  and the pipeline builds its step outside one; a strategy's public `run`
+  would re-enter the strategy's own hook.
 - `keras_step`: Keras passes its step function to `strategy.run` as the bound
   method `model.train_step` / `model.test_step`, or, for predict, as a
   `functools.wraps` wrapper of a closure over the model. The strategy needs
@@ -36,10 +42,12 @@ from tfpar.devices import canonical_device
 
 __all__ = [
     "OneDeviceAdapter",
+    "OneReplicaContext",
     "UpdateContext",
     "keras_step",
     "loss_tracker",
     "move_variable",
+    "overrides_step",
     "seed_states",
 ]
 
@@ -49,6 +57,28 @@ _STOCK_STEPS = {
     "test": TensorFlowTrainer.test_step,
     "predict": TensorFlowTrainer.predict_step,
 }
+
+
+class OneReplicaContext(tf.distribute.ReplicaContext):
+    """The one replica's context of `strategy`, to enter with `with`.
+
+    Its `all_reduce` returns the values as they are: over one replica the
+    sum and the mean are the value itself, and the stock all-reduce adds
+    identity ops that TensorFlow may place away from the stage that holds
+    the gradient. `merge_call` and `extended.update` work as for any
+    one-replica context.
+
+    Args:
+        strategy: The strategy whose replica this is.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        super().__init__(strategy, replica_id_in_sync_group=0)
+
+    def all_reduce(self, reduce_op: Any, value: Any, options: Any = None) -> Any:
+        """Returns `value`: one replica's values are already reduced."""
+        del reduce_op, options
+        return value
 
 
 class OneDeviceAdapter(OneDeviceExtended):
@@ -113,19 +143,22 @@ def keras_step(fn: Any) -> tuple[keras.Model, str] | None:
     name = getattr(inner, "__name__", "")
     if isinstance(model, keras.Model) and name in ("train_step", "test_step"):
         kind = name.removesuffix("_step")
-        return (model, kind) if _is_stock(model, kind) else None
+        return None if overrides_step(model, kind) else (model, kind)
     inner = getattr(inner, "python_function", inner)  # a tf.function (jit)
     if getattr(inner, "__name__", "") != "one_step_on_data":
         return None
     for cell in getattr(inner, "__closure__", None) or ():
         candidate = cell.cell_contents
         if isinstance(candidate, keras.Model):
-            return (candidate, "predict") if _is_stock(candidate, "predict") else None
+            if overrides_step(candidate, "predict"):
+                return None
+            return (candidate, "predict")
     return None
 
 
-def _is_stock(model: keras.Model, kind: str) -> bool:
-    return getattr(type(model), f"{kind}_step", None) is _STOCK_STEPS[kind]
+def overrides_step(model: keras.Model, kind: str) -> bool:
+    """Whether `model`'s class replaces Keras's `<kind>_step` (`"train"`, ...)."""
+    return getattr(type(model), f"{kind}_step", None) is not _STOCK_STEPS[kind]
 
 
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric | None:

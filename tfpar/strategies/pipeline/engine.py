@@ -190,7 +190,11 @@ class PipelineEngine:
         self._track_loss(loss, x)
         gradients = [_sum_gradients(grads[i]) for i in range(len(weights))]
         if model.optimizer is not None:
-            model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
+            # As the one replica, so that Keras's LossScaleOptimizer (mixed
+            # precision) accepts the call; its all-reduce is the identity and
+            # each update still runs beside its variable (`update_variable`).
+            with compat.OneReplicaContext(tf.distribute.get_strategy()):
+                model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
         self._accumulate(trace)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
