@@ -9,12 +9,17 @@ its share of the batch, `n_j / B`, so the sum equals the whole batch's mean loss
 Every tensor of a nested structure (inputs, targets, sample weights) is split
 along its first axis the same way. A batch smaller than M cannot give every
 micro-batch an example; the step then fails with an error that says so.
+
+Layers that compute statistics over the batch (`BatchNormalization`) see one
+micro-batch at a time: `warn_batch_statistics` says so once per model.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import keras
 import tensorflow as tf
 from keras import tree
 
@@ -138,3 +143,45 @@ def concat(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
     return tree.map_structure(lambda *ts: tf.concat(ts, axis=0), *parts)
+
+
+def warn_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
+    """Warns if `model` normalizes with batch statistics and M > 1.
+
+    Such a layer normalizes each micro-batch with that micro-batch's mean and
+    variance and updates its moving statistics once per micro-batch: training
+    matches Keras's gradient accumulation over the micro-batches, not
+    whole-batch training.
+
+    Args:
+        model: The model being partitioned.
+        num_microbatches: Micro-batches per batch.
+    """
+    if num_microbatches == 1:
+        return
+    names = [
+        layer.name
+        for layer in _all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if names:
+        warnings.warn(
+            f"PipelineStrategy(num_microbatches={num_microbatches}): the "
+            f"BatchNormalization layer(s) {names} of model {model.name!r} "
+            "normalize each micro-batch with its own statistics and update "
+            "their moving statistics once per micro-batch, as Keras's "
+            "gradient accumulation over the micro-batches would, not as "
+            "whole-batch training does. Pass num_microbatches=1 for "
+            "whole-batch statistics, or normalize per example "
+            "(LayerNormalization, GroupNormalization).",
+            stacklevel=2,
+        )
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers += _all_layers(layer)
+    return layers

@@ -232,8 +232,13 @@ def partition_model(
     return Partition(tuple(stages), source), stage_models
 
 
+def has_layer_graph(model: keras.Model) -> bool:
+    """Whether `model` is Sequential or functional (not subclassed)."""
+    return isinstance(model, keras.Sequential) or _is_functional(model)
+
+
 def _check_graph_model(model: keras.Model) -> None:
-    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+    if not has_layer_graph(model):
         raise TypeError(
             "PipelineStrategy cuts Sequential and functional models along their "
             f"layer graph. Received: a subclassed model of type "
@@ -277,7 +282,11 @@ def _can_cut(model: keras.Model, layers: list[keras.layers.Layer], i: int) -> bo
 
 
 def _outputs(model: keras.Model) -> Any:
-    return model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    # A functional model's `output` keeps the structure it was built with (a
+    # dict of outputs stays a dict in `predict`); Sequential has one output.
+    if isinstance(model, keras.Sequential):
+        return model.outputs[0]
+    return model.output
 
 
 def _sub_model(
@@ -307,9 +316,10 @@ def _explicit_cuts(
         index = names.index(name)
         if index not in cuts:
             raise ValueError(
-                f"Cannot cut model {model.name!r} before layer {name!r}: a branch "
-                "or residual connection crosses that point (or it is the first "
-                f"layer), so more than one tensor would cross the stage boundary. "
+                f"Cannot cut model {model.name!r} before layer {name!r}: a branch, "
+                "a residual connection or a Keras mask (Embedding(mask_zero=True), "
+                "Masking) crosses that point (or it is the first layer), so more "
+                "than one tensor would cross the stage boundary. "
                 f"Received: partition={partition} (valid cut points: {valid})."
             )
         positions.append(index)

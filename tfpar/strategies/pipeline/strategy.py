@@ -38,6 +38,7 @@ from tfpar.strategies.pipeline.engine import PipelineEngine
 from tfpar.strategies.pipeline.partition import (
     Partition,
     check_partition,
+    has_layer_graph,
     partition_model,
 )
 from tfpar.strategies.pipeline.schedules import (
@@ -318,6 +319,7 @@ class _PipelineExtended(compat.OneDeviceAdapter):
                 "model.compile (pass jit_compile=False)."
             )
         table, stage_models = partition_model(model, options.devices, options.partition)
+        microbatch.warn_batch_statistics(model, options.num_microbatches)
         self._placing = True
         try:
             stage_of = {}
@@ -359,24 +361,27 @@ class _PipelineExtended(compat.OneDeviceAdapter):
         """Pipelines Keras's own steps; runs any other function unsplit."""
         step = compat.keras_step(fn)
         if step is None:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"PipelineStrategy runs {getattr(fn, '__name__', fn)!r} without "
-                    "pipelining: only Keras's own train_step, test_step and "
-                    "predict_step of Sequential and functional models are "
-                    "pipelined (a model overriding them runs unsplit, its ops on "
-                    "the first device).",
-                    stacklevel=3,  # past the adapter: the caller of strategy.run's hook
-                )
+            self._warn_unsplit(fn)
             return super().run_replica_fn(fn, args, kwargs)
         model, kind = step
+        if kind != "train" and _runs_unsplit(model):
+            self._warn_unsplit(fn)
+            return super().run_replica_fn(fn, args, kwargs)
         engine = self.engine_for(model)
-        # In the cross-replica context Keras's optimizer skips its one-replica
-        # gradient "all-reduce" (identity ops on the host, which would pull
-        # every gradient off its stage and back) and updates each variable
-        # directly through `update_variable`, beside the variable.
         return engine.step(kind, *args, **(kwargs or {}))
+
+    def _warn_unsplit(self, fn: Any) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"PipelineStrategy runs {getattr(fn, '__name__', fn)!r} without "
+            "pipelining: only Keras's own train_step, test_step and "
+            "predict_step of Sequential and functional models are "
+            "pipelined (a model overriding them runs unsplit, its ops on "
+            "the first device).",
+            stacklevel=4,  # past the adapter: the caller of strategy.run's hook
+        )
 
     def uses_merge_call(self) -> bool:
         """`False`: Keras's `maybe_merge_call` runs its function directly."""
@@ -394,3 +399,11 @@ class _PipelineExtended(compat.OneDeviceAdapter):
         if group:
             return result
         return tree.map_structure(self._pipeline.experimental_local_results, result)
+
+
+def _runs_unsplit(model: keras.Model) -> bool:
+    # A subclassed model has no layer graph to cut. Training it with Keras's
+    # own train_step is refused (`partition_model`), but one that overrides
+    # train_step has trained unsplit: its evaluate and predict follow suit
+    # rather than fail after training.
+    return not has_layer_graph(model) and compat.overrides_step(model, "train")
