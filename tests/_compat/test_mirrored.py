@@ -8,6 +8,7 @@ Runs on the two simulated CPUs of `tests/conftest.py`.
 import inspect
 from typing import Any
 
+import pytest
 import tensorflow as tf
 
 from tfpar._compat import mirrored as _compat
@@ -118,3 +119,46 @@ def test_tensorflow_calls_the_cross_device_ops_hooks() -> None:
     result = strategy.experimental_local_results(step(values))
     assert [r.numpy().tolist() for r in result] == [[3.0, 3.0]] * 2
     assert ops.calls[-1] == "replica_all_reduce"
+
+
+def test_collectives_of_a_function_called_inside_control_flow() -> None:
+    # instance_keys_at_trace_time_in_control_flow: what it relies on, and
+    # the stock failure it avoids (Keras's steps_per_execution loop).
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+    assert "self._host_cross_device_ops = " in inspect.getsource(extended)
+
+    def step_in_a_cond(strategy: tf.distribute.Strategy) -> list[float]:
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.fill([2], float(ctx.replica_id_in_sync_group + 1))
+        )
+
+        def replica(value: tf.Tensor) -> tf.Tensor:
+            return tf.distribute.get_replica_context().all_reduce("SUM", value)
+
+        @tf.function
+        def step(value: Any) -> Any:
+            return strategy.run(replica, args=(value,))
+
+        @tf.function
+        def loop(value: Any) -> Any:
+            return tf.cond(tf.constant(True), lambda: step(value), lambda: value)
+
+        results = strategy.experimental_local_results(loop(values))
+        return [float(r.numpy()[0]) for r in results]
+
+    stock = _OwnKeys(DEVICES)
+    ops = _compat.stock_default_cross_device_ops(stock.extended)
+    launchers = ops._launchers
+    assert len(launchers) == 2
+    assert all(launcher._use_unique_instance_key() for launcher in launchers)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Placeholder"):
+        step_in_a_cond(stock)
+
+    fixed = _OwnKeys(DEVICES)
+    _compat.instance_keys_at_trace_time_in_control_flow(
+        _compat.stock_default_cross_device_ops(fixed.extended)
+    )
+    assert step_in_a_cond(fixed) == [3.0, 3.0]
+    assert step_in_a_cond(fixed) == [3.0, 3.0]

@@ -1,7 +1,7 @@
 """Private TensorFlow and Keras internals of MirroredStrategy, and why.
 
 Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
-`all_reduce.py` and `keras_reduce.py`:
+`all_reduce.py`, `keras_reduce.py` and `keras_build.py`:
 
 - `CrossDeviceOps._num_between_graph_workers`, `_gather_implementation`,
   `_all_reduce` (`CrossDeviceOpsHooks` and the functions calling them on a
@@ -34,7 +34,9 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
   AddN shape error when that batch does not split evenly (keras-team/keras
   issue 19246). `called_from_keras_symbolic_build` recognizes that one
   caller, so the strategy can answer it and still reject the same call from
-  user code.
+  user code; it also recognizes the iterator that the build opens over the
+  distributed dataset only to read that batch, which loses data a Python
+  generator gives once (`keras_build.py`).
 - `MirroredExtended._initialize_strategy`, `_input_workers_devices`,
   `_host_input_device`, `_default_device` (`use_remote_devices`): in eager
   mode the stock constructor refuses devices of several tasks ("In-graph
@@ -60,6 +62,21 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
   keys every worker shares) in tfpar's measured one, and uses every logical
   CPU of `tfpar.simulate_devices` as a replica (`_initialize_local_devices`).
   The stock strategy's constructor adds only usage gauges.
+- `CollectiveAllReduce._launchers`, `CollectiveReplicaLauncher.
+  _use_unique_instance_key`, `FuncGraph.outer_graph` and
+  `is_control_flow_graph`, the multi-worker `_host_cross_device_ops`
+  (`instance_keys_at_trace_time_in_control_flow`): a collective all-reduce
+  traced in a `tf.function` takes its instance key as a call-time capture
+  (`FuncGraph.capture_call_time_value`). Called from inside a `tf.cond` or
+  `tf.while_loop` of another function (Keras's `steps_per_execution > 1`
+  loop calls its one-step `tf.function` there), TensorFlow re-captures that
+  value in the branch graph, whose call-time captures control flow never
+  feeds: the step fails with "You must feed a value for placeholder tensor
+  'while/cond/Placeholder'", under the stock strategies too. The launchers
+  are built and kept inside the stock ops (the multi-worker strategy has a
+  second set for host tensors), the choice of key is a private method, and
+  only the graphs' private links tell where the function is called from;
+  no public switch exists.
 - `Context._context_handle` (`runtime_started`): collective ops must be
   configured before TensorFlow's runtime starts, and TensorFlow says only
   "Collective ops must be configured at program startup" from deep inside
@@ -68,6 +85,7 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
@@ -203,6 +221,9 @@ class TfparCollectiveExtended(_collective.CollectiveAllReduceExtended):
         # After the stock constructor, which asserts its own class there.
         devices = tuple(self.worker_devices)
         stock = self._cross_device_ops  # type: ignore[has-type]
+        # Keras's steps_per_execution loop calls the step inside control flow.
+        for ops in (stock, self._host_cross_device_ops):
+            instance_keys_at_trace_time_in_control_flow(ops)
         self._cross_device_ops = wrap(stock, devices, len(devices) * self._num_workers)
 
     def _initialize_local_devices(
@@ -241,9 +262,11 @@ def reserve_collective_keys(strategy: tf.distribute.MirroredStrategy) -> None:
 
 
 def called_from_keras_symbolic_build() -> bool:
-    """Whether the running `Strategy.reduce` was called by Keras's model build."""
+    """Whether Keras's model build called the running `reduce` or `__iter__`."""
     frame: types.FrameType | None = sys._getframe(1)
-    for _ in range(6):  # reduce() -> our override -> Keras, with slack.
+    # reduce() -> our override -> Keras; __iter__ -> Keras's epoch generator
+    # -> its __next__ -> Keras: with slack.
+    for _ in range(6):
         if frame is None:
             return False
         if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
@@ -320,6 +343,51 @@ def refuse_reductions_in_nested_graphs(
         return bool(stock_use_merge_call())
 
     extended._use_merge_call = use_merge_call
+
+
+def instance_keys_at_trace_time_in_control_flow(
+    ops: tf.distribute.CrossDeviceOps,
+) -> None:
+    """Gives collectives traced for a call inside control flow fixed instance keys.
+
+    A collective all-reduce in a `tf.function` normally takes a fresh
+    instance key at each call, through a call-time capture; TensorFlow
+    drops that capture when the function is called inside a `tf.cond` or
+    `tf.while_loop` branch of another function (Keras with
+    `steps_per_execution > 1`), and the call fails on an unfed placeholder.
+    Only for such a function, each collective gets its key when traced, as
+    TensorFlow does in graph mode: every call, and every iteration of the
+    loop, reuses it (TensorFlow's collective executor also keys each run
+    by loop frame and iteration).
+    Elsewhere the stock choice stands.
+
+    Args:
+        ops: The strategy's stock reduction; anything but TensorFlow's
+            collective all-reduce (reduction to one device on mixed
+            devices) has no keys and is left as it is.
+    """
+    for launcher in getattr(ops, "_launchers", ()):
+        launcher._use_unique_instance_key = functools.partial(
+            _unique_instance_key, launcher._use_unique_instance_key
+        )
+
+
+def _unique_instance_key(stock: Callable[[], bool]) -> bool:
+    return bool(stock()) and not _traced_for_call_in_control_flow()
+
+
+def _traced_for_call_in_control_flow() -> bool:
+    """Whether the function being traced is called inside another's control flow."""
+    graph = tf.compat.v1.get_default_graph()
+    # Collectives inside this function's own control flow are keyed on it.
+    while getattr(graph, "is_control_flow_graph", False):
+        graph = graph.outer_graph
+    caller = getattr(graph, "outer_graph", None)
+    while caller is not None and caller.building_function:
+        if getattr(caller, "is_control_flow_graph", False):
+            return True
+        caller = caller.outer_graph
+    return False
 
 
 def _in_nested_replica_graph() -> bool:

@@ -37,6 +37,7 @@ from tfpar.devices import canonical_device
 from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
+from tfpar.strategies.mirrored import keras_build
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks
@@ -222,8 +223,11 @@ class MultiWorkerMirroredStrategy(
         Called by Keras's `fit`, `evaluate` or `predict` of a model built
         under this strategy, it also gives that model step functions whose
         errors name a lost worker (`tfpar.ClusterTaskError`); TensorFlow's
-        other errors pass unchanged, and `fit` refuses a global batch size
-        that the number of replicas does not divide.
+        other errors pass unchanged. `fit` refuses a global batch size that
+        the number of replicas does not divide. Keras's model build reads
+        only shapes from the dataset, not a batch, so that a Python
+        generator or a `keras.utils.PyDataset` trains on the same batches
+        as in one process without a strategy (`keras_build.py`).
 
         Like every tfpar strategy's, the distributed dataset runs without
         tf.data's autotuning (`docs/multi_worker.md` says why).
@@ -246,7 +250,8 @@ class MultiWorkerMirroredStrategy(
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
                 )
             name_lost_tasks(caller.model, self._lost_task_error)
-        return super().experimental_distribute_dataset(dataset, options)
+        distributed = super().experimental_distribute_dataset(dataset, options)
+        return keras_build.for_keras(self, distributed, dataset)
 
     def _check_global_batch(self, batch_size: int | None) -> None:
         """Refuses a global batch that the replicas cannot share evenly.

@@ -24,6 +24,7 @@ from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
+from tfpar.strategies.mirrored import keras_build
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.options import AllReduceOptions
@@ -150,6 +151,8 @@ class MirroredStrategy(
             # Reductions inside a tf.cond (gradient accumulation) can only use
             # the stock collective ops, from each replica without merge_call.
             stock = compat.stock_default_cross_device_ops(self.extended)
+            # Keras's steps_per_execution loop calls the step inside control flow.
+            compat.instance_keys_at_trace_time_in_control_flow(stock)
             self._tfpar_reducer.bind(
                 algorithm or stock,
                 collective=algorithm is None,
@@ -193,6 +196,32 @@ class MirroredStrategy(
         ```
         """
         return self._tfpar_reducer.stats()
+
+    def experimental_distribute_dataset(
+        self,
+        dataset: tf.data.Dataset,
+        options: tf.distribute.InputOptions | None = None,
+    ) -> Any:
+        """Distributes `dataset`, as the stock method does.
+
+        Called by Keras's `fit` or `evaluate`, it returns a dataset from
+        which Keras's model build reads only shapes, not a batch, so that a
+        Python generator or a `keras.utils.PyDataset` trains on the same
+        batches as without a strategy (`keras_build.py`). Like every tfpar
+        strategy's, the dataset runs without tf.data's autotuning.
+
+        Args:
+            dataset: A `tf.data.Dataset`.
+            options: `tf.distribute.InputOptions` or `None`.
+
+        Returns:
+            The distributed dataset.
+
+        Raises:
+            TypeError: If `dataset` is not a `tf.data.Dataset`.
+        """
+        distributed = super().experimental_distribute_dataset(dataset, options)
+        return keras_build.for_keras(self, distributed, dataset)
 
     def reduce(self, reduce_op: Any, value: Any, axis: Any) -> Any:
         """Reduces `value` across replicas, as `tf.distribute.Strategy.reduce`.
