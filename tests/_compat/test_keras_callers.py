@@ -62,3 +62,27 @@ def test_the_batch_size_of_a_dataset_batched_without_drop_remainder_is_known():
     # A map after batching may change the batch: unknown, not guessed.
     mapped = batched.map(lambda t: t * 2)
     assert keras_callers.global_batch_size(None, mapped) is None
+
+
+class Ones(keras.utils.PyDataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return np.ones((4, 3), "float32"), np.ones((4, 1), "float32")
+
+
+def test_a_pydataset_read_by_forked_workers_is_seen_from_the_epoch_iterator():
+    strategy = RecordingStrategy()
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    for options, forks in [
+        ({}, False),
+        ({"workers": 2}, False),
+        ({"workers": 2, "use_multiprocessing": True}, True),
+    ]:
+        model.fit(Ones(**options), epochs=1, verbose=0)
+        caller = strategy.callers[-1]
+        assert keras_callers.forks_data_workers(caller.epoch_iterator) is forks
+    assert keras_callers.forks_data_workers(None) is False

@@ -10,7 +10,9 @@ iterator (for the epoch length); the multi-worker strategy needs the model
 (to make its step functions name a lost worker). Both are found from the
 caller frames: the frame layout is Keras's private detail.
 
-`global_batch_size` tells the multi-worker strategy the batch Keras will
+`forks_data_workers` tells it that Keras would fork processes to read a
+`keras.utils.PyDataset`, which it refuses (see its `fit`). `global_batch_size`
+tells the multi-worker strategy the batch Keras will
 feed, so that a batch the replicas cannot share evenly is refused before
 training: Keras's epoch iterator keeps its data adapter (whose `batch_size`
 is documented on Keras's `DataAdapter`) as an attribute, and for a
@@ -77,6 +79,25 @@ def find_keras_caller(strategy: object) -> KerasCaller | None:
         return None
     finally:
         del frame  # frames hold references to every local: break the cycle
+
+
+def forks_data_workers(epoch_iterator: Any) -> bool:
+    """Whether Keras's epoch iterator reads a `PyDataset` in forked processes.
+
+    Why: the `PyDataset` is only on Keras's data adapter (`py_dataset`, not
+    public); its `workers` and `use_multiprocessing` are public. Keras forks
+    its data workers when `use_multiprocessing` is set and `workers > 0`.
+
+    Args:
+        epoch_iterator: Keras's epoch iterator (from `KerasCaller`), or `None`.
+    """
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    dataset = getattr(adapter, "py_dataset", None)
+    return (
+        isinstance(dataset, keras.utils.PyDataset)
+        and bool(dataset.use_multiprocessing)
+        and dataset.workers > 0
+    )
 
 
 def global_batch_size(epoch_iterator: Any, dataset: tf.data.Dataset) -> int | None:

@@ -225,6 +225,8 @@ class TfparCollectiveExtended(_collective.CollectiveAllReduceExtended):
         for ops in (stock, self._host_cross_device_ops):
             instance_keys_at_trace_time_in_control_flow(ops)
         self._cross_device_ops = wrap(stock, devices, len(devices) * self._num_workers)
+        # Keras reduces inside a tf.cond with gradient_accumulation_steps.
+        reduce_without_merge_call_in_nested_graphs(self, self._cross_device_ops)
 
     def _initialize_local_devices(
         self, cluster_resolver: Any, worker_device: str

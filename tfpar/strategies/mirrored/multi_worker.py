@@ -241,10 +241,21 @@ class MultiWorkerMirroredStrategy(
 
         Raises:
             ValueError: Called by Keras's `fit`, if the global batch size is
-                known and the number of replicas does not divide it.
+                known and the number of replicas does not divide it; called
+                by Keras's `fit`, `evaluate` or `predict` on a
+                `keras.utils.PyDataset` with `use_multiprocessing=True`.
         """
         caller = keras_callers.find_keras_caller(self)
         if caller is not None:
+            if keras_callers.forks_data_workers(caller.epoch_iterator):
+                raise ValueError(
+                    f"tfpar.MultiWorkerMirroredStrategy cannot {caller.method} on "
+                    "a keras.utils.PyDataset with use_multiprocessing=True: Keras "
+                    "forks its data workers from a thread of this process, which "
+                    "runs TensorFlow's collective gRPC runtime, and the forked "
+                    "workers deadlock, so the process never exits. Use threads "
+                    "(use_multiprocessing=False, workers=N) or a tf.data pipeline."
+                )
             if caller.method == "fit":
                 self._check_global_batch(
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
