@@ -11,7 +11,8 @@ along its first axis the same way. A batch smaller than M cannot give every
 micro-batch an example; the step then fails with an error that says so.
 
 Layers that compute statistics over the batch (`BatchNormalization`) see one
-micro-batch at a time: `warn_batch_statistics` says so once per model.
+micro-batch at a time: `check_batch_statistics` says so once per model, and
+refuses those asked to synchronize their statistics over the batch.
 """
 
 from __future__ import annotations
@@ -145,25 +146,42 @@ def concat(parts: list[Any]) -> Any:
     return tree.map_structure(lambda *ts: tf.concat(ts, axis=0), *parts)
 
 
-def warn_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
-    """Warns if `model` normalizes with batch statistics and M > 1.
+def check_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
+    """Refuses or warns if `model` normalizes with batch statistics and M > 1.
 
     Such a layer normalizes each micro-batch with that micro-batch's mean and
     variance and updates its moving statistics once per micro-batch: training
     matches Keras's gradient accumulation over the micro-batches, not
-    whole-batch training.
+    whole-batch training, which this warns about. A layer built with
+    `synchronized=True` asks for statistics over the whole batch, which no
+    stage has until every micro-batch went through it: that is refused.
 
     Args:
         model: The model being partitioned.
         num_microbatches: Micro-batches per batch.
+
+    Raises:
+        ValueError: If a `BatchNormalization` layer has `synchronized=True`.
     """
     if num_microbatches == 1:
         return
-    names = [
-        layer.name
+    layers = [
+        layer
         for layer in _all_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
+    synchronized = [layer.name for layer in layers if layer.synchronized]
+    if synchronized:
+        raise ValueError(
+            f"PipelineStrategy(num_microbatches={num_microbatches}) cannot "
+            f"train the BatchNormalization layer(s) {synchronized} of model "
+            f"{model.name!r}: synchronized=True asks for statistics over the "
+            "whole batch, and a stage sees one micro-batch at a time. Pass "
+            "synchronized=False (statistics per micro-batch), "
+            "num_microbatches=1, or normalize per example "
+            "(LayerNormalization, GroupNormalization)."
+        )
+    names = [layer.name for layer in layers]
     if names:
         warnings.warn(
             f"PipelineStrategy(num_microbatches={num_microbatches}): the "

@@ -319,7 +319,7 @@ class _PipelineExtended(compat.OneDeviceAdapter):
                 "model.compile (pass jit_compile=False)."
             )
         table, stage_models = partition_model(model, options.devices, options.partition)
-        microbatch.warn_batch_statistics(model, options.num_microbatches)
+        microbatch.check_batch_statistics(model, options.num_microbatches)
         self._placing = True
         try:
             stage_of = {}
