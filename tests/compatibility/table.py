@@ -45,7 +45,28 @@ losses, `rtol=1e-4` unless noted below), and the feature's own checks pass
 predictions equal calling the model, the saved model loads where tfpar
 cannot be imported). It is **refused** when the strategy raises a
 `ValueError`, `TypeError` or `NotImplementedError` at `compile` or before
-the first batch, naming itself and the feature. Anything else **fails**.
+the first training step finished, naming itself and the feature. Anything
+else **fails**. The features run one after the other on one strategy
+object (one cluster), so every cell also checks that the cells before it,
+refused ones included, left the strategy usable.
+"""
+
+_NOTES = """## Notes
+
+- A custom `train_step` written as in Keras's guide logs the value of
+  `self.compute_loss(...)`, which Keras divides by the number of replicas
+  under any `tf.distribute` strategy (so that summed gradients are a mean):
+  with 2 replicas the logged loss is half the real one, as under the stock
+  strategies. The matrix's `train_step` logs `loss * num_replicas_in_sync`.
+  Under `PipelineStrategy` a model overriding `train_step` trains unsplit,
+  on the first device, with a warning: only Keras's own steps are
+  pipelined.
+- Plain `BatchNormalization` (without `synchronized=True`) computes its
+  statistics per replica under the mirrored strategies, as stock does, and
+  per micro-batch under `PipelineStrategy` (which warns): it trains, but
+  not as one device on the whole batch does. The table's row uses
+  `synchronized=True`, which the mirrored strategies reduce over all
+  replicas.
 """
 
 
@@ -74,6 +95,7 @@ def render(verdicts: dict[tuple[str, str], dict[str, Any]]) -> str:
     lines += [
         f"- {f.title}: `rtol={f.rtol}` ({f.why_rtol})." for f in FEATURES if f.why_rtol
     ]
+    lines += ["", _NOTES.rstrip()]
     for outcome, heading in (("refused", "Refused"), ("fails", "Failing")):
         found = [
             (s, f, verdicts[(s, f.name)]["detail"])
