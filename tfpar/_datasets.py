@@ -37,7 +37,9 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar import _keras_build
 from tfpar._compat import datasets as compat
+from tfpar._compat import keras_callers
 from tfpar._validation import check_instance
 
 
@@ -93,7 +95,10 @@ class DistributesWithoutAutotuning:
         set `autotune.enabled`, and always for the iterators that copy its
         elements to the replica devices: destroying an iterator (Keras does
         at every epoch's end) can wait for that thread to wake, up to 10 s
-        (`docs/mirrored.md` has the measurements).
+        (`docs/mirrored.md` has the measurements). Batches that Keras's
+        `fit`, `evaluate` or `predict` reads from Python (a generator, a
+        `keras.utils.PyDataset`) are copied first, so that training cannot
+        write into the user's arrays (`tfpar/_keras_build.py`).
 
         Args:
             dataset: A `tf.data.Dataset`.
@@ -115,6 +120,8 @@ class DistributesWithoutAutotuning:
         ```
         """
         check_instance("dataset", dataset, tf.data.Dataset, "a tf.data.Dataset")
+        caller = keras_callers.find_keras_caller(self)
+        dataset = _keras_build.copied_from_python(caller, dataset)
         distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
             without_autotune_thread(dataset), options
         )

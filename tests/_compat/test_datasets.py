@@ -5,6 +5,11 @@ relies on; `tfpar/_compat/datasets.py` says why each internal is needed.
 Runs on the two simulated CPUs of `tests/conftest.py`.
 """
 
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -80,3 +85,68 @@ def test_every_tfpar_strategy_with_replicas_distributes_without_autotuning() -> 
 def test_a_dataset_that_is_not_one_is_named(make: type[tf.distribute.Strategy]) -> None:
     with pytest.raises(TypeError, match=r"`dataset` must be a tf.data.Dataset\. "):
         make(DEVICES).experimental_distribute_dataset([1, 2, 3])
+
+
+class _RecordingMirrored(MirroredStrategy):
+    """Records, for each iterator opened on its datasets, who opened it."""
+
+    def experimental_distribute_dataset(self, dataset: tf.data.Dataset) -> Any:
+        return _Recording(super().experimental_distribute_dataset(dataset))
+
+
+class _Recording:
+    opened: list[bool] = []
+
+    def __init__(self, distributed: Any) -> None:
+        self._distributed = distributed
+
+    def __iter__(self) -> Any:
+        _Recording.opened.append(_compat.opened_by_keras_symbolic_build())
+        return iter(self._distributed)
+
+
+def test_keras_builds_from_an_iterator_of_its_own() -> None:
+    # opened_by_keras_symbolic_build: Keras's fit opens one iterator to build
+    # the model, from `_maybe_symbolic_build`, then those of training.
+    strategy = _RecordingMirrored(DEVICES)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    _Recording.opened.clear()
+    model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, verbose=0)
+    assert _Recording.opened[0] is True
+    assert _Recording.opened[1:] and not any(_Recording.opened[1:])
+    assert not _compat.opened_by_keras_symbolic_build()
+
+
+def _batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    yield np.ones((4, 2)), np.ones((4, 1))
+
+
+class _Batches(keras.utils.PyDataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones((4, 2)), np.ones((4, 1))
+
+
+@pytest.mark.parametrize(
+    ("data", "from_python"),
+    [
+        (lambda: {"x": np.ones((4, 2)), "y": np.ones((4, 1))}, False),
+        (lambda: {"x": tf.data.Dataset.from_tensors((np.ones((4, 2)),))}, False),
+        (lambda: {"x": _batches()}, True),
+        (lambda: {"x": _Batches()}, True),
+    ],
+    ids=["numpy", "tf_data", "generator", "py_dataset"],
+)
+def test_keras_adapters_that_feed_python_arrays_are_told_apart(
+    data: Any, from_python: bool
+) -> None:
+    # fed_from_python: Keras's epoch iterator keeps its data adapter, and the
+    # adapters building batches from tensors are these two classes.
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    assert _compat.fed_from_python(EpochIterator(**data())) is from_python
+    assert not _compat.fed_from_python(None)

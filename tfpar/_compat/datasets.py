@@ -1,4 +1,4 @@
-"""Private TensorFlow internals of the datasets the strategies distribute, and why.
+"""Private TensorFlow and Keras internals of the datasets the strategies distribute.
 
 Used by `tfpar/_datasets.py`, for `tfpar.MirroredStrategy`,
 `tfpar.MultiWorkerMirroredStrategy` and `tfpar.PipelineStrategy`:
@@ -14,14 +14,34 @@ Used by `tfpar/_datasets.py`, for `tfpar.MirroredStrategy`,
   to wake (`tfpar/_datasets.py` has the measurements). No option of the
   distributed dataset reaches those iterators; each is built again, before
   its first element, over the same per-device dataset with autotuning off.
+
+And of the Keras calls that distribute them, for `tfpar/_keras_build.py`:
+
+- Keras's `TensorFlowTrainer._maybe_symbolic_build`
+  (`opened_by_keras_symbolic_build`): it opens an iterator over the
+  distributed dataset only to read the shapes of a first batch, which loses
+  data a Python generator gives once; only the caller's frame tells that
+  iterator from training's.
+- Keras's data adapters `ArrayDataAdapter` and `TFDatasetAdapter`, and the
+  epoch iterator's `data_adapter` (`fed_from_python`): every other adapter
+  (generators, `PyDataset`, and those of other frameworks' loaders) feeds
+  Python's arrays through `tf.data.Dataset.from_generator`, and those
+  tensors share the arrays' memory, which ops can then overwrite.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import tensorflow as tf
+from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 from tensorflow.python.distribute import input_lib as _input_lib
+
+# Keras's adapters that build their tf.data pipeline from tensors, not Python.
+_TENSOR_ADAPTERS = (ArrayDataAdapter, TFDatasetAdapter)
 
 
 class _DistributedDatasetWithoutDeviceAutotune(_input_lib.DistributedDataset):
@@ -89,3 +109,32 @@ def without_device_autotune(distributed: Any) -> Any:
         # The object was made for this call alone: no one else holds it.
         distributed.__class__ = _DistributedDatasetWithoutDeviceAutotune
     return distributed
+
+
+def opened_by_keras_symbolic_build() -> bool:
+    """Whether Keras's model build is opening the running `__iter__`."""
+    frame: types.FrameType | None = sys._getframe(1)
+    # __iter__ -> Keras's epoch generator -> its __next__ -> Keras: with slack.
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
+            frame.f_code.co_filename
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def fed_from_python(epoch_iterator: Any) -> bool:
+    """Whether Keras's epoch iterator feeds batches of Python's arrays.
+
+    Args:
+        epoch_iterator: Keras's epoch iterator (from `KerasCaller`), or `None`.
+
+    Returns:
+        `True` unless its data adapter builds the batches from tensors
+        (NumPy arrays given whole, a `tf.data.Dataset`) or is unknown.
+    """
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    return adapter is not None and not isinstance(adapter, _TENSOR_ADAPTERS)

@@ -210,8 +210,9 @@ class _Batches(keras.utils.PyDataset):
 def test_data_read_once_trains_as_without_a_strategy(
     data: Callable[[], tuple[Any, ...]], fit_kwargs: dict[str, Any]
 ) -> None:
-    reference = _fit(None, data, **fit_kwargs)
+    # Under the strategy first: training must leave the data as it was.
     ours = _fit(MirroredStrategy(), data, **fit_kwargs)
+    reference = _fit(None, data, **fit_kwargs)
     _assert_same_training(reference, ours)
 
 
@@ -232,6 +233,69 @@ def test_stock_strategy_skips_batches_of_a_generator() -> None:
     reference, _ = _fit(None, lambda: (_batches(),))
     stock, _ = _fit(tf.distribute.MirroredStrategy(DEVICES), lambda: (_batches(),))
     assert not np.allclose(stock["loss"][0], reference["loss"][0], rtol=1e-3)
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """A copy of `array` starting on a 64-byte boundary.
+
+    TensorFlow takes a NumPy array's memory without copying only when it is
+    so aligned; NumPy aligns on 16 bytes, so otherwise only some runs would.
+    """
+    buffer = np.empty(array.nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    copy = buffer[start : start + array.nbytes].view(array.dtype)
+    copy = copy.reshape(array.shape)
+    copy[...] = array
+    return copy
+
+
+class SharesMemory(keras.Sequential):
+    """Records, for each replica's step run eagerly, whether its data is `data`'s."""
+
+    data: tuple[np.ndarray, ...] = ()
+    shared: list[bool] = []
+
+    def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> Any:
+        SharesMemory.shared.append(
+            any(
+                np.shares_memory(np.asarray(t), a)
+                for t, a in zip(data, SharesMemory.data, strict=True)
+            )
+        )
+        return super().train_step(data)
+
+
+def _steps_sharing_memory(
+    strategy: tf.distribute.Strategy,
+) -> tuple[list[bool], np.ndarray]:
+    """Which steps saw the memory of the arrays fed; the targets afterwards."""
+    x, y = _aligned(X), _aligned(Y)
+    with strategy.scope():
+        model = SharesMemory(_layers())
+        model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    SharesMemory.data, SharesMemory.shared = (x, y), []
+    batches = ((x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16))
+    model.fit(batches, epochs=1, verbose=0)
+    return SharesMemory.shared, y
+
+
+def test_training_cannot_write_into_the_arrays_a_generator_yields() -> None:
+    # Replicas' tensors sharing the targets' memory let `y_true - y_pred`
+    # overwrite them; the next epoch trained on other data.
+    shared, targets = _steps_sharing_memory(MirroredStrategy())
+    assert len(shared) == 2 * len(X) // 16 and not any(shared)
+    np.testing.assert_array_equal(targets, Y)
+
+
+def test_stock_strategy_trains_on_the_arrays_a_generator_yields() -> None:
+    # Pins why tfpar copies Python's batches: when this starts to fail,
+    # TensorFlow no longer hands the replicas the generator's own memory.
+    # No collectives: other stock strategies of this process share their keys.
+    stock = tf.distribute.MirroredStrategy(
+        DEVICES, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    shared, _ = _steps_sharing_memory(stock)
+    assert shared and all(shared)
 
 
 def test_a_dataset_distributed_for_a_custom_loop_is_the_stock_one() -> None:

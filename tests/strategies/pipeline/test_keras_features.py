@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,70 @@ def test_feature_trains_as_without_a_strategy(case: Case) -> None:
     )
     if case.check is not None:
         case.check(model)
+
+
+def _batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    x, y = _x(), _y()
+    for start in range(0, N, BATCH):
+        yield x[start : start + BATCH], y[start : start + BATCH]
+
+
+def _forever() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    while True:
+        yield from _batches()
+
+
+class _Batches(keras.utils.PyDataset):
+    """The data as a `keras.utils.PyDataset`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.x, self.y = _x(), _y()
+
+    def __len__(self) -> int:
+        return N // BATCH
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        part = slice(index * BATCH, (index + 1) * BATCH)
+        return self.x[part], self.y[part]
+
+
+@pytest.mark.parametrize(
+    ("data", "fit_kwargs"),
+    [
+        (_batches, {}),
+        (_forever, {"steps_per_epoch": 3}),
+        (_Batches, {"shuffle": False}),
+        (_Batches, {"shuffle": True}),
+        (lambda: _Batches(workers=2), {"shuffle": False}),
+        (lambda: _Batches(workers=2, use_multiprocessing=True), {"shuffle": True}),
+    ],
+    ids=[
+        "generator",
+        "generator_steps_per_epoch",
+        "py_dataset",
+        "py_dataset_fit_shuffles",
+        "py_dataset_2_threads",
+        "py_dataset_2_processes",
+    ],
+)
+def test_data_read_once_trains_as_without_a_strategy(
+    data: Callable[[], Any], fit_kwargs: dict[str, Any]
+) -> None:
+    # Keras's model build must not read a batch: that batch, or a draw of
+    # Python's random, would be missing from training.
+    runs = []
+    for strategy in (PipelineStrategy(DEVICES, partition=["d1"]), None):
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model = mlp()
+            model.compile(**adam()())
+        keras.utils.set_random_seed(2)  # shuffling draws from Python's random
+        history = model.fit(data(), epochs=2, verbose=0, **fit_kwargs).history
+        runs.append((history["loss"], model.get_weights()))
+    (losses, weights), (expected_losses, expected_weights) = runs
+    np.testing.assert_allclose(losses, expected_losses, RTOL)
+    for got, want in zip(weights, expected_weights, strict=True):
+        np.testing.assert_allclose(got, want, RTOL, ATOL)
 
 
 class _Interrupt(keras.callbacks.Callback):

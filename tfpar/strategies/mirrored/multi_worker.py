@@ -29,6 +29,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar import _keras_build as keras_build
 from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
 from tfpar._datasets import DistributesWithoutAutotuning
@@ -37,7 +38,6 @@ from tfpar.devices import canonical_device
 from tfpar.errors import ClusterTaskError
 from tfpar.server import read_tf_config
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.mirrored import keras_build
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.lost_workers import lost_task_error, name_lost_tasks

@@ -19,12 +19,12 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar import _keras_build as keras_build
 from tfpar._compat import mirrored as compat
 from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_instance
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats
-from tfpar.strategies.mirrored import keras_build
 from tfpar.strategies.mirrored.all_reduce import MeasuredAllReduce
 from tfpar.strategies.mirrored.keras_reduce import reduce_for_keras
 from tfpar.strategies.mirrored.options import AllReduceOptions
