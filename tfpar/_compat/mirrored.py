@@ -1,7 +1,7 @@
 """Private TensorFlow and Keras internals of MirroredStrategy, and why.
 
 Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
-`all_reduce.py`, `keras_reduce.py` and `keras_build.py`:
+`all_reduce.py` and `keras_reduce.py`:
 
 - `CrossDeviceOps._num_between_graph_workers`, `_gather_implementation`,
   `_all_reduce` (`CrossDeviceOpsHooks` and the functions calling them on a
@@ -34,9 +34,8 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
   AddN shape error when that batch does not split evenly (keras-team/keras
   issue 19246). `called_from_keras_symbolic_build` recognizes that one
   caller, so the strategy can answer it and still reject the same call from
-  user code; it also recognizes the iterator that the build opens over the
-  distributed dataset only to read that batch, which loses data a Python
-  generator gives once (`keras_build.py`).
+  user code. (The iterator that the build opens to read that batch is
+  recognized in `tfpar/_compat/datasets.py`, for `tfpar/_keras_build.py`.)
 - `MirroredExtended._initialize_strategy`, `_input_workers_devices`,
   `_host_input_device`, `_default_device` (`use_remote_devices`): in eager
   mode the stock constructor refuses devices of several tasks ("In-graph
@@ -264,10 +263,9 @@ def reserve_collective_keys(strategy: tf.distribute.MirroredStrategy) -> None:
 
 
 def called_from_keras_symbolic_build() -> bool:
-    """Whether Keras's model build called the running `reduce` or `__iter__`."""
+    """Whether Keras's model build called the running `reduce`."""
     frame: types.FrameType | None = sys._getframe(1)
-    # reduce() -> our override -> Keras; __iter__ -> Keras's epoch generator
-    # -> its __next__ -> Keras: with slack.
+    # reduce() -> our override -> Keras: with slack.
     for _ in range(6):
         if frame is None:
             return False

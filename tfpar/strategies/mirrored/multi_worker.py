@@ -227,7 +227,7 @@ class MultiWorkerMirroredStrategy(
         the number of replicas does not divide. Keras's model build reads
         only shapes from the dataset, not a batch, so that a Python
         generator or a `keras.utils.PyDataset` trains on the same batches
-        as in one process without a strategy (`keras_build.py`).
+        as in one process without a strategy (`tfpar/_keras_build.py`).
 
         Like every tfpar strategy's, the distributed dataset runs without
         tf.data's autotuning (`docs/multi_worker.md` says why).

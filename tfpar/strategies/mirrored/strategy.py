@@ -207,7 +207,7 @@ class MirroredStrategy(
         Called by Keras's `fit` or `evaluate`, it returns a dataset from
         which Keras's model build reads only shapes, not a batch, so that a
         Python generator or a `keras.utils.PyDataset` trains on the same
-        batches as without a strategy (`keras_build.py`). Like every tfpar
+        batches as without a strategy (`tfpar/_keras_build.py`). Like every tfpar
         strategy's, the dataset runs without tf.data's autotuning.
 
         Args:
