@@ -308,22 +308,29 @@ class StepTracker:
 
     def describe(self, err: tf.errors.OpError) -> ClusterTaskError:
         """Turns a TensorFlow error from a cluster task into a clear one."""
-        task = _failed_task(str(err), self.tasks)
+        # An op that failed on its inputs says nothing of a lost task, even
+        # when the message also names the parameter server it read from.
+        program = isinstance(err, _PROGRAM_ERRORS)
+        task = _failed_task(str(err), self.tasks, ps_first=not program)
         where = f"{task} ({self.tasks[task]})" if task else "a cluster task"
         kind = type(err).__name__
         hint = (
             " A parameter server holds the model's variables: they are lost. "
             "Restart the cluster and resume from the last checkpoint "
             "(keras.callbacks.BackupAndRestore or ModelCheckpoint)."
-            if task and task.startswith("/job:ps")
+            if task and task.startswith("/job:ps") and not program
             else ""
         )
         # TensorFlow's first line is often just "Graph execution error:",
-        # followed by where the failed op was defined (a Python traceback).
+        # followed by where the failed op was defined (a Python traceback);
+        # with several root errors, "(0) KIND: message" says what failed.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         message = next(
-            (x for x in lines if not x.endswith(":") and not x.startswith(_WHERE)),
-            kind,
+            (x for x in lines if x.startswith("(0) ")),
+            next(
+                (x for x in lines if not x.endswith(":") and not x.startswith(_WHERE)),
+                kind,
+            ),
         )[:300]
         return ClusterTaskError(f"{kind} from {where}: {message}{hint}", task)
 
@@ -331,12 +338,28 @@ class StepTracker:
 # Lines of a TensorFlow error that say where, not what.
 _WHERE = ('File "', "Detected at node ", "[[")
 
+# Errors of the program itself (an assertion, a shape, a full device).
+_PROGRAM_ERRORS = (
+    tf.errors.InvalidArgumentError,
+    tf.errors.OutOfRangeError,
+    tf.errors.ResourceExhaustedError,
+    tf.errors.UnimplementedError,
+)
 
-def _failed_task(message: str, tasks: Mapping[str, str]) -> str | None:
-    """Finds the task a TensorFlow error message names, PS tasks first."""
+
+def _failed_task(
+    message: str, tasks: Mapping[str, str], *, ps_first: bool
+) -> str | None:
+    """Finds the task a TensorFlow error message names, PS tasks first if asked.
+
+    Otherwise the first task named, which for an op's own error is the task
+    it ran on.
+    """
     found = re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", message)
     names = [f"/job:{job}/replica:0/task:{index}" for job, index in found]
-    for name in sorted(names, key=lambda n: not n.startswith("/job:ps")):
+    if ps_first:
+        names.sort(key=lambda n: not n.startswith("/job:ps"))
+    for name in names:
         if name in tasks:
             return name
     for address in re.findall(r"[\w.\-]+:\d{2,5}", message):
