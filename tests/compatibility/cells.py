@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,9 @@ def run_all(
             folder = os.path.join(workdir, str(index))
             os.makedirs(folder)
             ctx = Context(strategy, strategy_name in SYNCHRONOUS, folder)
+            start = time.monotonic()
             verdict = judge(feature, strategy_name, ctx)
+            verdict["seconds"] = round(time.monotonic() - start, 2)
             line = json.dumps({"feature": feature.name, **verdict})
             print(f"{CELL_TAG} {line}", flush=True)
 

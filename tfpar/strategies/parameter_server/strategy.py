@@ -15,6 +15,7 @@ fail early with clear errors.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -237,6 +238,13 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         # Keras calls this first in each fit, evaluate or predict (and
         # within fit, for validation, once the epoch's steps finished).
         self.runtime.settle()
+        # Earlier calls' functions are garbage now: collected here, while no
+        # step runs. TensorFlow removes a collected function from every task;
+        # a collection that fell inside a coordinator thread building
+        # per-worker iterators made that removal wait 5 to 80 s (the
+        # compatibility matrix's 12th fit, 3 of 4 runs; once past a 60 s
+        # step deadline).
+        gc.collect()
         functions = self._functions.get(model)
         if functions is None:
             functions = CoordinatedFunctions(model, self.runtime)
