@@ -98,7 +98,10 @@ class DistributesWithoutAutotuning:
         (`docs/mirrored.md` has the measurements). Batches that Keras's
         `fit`, `evaluate` or `predict` reads from Python (a generator, a
         `keras.utils.PyDataset`) are copied first, so that training cannot
-        write into the user's arrays (`tfpar/_keras_build.py`).
+        write into the user's arrays; for `fit` and `evaluate`, Keras's model
+        build then reads only shapes from the result, not a batch, so that
+        such data trains on the same batches as without a strategy
+        (`tfpar/_keras_build.py`).
 
         Args:
             dataset: A `tf.data.Dataset`.
@@ -125,4 +128,6 @@ class DistributesWithoutAutotuning:
         distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
             without_autotune_thread(dataset), options
         )
-        return compat.without_device_autotune(distributed)
+        return _keras_build.for_keras(
+            caller, compat.without_device_autotune(distributed), dataset
+        )

@@ -91,7 +91,7 @@ class ShapesForKerasBuild(tf.distribute.DistributedDataset):
         self._shapes = tf.nest.map_structure(_batch_shaped, element_spec)
 
     def __iter__(self) -> Iterator[Any]:
-        if compat.opened_by_keras_symbolic_build():
+        if keras_callers.called_from_keras_symbolic_build():
             return iter((self._shapes,))
         return iter(self._distributed)
 
@@ -106,20 +106,22 @@ class ShapesForKerasBuild(tf.distribute.DistributedDataset):
 
 
 def for_keras(
-    strategy: tf.distribute.Strategy, distributed: Any, dataset: tf.data.Dataset
+    caller: keras_callers.KerasCaller | None,
+    distributed: Any,
+    dataset: tf.data.Dataset,
 ) -> Any:
     """Returns `distributed` as Keras's `fit` or `evaluate` should get it.
 
     Args:
-        strategy: The strategy whose `experimental_distribute_dataset` runs.
+        caller: The Keras call distributing `dataset` (`find_keras_caller`),
+            or `None` for a custom training loop.
         distributed: What the stock method returned for `dataset`.
         dataset: The dataset it distributes.
 
     Returns:
-        A `ShapesForKerasBuild` when Keras's `fit` or `evaluate` of a model
-        built under `strategy` is distributing `dataset`, else `distributed`.
+        A `ShapesForKerasBuild` when `caller` is Keras's `fit` or `evaluate`,
+        else `distributed`.
     """
-    caller = keras_callers.find_keras_caller(strategy)
     if caller is None or caller.method == "predict":
         return distributed
     return ShapesForKerasBuild(distributed, dataset.element_spec)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tfpar import MirroredStrategy, MultiWorkerMirroredStrategy, PipelineStrategy
 from tfpar._compat import datasets as _compat
+from tfpar._compat import keras_callers
 from tfpar._datasets import DistributesWithoutAutotuning
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -101,12 +102,12 @@ class _Recording:
         self._distributed = distributed
 
     def __iter__(self) -> Any:
-        _Recording.opened.append(_compat.opened_by_keras_symbolic_build())
+        _Recording.opened.append(keras_callers.called_from_keras_symbolic_build())
         return iter(self._distributed)
 
 
 def test_keras_builds_from_an_iterator_of_its_own() -> None:
-    # opened_by_keras_symbolic_build: Keras's fit opens one iterator to build
+    # called_from_keras_symbolic_build: Keras's fit opens one iterator to build
     # the model, from `_maybe_symbolic_build`, then those of training.
     strategy = _RecordingMirrored(DEVICES)
     with strategy.scope():
@@ -116,7 +117,7 @@ def test_keras_builds_from_an_iterator_of_its_own() -> None:
     model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, verbose=0)
     assert _Recording.opened[0] is True
     assert _Recording.opened[1:] and not any(_Recording.opened[1:])
-    assert not _compat.opened_by_keras_symbolic_build()
+    assert not keras_callers.called_from_keras_symbolic_build()
 
 
 def _batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:

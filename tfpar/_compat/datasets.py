@@ -17,11 +17,6 @@ Used by `tfpar/_datasets.py`, for `tfpar.MirroredStrategy`,
 
 And of the Keras calls that distribute them, for `tfpar/_keras_build.py`:
 
-- Keras's `TensorFlowTrainer._maybe_symbolic_build`
-  (`opened_by_keras_symbolic_build`): it opens an iterator over the
-  distributed dataset only to read the shapes of a first batch, which loses
-  data a Python generator gives once; only the caller's frame tells that
-  iterator from training's.
 - Keras's data adapters `ArrayDataAdapter` and `TFDatasetAdapter`, and the
   epoch iterator's `data_adapter` (`fed_from_python`): every other adapter
   (generators, `PyDataset`, and those of other frameworks' loaders) feeds
@@ -31,8 +26,6 @@ And of the Keras calls that distribute them, for `tfpar/_keras_build.py`:
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import tensorflow as tf
@@ -109,21 +102,6 @@ def without_device_autotune(distributed: Any) -> Any:
         # The object was made for this call alone: no one else holds it.
         distributed.__class__ = _DistributedDatasetWithoutDeviceAutotune
     return distributed
-
-
-def opened_by_keras_symbolic_build() -> bool:
-    """Whether Keras's model build is opening the running `__iter__`."""
-    frame: types.FrameType | None = sys._getframe(1)
-    # __iter__ -> Keras's epoch generator -> its __next__ -> Keras: with slack.
-    for _ in range(6):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
-            frame.f_code.co_filename
-        ):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def fed_from_python(epoch_iterator: Any) -> bool:

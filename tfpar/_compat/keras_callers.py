@@ -10,6 +10,8 @@ iterator (for the epoch length); the multi-worker strategy needs the model
 (to make its step functions name a lost worker). Both are found from the
 caller frames: the frame layout is Keras's private detail.
 
+`called_from_keras_symbolic_build` recognizes the calls Keras's model build
+makes only to learn shapes (`tfpar/_keras_build.py`, `keras_reduce.py`).
 `forks_data_workers` tells it that Keras would fork processes to read a
 `keras.utils.PyDataset`, which it refuses (see its `fit`). `global_batch_size`
 tells the multi-worker strategy the batch Keras will
@@ -23,6 +25,8 @@ is documented on Keras's `DataAdapter`) as an attribute, and for a
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from typing import Any, NamedTuple
 
 import keras
@@ -79,6 +83,28 @@ def find_keras_caller(strategy: object) -> KerasCaller | None:
         return None
     finally:
         del frame  # frames hold references to every local: break the cycle
+
+
+def called_from_keras_symbolic_build() -> bool:
+    """Whether Keras's model build (`_maybe_symbolic_build`) called the caller.
+
+    Why: under a strategy, Keras's `TensorFlowTrainer._maybe_symbolic_build`
+    opens an iterator over the distributed dataset and averages its first
+    batch (`strategy.reduce`) only to learn shapes; only the caller's frames
+    tell those calls from training's or from user code's.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    # The caller -> a tfpar override or Keras's epoch generator -> Keras:
+    # with slack.
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
+            frame.f_code.co_filename
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def forks_data_workers(epoch_iterator: Any) -> bool:

@@ -32,10 +32,9 @@ Used by `tfpar/strategies/mirrored/`: `strategy.py`, `multi_worker.py`,
   distributed batch over the replicas (`strategy.reduce("MEAN", batch,
   axis=None)`) only to get shapes for building the model, which fails with an
   AddN shape error when that batch does not split evenly (keras-team/keras
-  issue 19246). `called_from_keras_symbolic_build` recognizes that one
-  caller, so the strategy can answer it and still reject the same call from
-  user code. (The iterator that the build opens to read that batch is
-  recognized in `tfpar/_compat/datasets.py`, for `tfpar/_keras_build.py`.)
+  issue 19246). `keras_callers.called_from_keras_symbolic_build` recognizes
+  that one caller, so the strategy can answer it and still reject the same
+  call from user code.
 - `MirroredExtended._initialize_strategy`, `_input_workers_devices`,
   `_host_input_device`, `_default_device` (`use_remote_devices`): in eager
   mode the stock constructor refuses devices of several tasks ("In-graph
@@ -86,9 +85,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 import threading
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -260,21 +257,6 @@ def reserve_collective_keys(strategy: tf.distribute.MirroredStrategy) -> None:
     Must run before `MirroredStrategy.__init__`, which reads the base.
     """
     strategy._collective_key_base = next(_KEY_BASES)
-
-
-def called_from_keras_symbolic_build() -> bool:
-    """Whether Keras's model build called the running `reduce`."""
-    frame: types.FrameType | None = sys._getframe(1)
-    # reduce() -> our override -> Keras: with slack.
-    for _ in range(6):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "_maybe_symbolic_build" and "keras" in (
-            frame.f_code.co_filename
-        ):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def use_remote_devices(

@@ -22,7 +22,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar._compat import mirrored as compat
+from tfpar._compat import keras_callers
 
 
 def reduce_for_keras(
@@ -49,7 +49,7 @@ def reduce_for_keras(
             shape (outside Keras's model build).
     """
     if axis is None and tf.executing_eagerly():
-        if compat.called_from_keras_symbolic_build():
+        if keras_callers.called_from_keras_symbolic_build():
             return tf.nest.map_structure(_first_replica, value)
         uneven = _uneven_shapes(value)
         if uneven:

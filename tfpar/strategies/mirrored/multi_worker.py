@@ -29,7 +29,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _keras_build as keras_build
 from tfpar._compat import keras_callers
 from tfpar._compat import mirrored as compat
 from tfpar._datasets import DistributesWithoutAutotuning
@@ -261,8 +260,7 @@ class MultiWorkerMirroredStrategy(
                     keras_callers.global_batch_size(caller.epoch_iterator, dataset)
                 )
             name_lost_tasks(caller.model, self._lost_task_error)
-        distributed = super().experimental_distribute_dataset(dataset, options)
-        return keras_build.for_keras(self, distributed, dataset)
+        return super().experimental_distribute_dataset(dataset, options)
 
     def _check_global_batch(self, batch_size: int | None) -> None:
         """Refuses a global batch that the replicas cannot share evenly.

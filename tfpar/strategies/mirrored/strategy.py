@@ -19,7 +19,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _keras_build as keras_build
 from tfpar._compat import mirrored as compat
 from tfpar._datasets import DistributesWithoutAutotuning
 from tfpar._validation import check_instance
@@ -196,32 +195,6 @@ class MirroredStrategy(
         ```
         """
         return self._tfpar_reducer.stats()
-
-    def experimental_distribute_dataset(
-        self,
-        dataset: tf.data.Dataset,
-        options: tf.distribute.InputOptions | None = None,
-    ) -> Any:
-        """Distributes `dataset`, as the stock method does.
-
-        Called by Keras's `fit` or `evaluate`, it returns a dataset from
-        which Keras's model build reads only shapes, not a batch, so that a
-        Python generator or a `keras.utils.PyDataset` trains on the same
-        batches as without a strategy (`tfpar/_keras_build.py`). Like every tfpar
-        strategy's, the dataset runs without tf.data's autotuning.
-
-        Args:
-            dataset: A `tf.data.Dataset`.
-            options: `tf.distribute.InputOptions` or `None`.
-
-        Returns:
-            The distributed dataset.
-
-        Raises:
-            TypeError: If `dataset` is not a `tf.data.Dataset`.
-        """
-        distributed = super().experimental_distribute_dataset(dataset, options)
-        return keras_build.for_keras(self, distributed, dataset)
 
     def reduce(self, reduce_op: Any, value: Any, axis: Any) -> Any:
         """Reduces `value` across replicas, as `tf.distribute.Strategy.reduce`.

@@ -26,7 +26,6 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from tfpar import _keras_build
 from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._datasets import DistributesWithoutAutotuning
@@ -217,32 +216,6 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             One count per stage (zeros before the first training step).
         """
         return [int(v) for v in self._counters.read()["peak"]]
-
-    def experimental_distribute_dataset(
-        self,
-        dataset: tf.data.Dataset,
-        options: tf.distribute.InputOptions | None = None,
-    ) -> Any:
-        """Distributes `dataset` to the first stage's host, as one device would.
-
-        Called by Keras's `fit` or `evaluate`, it returns a dataset from
-        which Keras's model build reads only shapes, not a batch, so that a
-        Python generator or a `keras.utils.PyDataset` trains on the same
-        batches as without a strategy (`tfpar/_keras_build.py`). Like every
-        tfpar strategy's, the dataset runs without tf.data's autotuning.
-
-        Args:
-            dataset: A `tf.data.Dataset`.
-            options: `tf.distribute.InputOptions` or `None`.
-
-        Returns:
-            The distributed dataset.
-
-        Raises:
-            TypeError: If `dataset` is not a `tf.data.Dataset`.
-        """
-        distributed = super().experimental_distribute_dataset(dataset, options)
-        return _keras_build.for_keras(self, distributed, dataset)
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-stage counters of the training steps so far.
