@@ -187,13 +187,31 @@ def close(actual: Any, expected: Any, atol: float, what: str) -> str | None:
 # The features, in the order of the table.
 
 
-def numpy_arrays(ctx: Context) -> Run:
-    x, y = regression()
-    return train_both(
-        ctx,
-        lambda: compiled(mlp()),
-        lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0],
-    )[1]
+def on_arrays(build: Callable[[], keras.Model]) -> Callable[[Context], Run]:
+    """A feature that fits `build()`, a compiled model, on the regression arrays."""
+
+    def run(ctx: Context) -> Run:
+        x, y = regression()
+        return train_both(
+            ctx, build, lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0]
+        )[1]
+
+    return run
+
+
+numpy_arrays = on_arrays(lambda: compiled(mlp()))
+steps_per_execution = on_arrays(lambda: compiled(mlp(), steps_per_execution=4))
+gradient_accumulation = on_arrays(
+    lambda: compiled(
+        mlp(), optimizer=keras.optimizers.SGD(0.2, gradient_accumulation_steps=2)
+    )
+)
+batch_norm = on_arrays(
+    lambda: compiled(
+        mlp(2, keras.layers.BatchNormalization(synchronized=True, name="bn"))
+    )
+)
+dropout = on_arrays(lambda: compiled(mlp(2, keras.layers.Dropout(0.2, name="dropout"))))
 
 
 def tf_data(ctx: Context) -> Run:
@@ -354,46 +372,6 @@ def multi_input_output(ctx: Context) -> Run:
         ctx,
         build,
         lambda m: fit(m, inputs, targets, batch_size=BATCH, epochs=EPOCHS)[0],
-    )[1]
-
-
-def steps_per_execution(ctx: Context) -> Run:
-    x, y = regression()
-    return train_both(
-        ctx,
-        lambda: compiled(mlp(), steps_per_execution=4),
-        lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0],
-    )[1]
-
-
-def gradient_accumulation(ctx: Context) -> Run:
-    x, y = regression()
-    return train_both(
-        ctx,
-        lambda: compiled(
-            mlp(), optimizer=keras.optimizers.SGD(0.2, gradient_accumulation_steps=2)
-        ),
-        lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0],
-    )[1]
-
-
-def batch_norm(ctx: Context) -> Run:
-    x, y = regression()
-    return train_both(
-        ctx,
-        lambda: compiled(
-            mlp(2, keras.layers.BatchNormalization(synchronized=True, name="bn"))
-        ),
-        lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0],
-    )[1]
-
-
-def dropout(ctx: Context) -> Run:
-    x, y = regression()
-    return train_both(
-        ctx,
-        lambda: compiled(mlp(2, keras.layers.Dropout(0.2, name="dropout"))),
-        lambda m: fit(m, x, y, batch_size=BATCH, epochs=EPOCHS)[0],
     )[1]
 
 

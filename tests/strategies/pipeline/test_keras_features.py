@@ -50,14 +50,14 @@ def _labels(classes: int = 3) -> np.ndarray:
     return np.random.default_rng(1).integers(0, classes, size=(N,))
 
 
-def mlp() -> keras.Model:
+def mlp(outputs: int = 2) -> keras.Model:
     keras.utils.set_random_seed(7)
     return keras.Sequential(
         [
             keras.Input((6,)),
             keras.layers.Dense(8, activation="tanh", name="d0"),
             keras.layers.Dense(8, activation="tanh", name="d1"),
-            keras.layers.Dense(2, name="out"),
+            keras.layers.Dense(outputs, name="out"),
         ]
     )
 
@@ -74,18 +74,6 @@ def normalized_mlp() -> keras.Model:
             keras.layers.Dense(8, activation="tanh", name="d1"),
             keras.layers.Dropout(0.3, name="drop1"),
             keras.layers.Dense(2, name="out"),
-        ]
-    )
-
-
-def classifier() -> keras.Model:
-    keras.utils.set_random_seed(7)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="d0"),
-            keras.layers.Dense(8, activation="tanh", name="d1"),
-            keras.layers.Dense(3, name="out"),
         ]
     )
 
@@ -212,7 +200,7 @@ CASES = {
         num_microbatches=3,  # micro-batches of 4, 3 and 3
     ),
     "class_weight": Case(
-        classifier,
+        lambda: mlp(3),
         sparse_ce(),
         lambda: {"x": _x(), "y": _labels(), "class_weight": {0: 1.0, 1: 2.0, 2: 0.5}},
         cut="d1",
