@@ -11,7 +11,8 @@ in `RootDataset::Iterator::~Iterator` waiting for that thread.
 A distributed dataset has two such iterators per worker: the one over the
 dataset itself, and one per replica device that TensorFlow builds over a
 dataset of its own to copy elements to the device. The strategies turn
-autotuning off on both (`DistributesWithoutAutotuning`):
+autotuning off on both (`DistributesWithoutAutotuning`; `PipelineStrategy`,
+whose one replica is on the host, reads through the first alone):
 
 - 2 `tfpar.MultiWorkerMirroredStrategy` workers pinned one core each, MLP
   128-1024-1024-2, global batch 8192, 3 epochs of 8 steps after a warm-up:
@@ -125,9 +126,31 @@ class DistributesWithoutAutotuning:
         check_instance("dataset", dataset, tf.data.Dataset, "a tf.data.Dataset")
         caller = keras_callers.find_keras_caller(self)
         dataset = _keras_build.copied_from_python(caller, dataset)
-        distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
+        distributed = self.distribute_without_autotune(
             without_autotune_thread(dataset), options
         )
-        return _keras_build.for_keras(
-            caller, compat.without_device_autotune(distributed), dataset
+        return _keras_build.for_keras(caller, distributed, dataset)
+
+    def distribute_without_autotune(
+        self,
+        dataset: tf.data.Dataset,
+        options: tf.distribute.InputOptions | None,
+    ) -> Any:
+        """Distributes `dataset` as the stock strategy does, without autotuning.
+
+        Override to distribute otherwise; `dataset` comes with its autotuning
+        thread already off (unless its options set it) and Python-fed
+        batches copied.
+
+        Args:
+            dataset: A `tf.data.Dataset`.
+            options: `tf.distribute.InputOptions` or `None`.
+
+        Returns:
+            The stock distributed dataset, whose per-device iterators do not
+            autotune.
+        """
+        distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
+            dataset, options
         )
+        return compat.without_device_autotune(distributed)

@@ -1,7 +1,8 @@
 """Private TensorFlow and Keras internals of the datasets the strategies distribute.
 
-Used by `tfpar/_datasets.py`, for `tfpar.MirroredStrategy`,
-`tfpar.MultiWorkerMirroredStrategy` and `tfpar.PipelineStrategy`:
+Used by `tfpar/_datasets.py`, for `tfpar.MirroredStrategy` and
+`tfpar.MultiWorkerMirroredStrategy` (`tfpar.PipelineStrategy` reads through
+one plain iterator, `pipeline/host_input.py`):
 
 - `input_lib.DistributedDataset`, `DistributedIterator._iterators`, the
   per-worker iterator's `_iterator`, `OwnedMultiDeviceIterator._devices`,

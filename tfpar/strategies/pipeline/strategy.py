@@ -28,13 +28,14 @@ from keras import tree
 
 from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
-from tfpar._datasets import DistributesWithoutAutotuning
-from tfpar._validation import check_bool
+from tfpar._datasets import DistributesWithoutAutotuning, without_autotune_thread
+from tfpar._validation import check_bool, check_instance
 from tfpar._variables import backing_variable
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.engine import PipelineEngine
+from tfpar.strategies.pipeline.host_input import HostDataset
 from tfpar.strategies.pipeline.partition import (
     Partition,
     check_partition,
@@ -184,6 +185,49 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
     def schedule(self) -> Schedule:
         """The schedule every training step follows (print it with `.format()`)."""
         return self._schedule
+
+    def distribute_without_autotune(
+        self,
+        dataset: tf.data.Dataset,
+        options: tf.distribute.InputOptions | None,
+    ) -> HostDataset:
+        """Distributes `dataset` to the one replica: a plain iterator on the host.
+
+        The stock one-device strategy reads through a `MultiDeviceIterator`,
+        whose teardown can crash the process (`host_input.py`).
+        """
+        return HostDataset(dataset, _HOST, options)
+
+    def distribute_datasets_from_function(
+        self,
+        dataset_fn: Any,
+        options: tf.distribute.InputOptions | None = None,
+    ) -> HostDataset:
+        """Calls `dataset_fn` for the one input pipeline and distributes its dataset.
+
+        Args:
+            dataset_fn: A function taking a `tf.distribute.InputContext` (one
+                input pipeline, one replica in sync) and returning a
+                `tf.data.Dataset` of per-replica batches.
+            options: `tf.distribute.InputOptions` or `None`.
+
+        Returns:
+            The distributed dataset, read through a plain iterator on the host.
+
+        Raises:
+            TypeError: If `dataset_fn` is not callable or does not return a
+                `tf.data.Dataset`, or `options` has the wrong type.
+        """
+        if not callable(dataset_fn):
+            raise TypeError(
+                "`dataset_fn` must be a function taking a tf.distribute.InputContext "
+                f"and returning a tf.data.Dataset. Received: {dataset_fn!r}."
+            )
+        dataset = dataset_fn(tf.distribute.InputContext())
+        check_instance("dataset_fn()", dataset, tf.data.Dataset, "a tf.data.Dataset")
+        return HostDataset(
+            without_autotune_thread(dataset), _HOST, options, per_replica_allowed=True
+        )
 
     def partition_model(self, model: keras.Model) -> Partition:
         """Cuts `model` into stages and places each stage's variables on its device.
