@@ -113,3 +113,24 @@ def test_overridden_steps_are_recognized() -> None:
     assert _compat.overrides_step(model, "train")
     assert not _compat.overrides_step(model, "test")
     assert not _compat.overrides_step(mlp(), "predict")
+
+
+def test_layer_calls_and_masks_are_read_from_keras_nodes() -> None:
+    # layer_calls, keras_mask: every call of a shared layer, with its tensors,
+    # and the mask an Embedding(mask_zero=True) attaches to its output.
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    embedded = keras.layers.Embedding(5, 3, mask_zero=True, name="emb")(ids)
+    shared = keras.layers.Dense(3, name="shared")
+    first = shared(embedded)
+    second = shared(keras.layers.Dense(3, name="mid")(first))
+    calls = _compat.layer_calls([ids], [second])
+    assert [(c.operation.name, c.node_index) for c in calls] == [
+        ("emb", 0),
+        ("shared", 0),
+        ("mid", 0),
+        ("shared", 1),
+    ]
+    assert calls[0].inputs == (ids,) and calls[0].outputs == (embedded,)
+    assert calls[3].outputs == (second,)
+    assert _compat.keras_mask(embedded) is not None
+    assert _compat.keras_mask(ids) is None

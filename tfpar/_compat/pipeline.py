@@ -25,12 +25,21 @@ Used by `tfpar/strategies/pipeline/strategy.py` and `engine.py`:
   device when created, before the model can be partitioned. Moving it means
   swapping `KerasVariable._value`, keeping the `_unique_id` that Keras
   optimizers use as the variable's key.
+- `layer_calls`, `keras_mask` (used by `partition.py`): cutting a model
+  anywhere needs every call of every layer with its input and output
+  tensors. Keras records a call as a `Node` in the private
+  `Operation._inbound_nodes`, reached from a tensor's `_keras_history`; the
+  public `layer.input` and `layer.output` show only a layer's first call (a
+  shared layer has several, and a layer gains one per model built from its
+  tensors). A tensor's Keras mask (`Embedding(mask_zero=True)`, `Masking`)
+  is the private attribute `_keras_mask`; a mask cannot cross a stage
+  boundary, so the partition must see it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -41,10 +50,13 @@ from tensorflow.python.distribute.one_device_strategy import OneDeviceExtended
 from tfpar.devices import canonical_device
 
 __all__ = [
+    "LayerCall",
     "OneDeviceAdapter",
     "OneReplicaContext",
     "UpdateContext",
+    "keras_mask",
     "keras_step",
+    "layer_calls",
     "loss_tracker",
     "move_variable",
     "overrides_step",
@@ -164,6 +176,71 @@ def overrides_step(model: keras.Model, kind: str) -> bool:
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric | None:
     """Returns the `Mean` metric behind the "loss" Keras reports, if any."""
     return getattr(model, "_loss_tracker", None)
+
+
+class LayerCall(NamedTuple):
+    """One call of a layer (or other Keras operation) in a model's graph.
+
+    Attributes:
+        operation: The layer or operation called.
+        node_index: Which of its calls this is (Keras's node index, as in
+            `model.summary()`).
+        inputs: The KerasTensors it received, keyword arguments included
+            (an explicit `mask=`).
+        outputs: The KerasTensors it returned, flattened.
+    """
+
+    operation: Any
+    node_index: int
+    inputs: tuple[keras.KerasTensor, ...]
+    outputs: tuple[keras.KerasTensor, ...]
+
+
+def layer_calls(
+    inputs: list[keras.KerasTensor], outputs: list[keras.KerasTensor]
+) -> list[LayerCall]:
+    """Every call between `inputs` and `outputs`, each after the calls it needs.
+
+    Args:
+        inputs: A model's input tensors (where the walk stops).
+        outputs: Its output tensors, flattened.
+
+    Returns:
+        The calls in a deterministic topological order (a depth-first walk
+        from the outputs), without the calls of input layers.
+    """
+    known = {id(t) for t in inputs}
+    calls: list[LayerCall] = []
+    done: set[int] = set()
+    # Iterative post-order walk: a deep model would exceed Python's
+    # recursion limit.
+    stack = [(t._keras_history[:2], False) for t in reversed(outputs)]
+    while stack:
+        (operation, index), expanded = stack.pop()
+        node = operation._inbound_nodes[index]
+        if id(node) in done:
+            continue
+        if expanded or node.is_input:
+            done.add(id(node))
+            if not node.is_input:
+                calls.append(
+                    LayerCall(
+                        operation, index, tuple(node.input_tensors), tuple(node.outputs)
+                    )
+                )
+            continue
+        stack.append(((operation, index), True))
+        stack += [
+            (t._keras_history[:2], False)
+            for t in reversed(node.input_tensors)
+            if id(t) not in known
+        ]
+    return calls
+
+
+def keras_mask(tensor: keras.KerasTensor) -> keras.KerasTensor | None:
+    """The Keras mask `tensor` carries (`Embedding(mask_zero=True)`), if any."""
+    return getattr(tensor, "_keras_mask", None)
 
 
 def move_variable(variable: keras.Variable, device: str) -> None:

@@ -22,10 +22,10 @@ def residual_model() -> keras.Model:
     return keras.Model(inputs, e)
 
 
-def test_cut_points_skip_residual_blocks() -> None:
+def test_every_layer_but_the_first_is_a_cut_point() -> None:
     model = residual_model()
-    # Inside the block (before "c") two tensors would cross the boundary.
-    assert valid_cut_points(model) == ["b", "d", "e"]
+    # Inside the block (before "c") two tensors cross the boundary.
+    assert valid_cut_points(model) == ["b", "c", "d", "e"]
     sequential = keras.Sequential(
         [keras.Input((3,))] + [keras.layers.Dense(2, name=f"l{i}") for i in range(4)]
     )
@@ -47,10 +47,130 @@ def test_table_lists_every_stage() -> None:
     table, _ = partition_model(residual_model(), DEVICES, ["d"])
     lines = table.format().splitlines()
     assert lines[0].split()[:4] == ["stage", "device", "layers", "parameters"]
+    assert lines[0].endswith("receives  bytes per example")
     assert lines[1].split()[:2] == ["0", "/device:CPU:0"]
     assert "a, b, c" in lines[1] and "40" in lines[1]
+    assert lines[1].split()[-2:] == ["-", "-"]  # the first stage gets the batch
     assert lines[2].split()[:2] == ["1", "/device:CPU:1"]
+    assert lines[2].split()[-2:] == ["c", "16"]  # 4 float32 values per example
     assert str(table) == table.format()
+
+
+def test_cut_inside_a_block_sends_both_tensors() -> None:
+    # Before "c" (the Add), its two inputs cross: "a" (the skip connection)
+    # and "b".
+    model = residual_model()
+    table, stages = partition_model(model, DEVICES, ["c"])
+    assert [s.layers for s in table.stages] == [("a", "b"), ("c", "d", "e")]
+    assert [s.receives for s in table.stages] == [(), ("a", "b")]
+    assert [s.bytes_per_example for s in table.stages] == [0, 2 * 4 * 4]
+    assert table.format().splitlines()[2].split()[-3:] == ["a,", "b", "32"]
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    sent = stages[0](x)
+    assert isinstance(sent, list) and len(sent) == 2
+    np.testing.assert_allclose(stages[1](sent), model(x), rtol=1e-6)
+
+
+def skipping_model() -> keras.Model:
+    """`a` is needed by the Add after `b` and `c`: it skips over their stages."""
+    inputs = keras.Input((4,), name="x")
+    a = keras.layers.Dense(8, name="a")(inputs)
+    b = keras.layers.Dense(5, name="b")(a)
+    c = keras.layers.Dense(8, name="c")(b)
+    d = keras.layers.Add(name="d")([a, c])
+    return keras.Model(inputs, keras.layers.Dense(2, name="e")(d))
+
+
+def test_a_tensor_passes_through_the_stages_it_skips() -> None:
+    model = skipping_model()
+    devices = [*DEVICES, "/device:CPU:0"]  # placement does not matter here
+    table, stages = partition_model(model, devices, ["b", "c"])
+    assert [s.receives for s in table.stages] == [(), ("a",), ("a", "b")]
+    assert [s.bytes_per_example for s in table.stages] == [0, 8 * 4, (8 + 5) * 4]
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    a, b = stages[1](stages[0](x))
+    # Stage 1 returns the `a` it received, unchanged, beside its own `b`.
+    np.testing.assert_array_equal(a, stages[0](x))
+    np.testing.assert_allclose(stages[2]([a, b]), model(x), rtol=1e-6)
+
+
+def test_inputs_and_early_outputs_are_carried_to_their_stage() -> None:
+    # The second input is first used after the cut, and the auxiliary output
+    # is computed before it: both cross, and the last stage returns the
+    # model's dict of outputs.
+    x1, x2 = keras.Input((5,), name="x1"), keras.Input((3,), name="x2")
+    h = keras.layers.Dense(8, name="h")(x1)
+    aux = keras.layers.Dense(1, name="aux")(h)
+    g = keras.layers.Dense(4, name="g")(h)
+    main = keras.layers.Dense(2, name="main")(
+        keras.layers.Concatenate(name="cat")([g, aux, x2])
+    )
+    model = keras.Model({"x1": x1, "x2": x2}, {"main": main, "aux": aux})
+    table, stages = partition_model(model, DEVICES, ["cat"])
+    assert table.stages[1].receives == ("x2", "aux", "g")
+    assert table.stages[1].bytes_per_example == (3 + 1 + 4) * 4
+    rng = np.random.default_rng(0)
+    x = {
+        "x1": rng.normal(size=(3, 5)).astype("float32"),
+        "x2": rng.normal(size=(3, 3)).astype("float32"),
+    }
+    got, expected = stages[1](stages[0](x)), model(x)
+    assert set(got) == {"main", "aux"}
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6)
+
+
+def test_unknown_dimension_shows_unknown_bytes() -> None:
+    inputs = keras.Input((None, 3), name="seq")
+    h = keras.layers.Dense(3, name="a")(inputs)
+    h = keras.layers.Add(name="b")([inputs, h])
+    model = keras.Model(inputs, keras.layers.Dense(2, name="c")(h))
+    table, _ = partition_model(model, DEVICES, ["b"])
+    assert table.stages[1].receives == ("seq", "a")
+    assert table.stages[1].bytes_per_example is None
+    assert table.format().splitlines()[2].endswith("seq, a    ?")
+
+
+def test_a_mask_cannot_cross() -> None:
+    # Masking's mask travels with the tensors of the layers that propagate
+    # it (Dense); it can be cut once a layer has consumed it (the LSTM).
+    inputs = keras.Input((5, 3), name="x")
+    h = keras.layers.Masking(name="mask")(inputs)
+    h = keras.layers.Dense(4, name="dense")(h)
+    h = keras.layers.LSTM(4, name="lstm")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    assert valid_cut_points(model) == ["out"]
+    with pytest.raises(
+        ValueError,
+        match=r"before layer 'lstm': the output of 'dense' carries a Keras mask "
+        r".*partition=\['lstm'\] \(valid cut points: \['out'\]\)",
+    ):
+        partition_model(model, DEVICES, ["lstm"])
+
+
+def shared_model() -> keras.Model:
+    """One Dense layer, `shared`, called before and after `mid`."""
+    inputs = keras.Input((4,), name="x")
+    shared = keras.layers.Dense(4, name="shared")
+    h = shared(keras.layers.Dense(4, name="mid")(shared(inputs)))
+    return keras.Model(inputs, keras.layers.Dense(2, name="top")(h))
+
+
+def test_the_calls_of_a_shared_layer_stay_in_one_stage() -> None:
+    model = shared_model()
+    assert valid_cut_points(model) == ["top"]
+    with pytest.raises(
+        ValueError,
+        match=r"before layer 'mid': the shared layer 'shared' is called both "
+        r"before and after",
+    ):
+        partition_model(model, DEVICES, ["mid"])
+    table, stages = partition_model(model, DEVICES, ["top"])
+    assert table.stages[0].layers == ("shared", "mid")
+    # Its second call (Keras's node 1, as in model.summary()) crosses.
+    assert table.stages[1].receives == ("shared[1][0]",)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    np.testing.assert_allclose(stages[1](stages[0](x)), model(x), rtol=1e-6)
 
 
 def test_flops_balances_counted_cost() -> None:
@@ -154,6 +274,9 @@ def test_measuring_leaves_layer_state_alone() -> None:
 def test_params_balances_parameter_counts() -> None:
     table, _ = partition_model(residual_model(), DEVICES, "params")
     assert table.cost_source == "parameters"
+    # Before "c" (the Add, no weights) and before "d" balance 40 / 23 alike:
+    # the cut with one tensor crossing wins.
+    assert table.cut_points == ["d"]
     assert [s.cost for s in table.stages] == [s.parameters for s in table.stages]
     assert "est. cost (params)" in table.format()
 
@@ -172,6 +295,26 @@ def test_balance_minimizes_the_largest_stage() -> None:
     assert partition_lib._balance(costs, [0, 1, 5, 6], 2) == [0, 1]
 
 
+def test_balance_prefers_fewer_bytes_among_nearly_equal_stages() -> None:
+    costs = [1.0, 1.0, 1.0, 1.0]
+    starts = [0, 1, 2, 3]
+
+    def balance(transfer: list[float], tolerance: float) -> list[int]:
+        return partition_lib._balance(
+            costs, starts, 2, transfer=transfer, tolerance=tolerance
+        )
+
+    # Equal bytes: the most balanced cut, as without bytes.
+    assert balance([0.0, 8.0, 8.0, 8.0], 0.0) == [0, 2]
+    # 3 / 1 is 50% worse than 2 / 2: bytes only decide within the tolerance.
+    assert balance([0.0, 8.0, 64.0, 8.0], 0.05) == [0, 2]
+    assert balance([0.0, 8.0, 64.0, 8.0], 0.5) == [0, 1]
+    # Three stages: the total bytes over both cuts count.
+    assert partition_lib._balance(
+        [1.0] * 6, list(range(6)), 3, transfer=[0, 1, 9, 1, 9, 5], tolerance=0.5
+    ) == [0, 1, 3]
+
+
 def test_unknown_cut_point_names_the_layer() -> None:
     with pytest.raises(
         ValueError, match=r"'nope' is not a layer.*partition=\['nope'\]"
@@ -179,11 +322,13 @@ def test_unknown_cut_point_names_the_layer() -> None:
         partition_model(residual_model(), DEVICES, ["nope"])
 
 
-def test_cut_inside_a_block_names_the_layer() -> None:
+def test_cut_before_the_first_layer_names_the_layer() -> None:
     with pytest.raises(
-        ValueError, match=r"before layer 'c'.*valid cut points: \['b', 'd', 'e'\]"
+        ValueError,
+        match=r"before layer 'a': it is the first layer.*"
+        r"valid cut points: \['b', 'c', 'd', 'e'\]",
     ):
-        partition_model(residual_model(), DEVICES, ["c"])
+        partition_model(residual_model(), DEVICES, ["a"])
 
 
 def test_cut_points_out_of_order() -> None:

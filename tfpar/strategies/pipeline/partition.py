@@ -1,10 +1,16 @@
 """Cutting a Keras model into a chain of pipeline stages.
 
-A model can be cut before a layer when everything after the cut can be
-computed from that layer's single input tensor: then exactly one tensor (the
-activation) crosses the boundary. In a Sequential model every layer is such a
-cut point; in a functional model the layers inside a branch or a residual
-block are not (their block stays whole inside one stage).
+A model can be cut before any of its layers but the first, in model order
+(`model.layers`, a topological order of its graph). Every tensor computed
+before the cut (or a model input) that is needed after it (or is a model
+output) crosses the stage boundary: one activation in a Sequential model,
+several inside a residual block or a branch, or in a model with several
+inputs or outputs. A tensor needed two stages later passes through the
+stages between, and a model output computed early (an auxiliary head) is
+carried to the last stage. Two things cannot cross, so such cuts are
+refused: a tensor carrying a Keras mask (`Embedding(mask_zero=True)`,
+`Masking`: the mask travels with the tensor inside Keras, not as data), and
+the calls of a shared layer (one layer, whose weights live on one device).
 
 Each stage becomes a functional sub-model sharing the original layers, so it
 runs with Keras's own call logic (training flags, masks) and owns exactly its
@@ -16,18 +22,27 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
+from keras import tree
 
+from tfpar._compat import pipeline as compat
 from tfpar._validation import check_int, check_sequence, value_error
 from tfpar.strategies.pipeline import cost as pipeline_cost
 
 logger = logging.getLogger("tfpar")
 
 _PARTITIONS = "'auto', 'flops', 'params' or a list of layer names"
+
+# Balanced stages first, then fewer bytes crossing the cuts: a partition whose
+# largest stage is within this fraction of the best one may be chosen for its
+# smaller transfers. Measured costs vary by a few percent from run to run, so
+# choices closer than this are a toss-up that the bytes decide.
+_BALANCE_TOLERANCE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +58,19 @@ class Stage:
             milliseconds of a measured forward and backward pass over a
             sample micro-batch, FLOPs of a forward pass over it, or the
             parameter count.
+        receives: The tensors crossing the cut before this stage, in the
+            order the stage receives them: the name of the layer that
+            produced each (`"layer[node][tensor]"`, as in `model.summary()`,
+            for another call or output of that layer) or of the model input.
+            A tensor computed earlier and needed later passes through the
+            stages between, so it appears at every cut it crosses. Empty for
+            the first stage, which receives the batch. Defaults to `()`.
+        bytes_per_example: Bytes of those tensors per example (the product
+            of each one's static shape without the batch dimension, times
+            its dtype's size). A training step sends them forward and the
+            gradients of the floating-point ones back, for every example.
+            `None` when a dimension is unknown; `0` for the first stage.
+            Defaults to `0`.
     """
 
     index: int
@@ -50,6 +78,8 @@ class Stage:
     layers: tuple[str, ...]
     parameters: int
     cost: float
+    receives: tuple[str, ...] = ()
+    bytes_per_example: int | None = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,20 +111,40 @@ class Partition:
         return [stage.layers[0] for stage in self.stages[1:]]
 
     def format(self) -> str:
-        """Returns the table as aligned text."""
+        """Returns the table as aligned text.
+
+        One row per stage: its device, layers, parameters, estimated cost,
+        the tensors it receives across the cut before it and their bytes per
+        example (`?` when a dimension is unknown, `-` for the first stage).
+        """
         unit = {"measured": "ms", "flops": "FLOPs"}.get(self.cost_source, "params")
-        header = ("stage", "device", "layers", "parameters", f"est. cost ({unit})")
+        header = (
+            "stage",
+            "device",
+            "layers",
+            "parameters",
+            f"est. cost ({unit})",
+            "receives",
+            "bytes per example",
+        )
         rows = [header]
         for stage in self.stages:
-            names = stage.layers
-            shown = (
-                ", ".join(names)
-                if len(names) <= 3
-                else (f"{names[0]} .. {names[-1]} ({len(names)} layers)")
-            )
-            cost = f"{stage.cost:.3g}"
+            if stage.index == 0:
+                receives, size = "-", "-"
+            else:
+                receives = _shorten(stage.receives, "tensors")
+                known = stage.bytes_per_example is not None
+                size = f"{stage.bytes_per_example:,}" if known else "?"
             rows.append(
-                (str(stage.index), stage.device, shown, f"{stage.parameters:,}", cost)
+                (
+                    str(stage.index),
+                    stage.device,
+                    _shorten(stage.layers, "layers"),
+                    f"{stage.parameters:,}",
+                    f"{stage.cost:.3g}",
+                    receives,
+                    size,
+                )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         return "\n".join(
@@ -106,6 +156,12 @@ class Partition:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _shorten(names: tuple[str, ...], noun: str) -> str:
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} {noun})"
 
 
 def check_partition(partition: object) -> str | tuple[str, ...]:
@@ -141,6 +197,12 @@ def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def valid_cut_points(model: keras.Model) -> list[str]:
     """Lists the layers before which `model` can be cut.
 
+    Every layer but the first is a cut point, unless a tensor carrying a
+    Keras mask (`Embedding(mask_zero=True)`, `Masking`) would cross the cut,
+    or a shared layer (one layer called at several places) is called both
+    before and after it. Inside a residual block or a branch, several
+    tensors cross the cut; the partition table shows which.
+
     Args:
         model: A built Sequential or functional Keras model.
 
@@ -149,10 +211,21 @@ def valid_cut_points(model: keras.Model) -> list[str]:
 
     Raises:
         TypeError: If `model` is a subclassed model (it has no layer graph).
+
+    Example:
+
+    ```python
+    inputs = keras.Input((4,))
+    a = keras.layers.Dense(4, name="a")(inputs)
+    b = keras.layers.Dense(4, name="b")(a)
+    h = keras.layers.Add(name="add")([a, b])  # a skips over b
+    model = keras.Model(inputs, keras.layers.Dense(2, name="c")(h))
+    valid_cut_points(model)  # ['b', 'add', 'c']: before 'add', a and b cross
+    ```
     """
     _check_graph_model(model)
-    layers = model_layers(model)
-    return [layers[i].name for i in range(1, len(layers)) if _can_cut(model, layers, i)]
+    graph = _Graph(model)
+    return [graph.units[i].name for i in graph.cuts()]
 
 
 def partition_model(
@@ -168,67 +241,85 @@ def partition_model(
         model: A built Sequential or functional Keras model.
         devices: One device per stage.
         partition: How to cut. `"auto"` balances the stages' measured cost
-            (each indivisible segment's forward and backward pass timed on
-            `devices[0]`; counted FLOPs when a segment cannot run alone,
-            parameter counts when an input shape is not fully known);
-            `"flops"` balances counted forward FLOPs (no run: a given model
-            always gets the same cut); `"params"` balances parameter counts.
-            Or a list of `len(devices) - 1` layer names, each the first layer
-            of a new stage (the table then shows FLOPs).
+            (each segment's forward and backward pass timed on `devices[0]`;
+            counted FLOPs when a segment cannot run alone, parameter counts
+            when an input shape is not fully known); `"flops"` balances
+            counted forward FLOPs (no run: a given model always gets the same
+            cut); `"params"` balances parameter counts. The three then
+            prefer fewer bytes crossing the cuts among partitions whose
+            largest stage is within 5% of the best. Or a list of
+            `len(devices) - 1` layer names, each the first layer of a new
+            stage, in model order (the table then shows FLOPs).
         sample_batch_size: Batch size of the sample micro-batch whose passes
             are timed or whose FLOPs are counted. Defaults to `16`.
 
     Returns:
         A tuple `(table, stage_models)`: the `Partition` and one functional
-        sub-model per stage, sharing the model's layers.
+        sub-model per stage, sharing the model's layers. A stage's model takes
+        the tensors crossing the cut before it (the model's inputs for the
+        first stage) and returns those crossing the cut after it (the model's
+        outputs, in their structure, for the last stage); a single tensor is
+        passed as itself, several as a list in the order of `Stage.receives`.
 
     Raises:
         TypeError: If `model` is a subclassed model, or `partition` or
             `sample_batch_size` has the wrong type.
         ValueError: If `partition` is an unknown name, `sample_batch_size` is
             smaller than 1, the model has fewer cut points than stages need,
-            or a cut-point name is unknown, out of order or not a valid cut
-            (the message names the layer and lists the valid cut points).
+            or a cut-point name is unknown, repeated, out of order or not a
+            valid cut (the message names the layer, says why and lists the
+            valid cut points).
     """
     partition = check_partition(partition)
     check_int("sample_batch_size", sample_batch_size, minimum=1)
     _check_graph_model(model)
-    layers = model_layers(model)
-    names = [layer.name for layer in layers]
-    cuts = [i for i in range(1, len(layers)) if _can_cut(model, layers, i)]
+    graph = _Graph(model)
+    cuts = graph.cuts()
     num_stages = len(devices)
     if isinstance(partition, str):
         if num_stages - 1 > len(cuts):
             raise ValueError(
                 f"Cannot cut model {model.name!r} into {num_stages} stages: it has "
-                f"{len(layers)} layer(s) and only {len(cuts)} valid cut point(s) "
-                f"({[names[i] for i in cuts]}). Received: devices={list(devices)} "
-                f"(must have at most {len(cuts) + 1} devices for this model)."
+                f"{len(model_layers(model))} layer(s) and only {len(cuts)} valid "
+                f"cut point(s) ({graph.names(cuts)}). Received: "
+                f"devices={list(devices)} (must have at most {len(cuts) + 1} "
+                "devices for this model)."
             )
         costs, source = _layer_costs(
-            model, layers, cuts, sample_batch_size, partition, devices[0]
+            graph, cuts, sample_batch_size, partition, devices[0]
         )
-        starts = _balance(costs, [0, *cuts], num_stages)
+        transfer = [0.0] + [graph.balance_bytes(i) for i in cuts]
+        starts = _balance(
+            costs,
+            [0, *cuts],
+            num_stages,
+            transfer=transfer,
+            tolerance=_BALANCE_TOLERANCE,
+        )
     else:
-        starts = [0, *_explicit_cuts(model, names, cuts, list(partition))]
+        starts = [0, *_explicit_cuts(graph, cuts, list(partition))]
+        # Only for the table: each stage is costed as a whole.
         costs, source = _layer_costs(
-            model, layers, cuts, sample_batch_size, "flops", devices[0]
+            graph, starts[1:], sample_batch_size, "flops", devices[0]
         )
         source = "explicit" if source == "parameters" else source
-    bounds = [*starts, len(layers)]
+    bounds = [*starts, len(graph.units)]
     stages, stage_models = [], []
-    for s in range(num_stages):
-        group = layers[bounds[s] : bounds[s + 1]]
+    for s, (a, b) in enumerate(itertools.pairwise(bounds)):
+        group = [u for u in graph.units[a:b] if isinstance(u, keras.layers.Layer)]
+        received = graph.boundary(a) if s > 0 else []
         stages.append(
             Stage(
                 index=s,
                 device=devices[s],
                 layers=tuple(layer.name for layer in group),
                 parameters=sum(layer.count_params() for layer in group),
-                cost=float(sum(costs[bounds[s] : bounds[s + 1]])),
+                cost=float(sum(costs[a:b])),
+                receives=tuple(graph.name(t) for t in received),
+                bytes_per_example=_bytes_per_example(received),
             )
         )
-        stage_models.append(_sub_model(model, layers, bounds[s], bounds[s + 1], s))
+        stage_models.append(graph.sub_model(a, b, f"{model.name}_stage_{s}"))
     return Partition(tuple(stages), source), stage_models
 
 
@@ -259,28 +350,6 @@ def _is_functional(model: keras.Model) -> bool:
         return False
 
 
-def _boundary(layer: keras.layers.Layer) -> Any:
-    """The single tensor entering `layer`, or None when there is not one."""
-    try:
-        tensor = layer.input
-    except (AttributeError, ValueError):  # a shared layer has several inputs
-        return None
-    return tensor if isinstance(tensor, keras.KerasTensor) else None
-
-
-def _can_cut(model: keras.Model, layers: list[keras.layers.Layer], i: int) -> bool:
-    tensor = _boundary(layers[i])
-    if tensor is None:
-        return False
-    try:
-        tail = keras.Model(tensor, _outputs(model))
-    except ValueError:  # "not connected to inputs": something skips the cut
-        return False
-    return {layer.name for layer in model_layers(tail)} == {
-        layer.name for layer in layers[i:]
-    }
-
-
 def _outputs(model: keras.Model) -> Any:
     # A functional model's `output` keeps the structure it was built with (a
     # dict of outputs stays a dict in `predict`); Sequential has one output.
@@ -289,37 +358,199 @@ def _outputs(model: keras.Model) -> Any:
     return model.output
 
 
-def _sub_model(
-    model: keras.Model, layers: list[keras.layers.Layer], start: int, stop: int, s: int
-) -> keras.Model:
-    inputs = (
-        (model.inputs[0] if len(model.inputs) == 1 else model.inputs)
-        if start == 0
-        else layers[start].input
-    )
-    outputs = _outputs(model) if stop == len(layers) else layers[stop].input
-    return keras.Model(inputs, outputs, name=f"{model.name}_stage_{s}")
+def _one_or_list(tensors: list[Any]) -> Any:
+    # A single boundary tensor travels as itself (as in a Sequential model).
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
-def _explicit_cuts(
-    model: keras.Model, names: list[str], cuts: list[int], partition: list[str]
-) -> list[int]:
-    valid = [names[i] for i in cuts]
+def _bytes_per_example(
+    tensors: list[keras.KerasTensor], *, unknown: int | None = None
+) -> int | None:
+    """Bytes of `tensors` per example, `None` if a dimension is unknown.
+
+    Args:
+        tensors: KerasTensors, batch dimension first.
+        unknown: Counts an unknown dimension as this size instead.
+    """
+    total = 0
+    for t in tensors:
+        size = tf.as_dtype(t.dtype).size
+        for d in t.shape[1:]:
+            if d is None:
+                if unknown is None:
+                    return None
+                d = unknown
+            size *= d
+        total += size
+    return total
+
+
+class _Graph:
+    """A model's layer calls, placed at the positions of its operations.
+
+    The layers are taken in model order (`model.layers`); an operation that
+    is not a layer (a Keras op applied to KerasTensors, or the comparison an
+    `Embedding(mask_zero=True)` computes its mask with) comes right after
+    the operation producing its latest input. A cut at position `i` puts
+    operations `[0, i)` before it, and every call of an operation runs in
+    the operation's stage.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        outputs = tree.flatten(_outputs(model))
+        calls = compat.layer_calls(list(model.inputs), outputs)
+        # Sort keys: (position,) for a layer; a non-layer operation extends
+        # its latest input's key with its place in the walk.
+        order: dict[int, tuple[int, ...]] = {
+            id(layer): (p,) for p, layer in enumerate(model_layers(model))
+        }
+        made: dict[int, tuple[int, ...]] = {id(t): (-1,) for t in model.inputs}
+        ops: dict[int, Any] = {}
+        for n, call in enumerate(calls):
+            op = call.operation
+            if id(op) not in order:
+                latest = max((made[id(t)] for t in call.inputs), default=(-1,))
+                order[id(op)] = (*latest, n)
+            ops[id(op)] = op
+            made.update((id(t), order[id(op)]) for t in call.outputs)
+        self.units = sorted(ops.values(), key=lambda op: order[id(op)])
+        position = {id(op): p for p, op in enumerate(self.units)}
+        calls.sort(key=lambda call: position[id(call.operation)])  # stable
+        # Every tensor, model inputs first, each with the position of the
+        # operation producing it (-1 for an input), the last position
+        # needing it (len(units) for a model output), and its name.
+        self.tensors: list[keras.KerasTensor] = list(model.inputs)
+        self._produced = {id(t): -1 for t in model.inputs}
+        self._names = {id(t): t.name for t in model.inputs}
+        for call in calls:
+            for k, t in enumerate(call.outputs):
+                self.tensors.append(t)
+                self._produced[id(t)] = position[id(call.operation)]
+                indices = (call.node_index, k)
+                self._names[id(t)] = call.operation.name + (
+                    "" if indices == (0, 0) else f"[{indices[0]}][{indices[1]}]"
+                )
+        self._needed: dict[int, int] = {}
+        # (p, q, layer): a call of `layer`, at position p, needs a tensor
+        # produced at q > p (a shared layer's later call), so a cut in (p, q]
+        # would split its calls.
+        self._splits: list[tuple[int, int, str]] = []
+        for call in calls:
+            p = position[id(call.operation)]
+            for t in call.inputs:
+                self._needed[id(t)] = max(self._needed.get(id(t), -1), p)
+                if self._produced[id(t)] > p:
+                    self._splits.append((p, self._produced[id(t)], call.operation.name))
+        for t in outputs:
+            self._needed[id(t)] = len(self.units)
+
+    def boundary(self, i: int) -> list[keras.KerasTensor]:
+        """The tensors crossing a cut at position `i`, in a fixed order."""
+        return [
+            t
+            for t in self.tensors
+            if self._produced[id(t)] < i <= self._needed.get(id(t), -1)
+        ]
+
+    def name(self, tensor: keras.KerasTensor) -> str:
+        """The name of the layer (or model input) that produced `tensor`."""
+        return self._names[id(tensor)]
+
+    def names(self, positions: list[int]) -> list[str]:
+        """The names of the operations at `positions`."""
+        return [self.units[i].name for i in positions]
+
+    def cuts(self) -> list[int]:
+        """The positions of the layers before which the model can be cut."""
+        layers = [
+            i for i, u in enumerate(self.units) if isinstance(u, keras.layers.Layer)
+        ]
+        return [i for i in layers[1:] if self.refusal(i) is None]
+
+    def refusal(self, i: int) -> str | None:
+        """Why the model cannot be cut at position `i`, or `None` if it can."""
+        if not any(isinstance(u, keras.layers.Layer) for u in self.units[:i]):
+            return "it is the first layer (the first stage needs one)"
+        for p, q, layer in self._splits:
+            if p < i <= q:
+                return (
+                    f"the shared layer {layer!r} is called both before and after "
+                    "that point, and all calls of a layer run in one stage (its "
+                    "weights live on one device)"
+                )
+        for t in self.boundary(i):
+            if compat.keras_mask(t) is not None:
+                return (
+                    f"the output of {self.name(t)!r} carries a Keras mask "
+                    "(Embedding(mask_zero=True), Masking), which travels with the "
+                    "tensor inside Keras and cannot cross a stage boundary as "
+                    "data; cut after the layers that use the mask"
+                )
+        return None
+
+    def balance_bytes(self, i: int) -> float:
+        """Bytes per example crossing a cut at `i`, an unknown dimension as 1.
+
+        Only compared between cuts of one model, for balancing.
+        """
+        return float(_bytes_per_example(self.boundary(i), unknown=1) or 0)
+
+    def sub_model(self, a: int, b: int, name: str) -> keras.Model:
+        """A functional model of operations `[a, b)`, sharing their layers."""
+        model = self.model
+        inputs = (
+            _one_or_list(list(model.inputs))
+            if a == 0
+            else _one_or_list(self.boundary(a))
+        )
+        outputs = (
+            _outputs(model) if b == len(self.units) else _one_or_list(self.boundary(b))
+        )
+        flat_in, flat_out = tree.flatten(inputs), tree.flatten(outputs)
+        received = {id(t) for t in flat_in}
+        if not any(id(t) in received for t in flat_out):
+            return keras.Model(inputs, outputs, name=name)
+        # Tensors passing through. Keras re-creates intermediate inputs as new
+        # `keras.Input`s, and an output that is one of the original tensors is
+        # then "not connected": build the computed part first, then a model
+        # over its new inputs, which may be returned as they are.
+        computed = [t for t in flat_out if id(t) not in received]
+        inner = keras.Model(flat_in, computed)
+        new = {
+            id(t): u
+            for t, u in zip(
+                [*flat_in, *computed], [*inner.inputs, *inner.outputs], strict=True
+            )
+        }
+        return keras.Model(
+            tree.map_structure(lambda t: new[id(t)], inputs),
+            tree.map_structure(lambda t: new[id(t)], outputs),
+            name=name,
+        )
+
+
+def _explicit_cuts(graph: _Graph, cuts: list[int], partition: list[str]) -> list[int]:
+    model = graph.model
+    valid = graph.names(cuts)
+    layers = {
+        u.name: i
+        for i, u in enumerate(graph.units)
+        if isinstance(u, keras.layers.Layer)
+    }
     positions = []
     for name in partition:
-        if name not in names:
+        if name not in layers:
             raise ValueError(
                 f"Cut point {name!r} is not a layer of model {model.name!r}. "
                 f"Received: partition={partition} (must name layers among "
                 f"the valid cut points {valid})."
             )
-        index = names.index(name)
-        if index not in cuts:
+        index = layers[name]
+        reason = graph.refusal(index)
+        if reason is not None:
             raise ValueError(
-                f"Cannot cut model {model.name!r} before layer {name!r}: a branch, "
-                "a residual connection or a Keras mask (Embedding(mask_zero=True), "
-                "Masking) crosses that point (or it is the first layer), so more "
-                "than one tensor would cross the stage boundary. "
+                f"Cannot cut model {model.name!r} before layer {name!r}: {reason}. "
                 f"Received: partition={partition} (valid cut points: {valid})."
             )
         positions.append(index)
@@ -332,43 +563,44 @@ def _explicit_cuts(
 
 
 def _layer_costs(
-    model: keras.Model,
-    layers: list[keras.layers.Layer],
+    graph: _Graph,
     cuts: list[int],
     batch_size: int,
     method: str,
     device: str,
 ) -> tuple[list[float], str]:
-    """Per-layer cost, and its source (see `Partition.cost_source`).
+    """Cost per operation, and its source (see `Partition.cost_source`).
 
-    A segment between two neighbouring cut points is indivisible, so it is
-    costed as a whole (timed, or its FLOPs counted) and its cost is spread
-    over its layers by parameter count. FLOPs are counted for every segment
+    Each segment between two neighbouring `cuts` is costed as a whole
+    (timed, or its FLOPs counted) and its cost is spread over its operations
+    by parameter count (evenly when it has none). FLOPs are counted for every segment
     anyway: tracing the segment gives the input spec of the next one, and they
     are the fallback when a segment cannot be timed alone. When an input has
     an unknown non-batch dimension, or no op of the model has a registered
     FLOP count, the parameter count is the cost.
     """
-    params = [float(layer.count_params()) for layer in layers]
+    model = graph.model
+    params = [
+        float(u.count_params()) if isinstance(u, keras.layers.Layer) else 0.0
+        for u in graph.units
+    ]
     shapes = [tuple(t.shape[1:]) for t in model.inputs]
     if method == "params" or any(d is None for shape in shapes for d in shape):
         return params, "parameters"
-    bounds = [0, *cuts, len(layers)]
-    specs: Any = [
-        tf.TensorSpec((batch_size, *t.shape[1:]), t.dtype) for t in model.inputs
-    ]
-    specs = specs[0] if len(specs) == 1 else specs
+    bounds = [0, *cuts, len(graph.units)]
+    specs: Any = _one_or_list(
+        [tf.TensorSpec((batch_size, *t.shape[1:]), t.dtype) for t in model.inputs]
+    )
     segments, inputs, flops = [], [], []
     for a, b in itertools.pairwise(bounds):
-        segment = _sub_model(model, layers, a, b, a)
+        segment = graph.sub_model(a, b, f"{model.name}_segment_{a}")
         forward = tf.function(lambda t, m=segment: m(t, training=False))
-        graph = forward.get_concrete_function(specs).graph
+        traced = forward.get_concrete_function(specs).graph
         segments.append(segment)
         inputs.append(specs)
-        flops.append(float(pipeline_cost.count_flops(graph)))
-        outputs = tf.nest.flatten(graph.structured_outputs)
-        specs = [tf.TensorSpec(t.shape, t.dtype) for t in outputs]
-        specs = specs[0] if len(specs) == 1 else specs
+        flops.append(float(pipeline_cost.count_flops(traced)))
+        outputs = tf.nest.flatten(traced.structured_outputs)
+        specs = _one_or_list([tf.TensorSpec(t.shape, t.dtype) for t in outputs])
     totals, source = flops, "flops"
     if method == "auto":
         try:
@@ -394,32 +626,62 @@ def _layer_costs(
     return costs, source
 
 
-def _balance(costs: list[float], starts: list[int], num_stages: int) -> list[int]:
-    """Chooses `num_stages` start indices among `starts` minimizing the largest stage.
+def _balance(
+    costs: list[float],
+    starts: list[int],
+    num_stages: int,
+    *,
+    transfer: list[float] | None = None,
+    tolerance: float = 0.0,
+) -> list[int]:
+    """Chooses `num_stages` start indices among `starts`.
 
-    Dynamic programming over the cuttable segments (at most a few hundred).
+    Minimizes the largest stage's cost; with `transfer` (the bytes crossing
+    a cut before each of `starts`, the first ignored), then minimizes the
+    bytes crossing all cuts among the choices whose largest stage is within
+    `tolerance` (a fraction) of the smallest possible, the largest stage
+    breaking ties. Dynamic programming over the cuttable segments (at most a
+    few hundred).
     """
     n = len(costs)
     bounds = [*starts, n]
-    seg = [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
-    m = len(seg)
     prefix = [0.0]
-    for c in seg:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][j]: smallest max-stage cost putting segments [0, j) in k stages.
-    best = [[inf] * (m + 1) for _ in range(num_stages + 1)]
+    for a, b in itertools.pairwise(bounds):
+        prefix.append(prefix[-1] + sum(costs[a:b]))
+    chosen = _cheapest(prefix, [0.0] * len(starts), num_stages, math.inf)
+    if transfer is not None:
+        largest = max(prefix[j] - prefix[i] for i, j in itertools.pairwise(chosen))
+        chosen = _cheapest(prefix, transfer, num_stages, largest * (1 + tolerance))
+    return [bounds[i] for i in chosen[:-1]]
+
+
+def _cheapest(
+    prefix: list[float], transfer: list[float], num_stages: int, limit: float
+) -> list[int]:
+    """The segments starting each stage, then `m`: the fewest bytes, then balance.
+
+    Minimizes (bytes crossing the cuts, largest stage) over the partitions
+    of the `m` segments whose stages each cost at most `limit`.
+    """
+    m = len(prefix) - 1
+    worst = (math.inf, math.inf)
+    # best[k][j]: the smallest (bytes, largest stage) of segments [0, j) in
+    # k stages, and where the last of them starts.
+    best = [[worst] * (m + 1) for _ in range(num_stages + 1)]
     choice = [[0] * (m + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
+    best[0][0] = (0.0, 0.0)
     for k in range(1, num_stages + 1):
         for j in range(k, m + 1):
             for i in range(k - 1, j):
-                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                stage = prefix[j] - prefix[i]
+                before = best[k - 1][i]
+                if stage > limit or before == worst:
+                    continue
+                value = (before[0] + (transfer[i] if i else 0.0), max(before[1], stage))
                 if value < best[k][j]:
                     best[k][j], choice[k][j] = value, i
-    chosen, j = [], m
+    chosen, j = [m], m
     for k in range(num_stages, 0, -1):
-        i = choice[k][j]
-        chosen.append(i)
-        j = i
-    return [bounds[i] for i in reversed(chosen)]
+        j = choice[k][j]
+        chosen.append(j)
+    return chosen[::-1]
