@@ -19,7 +19,9 @@ logical devices, which time-share, overlapping time counts twice), the
 measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
-planned) for 1F1B and GPipe, and the CPU time per step of this process (the
+planned) for 1F1B, GPipe and interleaved 1F1B (2 chunks per device; its peak
+counts (micro-batch, chunk) pairs, each half a stage's activations), and the
+CPU time per step of this process (the
 `fit` loop, input pipeline and, for the cluster, the coordinator, which shares
 the machine's cores with the pinned workers).
 
@@ -88,6 +90,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
         configs = [
             ("pipeline K=2 1f1b", devices, m, "1f1b"),
             ("pipeline K=2 gpipe", devices, m, "gpipe"),
+            ("pipeline K=2 interleaved V=2", devices, m, "interleaved"),
             ("same micro-batches, 1 device", devices[:1], m, "gpipe"),
             ("unsplit batch, 1 device", devices[:1], 1, "gpipe"),
         ]

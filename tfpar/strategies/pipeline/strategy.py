@@ -8,7 +8,9 @@ pair under `tf.device` of its stage. The actions are created in the order of
 the schedule (`schedules.py`) and the actions of each stage are chained with
 control dependencies, so each device runs exactly the planned sequence while
 TensorFlow's dataflow executor overlaps the devices. Stage-boundary
-activations are the only tensors that cross devices.
+activations are the only tensors that cross devices. With the interleaved
+schedule each stage holds several chunks of the model, chunk c on device
+c % K, and the boundaries between chunks are the stage boundaries.
 
 The host side (input pipeline, replica context, metrics) is a one-device
 strategy on this process's CPU; the pipeline replaces the body of
@@ -29,7 +31,7 @@ from keras import tree
 from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._datasets import DistributesWithoutAutotuning, without_autotune_thread
-from tfpar._validation import check_bool, check_instance
+from tfpar._validation import check_bool, check_instance, check_int
 from tfpar._variables import backing_variable
 from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
@@ -41,9 +43,11 @@ from tfpar.strategies.pipeline.partition import (
     check_partition,
     has_layer_graph,
     partition_model,
+    valid_cut_points,
 )
 from tfpar.strategies.pipeline.schedules import (
     Schedule,
+    check_chunks_per_device,
     get_schedule,
     validate_schedule_name,
 )
@@ -59,10 +63,12 @@ class PipelineOptions:
     Attributes:
         devices: Canonical device names, one per stage.
         num_microbatches: Micro-batches per batch, >= 1.
-        schedule: `"gpipe"` or `"1f1b"`.
+        schedule: `"gpipe"`, `"1f1b"` or `"interleaved"`.
         partition: `"auto"`, `"flops"`, `"params"` or a tuple of
-            `len(devices) - 1` layer names.
-        recompute: Whether backward passes recompute their stage's forward.
+            `len(devices) * chunks_per_device - 1` layer names.
+        recompute: Whether backward passes recompute their chunk's forward.
+        chunks_per_device: Model chunks per device, V: 1, or >= 2 with the
+            interleaved schedule. Defaults to `1`.
     """
 
     devices: tuple[str, ...]
@@ -70,18 +76,33 @@ class PipelineOptions:
     schedule: str
     partition: str | tuple[str, ...]
     recompute: bool
+    chunks_per_device: int = 1
 
     def __post_init__(self) -> None:
         microbatch.validate_num_microbatches(self.num_microbatches)
         validate_schedule_name(self.schedule)
         check_bool("recompute", self.recompute)
+        check_int("chunks_per_device", self.chunks_per_device, minimum=1)
+        check_chunks_per_device(
+            self.chunks_per_device,
+            schedule=self.schedule,
+            num_stages=len(self.devices),
+        )
         if isinstance(check_partition(self.partition), str):
             return
-        if len(self.partition) != len(self.devices) - 1:
+        num_chunks = len(self.devices) * self.chunks_per_device
+        if len(self.partition) != num_chunks - 1:
+            per_device = (
+                f" x chunks_per_device={self.chunks_per_device}"
+                if self.chunks_per_device > 1
+                else ""
+            )
+            unit = "chunk" if self.chunks_per_device > 1 else "stage"
             raise ValueError(
-                "`partition` must name the first layer of every stage but the "
-                f"first: {len(self.devices) - 1} name(s) for {len(self.devices)} "
-                f"device(s). Received: partition={list(self.partition)!r} with "
+                f"`partition` must name the first layer of every {unit} but the "
+                f"first: {num_chunks - 1} name(s) for {len(self.devices)} "
+                f"device(s){per_device}. Received: "
+                f"partition={list(self.partition)!r} with "
                 f"devices={list(self.devices)!r}."
             )
 
@@ -109,25 +130,38 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             Batches that do not divide evenly get micro-batches differing by
             one example; a batch smaller than M is an error.
         schedule: `"1f1b"` (default; at most K micro-batches in flight per
-            stage) or `"gpipe"` (all forwards, then all backwards).
+            stage), `"gpipe"` (all forwards, then all backwards) or
+            `"interleaved"` (1F1B over `chunks_per_device` chunks of the
+            model per device, chunk c on device c % K: a smaller bubble,
+            `(K - 1) / (V * M + K - 1)` planned when M >= K, for more
+            transfers and about (K - 1) / V more stage activations held on
+            the first device; see `docs/pipeline.md`).
         partition: `"auto"` (default) balances the stages' measured cost:
             each indivisible segment's forward and backward pass is timed on
             a sample micro-batch of 16 examples on the first device (counted
             FLOPs if a segment cannot run alone). `"flops"` balances counted
             forward FLOPs (no run: the same cut every time), `"params"`
             parameter counts. Or a list of `len(devices) - 1` layer names,
-            each the first layer of a new stage.
+            each the first layer of a new stage (with the interleaved
+            schedule, `len(devices) * chunks_per_device - 1` names, each the
+            first layer of a new chunk).
         recompute: If `True`, a stage recomputes its forward pass during the
             backward pass instead of keeping activations. Defaults to `False`.
+        chunks_per_device: Model chunks per device, V (Megatron-LM's virtual
+            pipeline stages), keyword-only. Defaults to `None`: 2 with
+            `schedule="interleaved"` (which needs V >= 2 and at least 2
+            devices), else 1, the only value the other schedules accept.
 
     Raises:
         ValueError: For an unknown schedule or `partition` name,
             `num_microbatches < 1`, unknown, malformed or repeated devices, a
-            `partition` list of the wrong length; when the model is first
-            partitioned: more stages than cut points, an unknown or invalid
+            `partition` list of the wrong length, `chunks_per_device` not
+            fitting the schedule; when the model is first partitioned: more
+            stages (or chunks) than cut points, an unknown or invalid
             cut-point layer (the message names it).
         TypeError: For an argument of the wrong type (`partition=42`,
-            `num_microbatches="4"`, `recompute=1`, `devices="/gpu:0"`).
+            `num_microbatches="4"`, `recompute=1`, `devices="/gpu:0"`,
+            `chunks_per_device=2.0`).
 
     Example:
 
@@ -158,17 +192,25 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         schedule: str = "1f1b",
         partition: str | Sequence[str] = "auto",
         recompute: bool = False,
+        *,
+        chunks_per_device: int | None = None,
     ) -> None:
         names = resolve_devices(devices)
         self._options = PipelineOptions(
             devices=tuple(names),
             num_microbatches=num_microbatches,
-            schedule=schedule,
+            schedule=validate_schedule_name(schedule),
             partition=check_partition(partition),
             recompute=recompute,
+            chunks_per_device=check_chunks_per_device(
+                chunks_per_device, schedule=schedule, num_stages=len(names)
+            ),
         )
         self._schedule = get_schedule(
-            schedule, num_stages=len(names), num_microbatches=num_microbatches
+            schedule,
+            num_stages=len(names),
+            num_microbatches=num_microbatches,
+            chunks_per_device=self._options.chunks_per_device,
         )
         # Input pipeline, metrics and counters stay on this process's CPU, which
         # also works when every stage is a remote worker or a GPU.
@@ -233,7 +275,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         """Cuts `model` into stages and places each stage's variables on its device.
 
         Runs automatically at the first step; call it earlier to inspect the
-        partition. Repeated calls return the same partition.
+        partition. Repeated calls return the same partition. With the
+        interleaved schedule the table has one row per chunk, K * V rows,
+        chunk c on device c % K.
 
         Args:
             model: A built Sequential or functional model created under
@@ -254,7 +298,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
 
         Measured from the step's timestamps (largest over all training steps so
         far), to compare with `schedule.peak_in_flight(stage)`: 1F1B holds at
-        most K - s micro-batches on stage s, GPipe all M.
+        most K - s micro-batches on stage s, GPipe all M. The interleaved
+        schedule counts (micro-batch, chunk) pairs, each about 1/V of a
+        stage's activations.
 
         Returns:
             One count per stage (zeros before the first training step).
@@ -287,7 +333,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
               receiving stage. For each action that receives a tensor from
               a neighbour (a forward on stage s > 0 receives activations
               from s - 1, a backward on stage s < K - 1 the input gradient
-              from s + 1): `max(0, arrived - max(ready, free))`, where
+              from s + 1; with the interleaved schedule, a forward on chunk
+              c > 0 from chunk c - 1 and a backward on chunk c < K V - 1
+              from chunk c + 1): `max(0, arrived - max(ready, free))`, where
               `ready` is when the tensor existed on the sender, `arrived`
               when the stage had it, and `free` the end of the stage's
               previous action (the step's start for its first). A tensor
@@ -306,7 +354,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             the step's wall time;
             `bytes_logical` and `bytes_moved` are the bytes sent by all
             stages; `calls` counts the transfers, `2 * M * (K - 1)` per
-            step.
+            step (`2 * M * (K * V - 1)` with V chunks per device).
         """
         values = self._counters.read()
         devices = tuple(
@@ -362,28 +410,32 @@ class _PipelineExtended(compat.OneDeviceAdapter):
                 "cannot compile as one cluster. Received: jit_compile=True in "
                 "model.compile (pass jit_compile=False)."
             )
-        table, stage_models = partition_model(model, options.devices, options.partition)
+        # Chunk c runs on device c % K: consecutive chunks on different devices.
+        chunk_devices = options.devices * options.chunks_per_device
+        if options.chunks_per_device > 1 and isinstance(options.partition, str):
+            _check_enough_cut_points(model, options)
+        table, chunk_models = partition_model(model, chunk_devices, options.partition)
         microbatch.check_batch_statistics(model, options.num_microbatches)
         self._placing = True
         try:
-            stage_of = {}
-            for s, stage in enumerate(stage_models):
-                for variable in stage.variables:
-                    stage_of[backing_variable(variable).ref()] = s
-                    compat.move_variable(variable, options.devices[s])
+            chunk_of = {}
+            for c, chunk in enumerate(chunk_models):
+                for variable in chunk.variables:
+                    chunk_of[backing_variable(variable).ref()] = c
+                    compat.move_variable(variable, chunk_devices[c])
             # Optimizer slots created before the partition follow their variable.
             optimizer = getattr(model, "optimizer", None)
             for variable in getattr(optimizer, "variables", []):
                 key = backing_variable(variable).ref()
                 reference = self._colocated.pop(key, None)
-                if reference is not None and reference in stage_of:
-                    compat.move_variable(variable, options.devices[stage_of[reference]])
+                if reference is not None and reference in chunk_of:
+                    compat.move_variable(variable, chunk_devices[chunk_of[reference]])
             clocks = [UnorderedClock(device) for device in options.devices]
         finally:
             self._placing = False
         return PipelineEngine(
             model=model,
-            stages=stage_models,
+            chunks=chunk_models,
             partition=table,
             schedule=self._pipeline.schedule,
             recompute=options.recompute,
@@ -443,6 +495,19 @@ class _PipelineExtended(compat.OneDeviceAdapter):
         if group:
             return result
         return tree.map_structure(self._pipeline.experimental_local_results, result)
+
+
+def _check_enough_cut_points(model: keras.Model, options: PipelineOptions) -> None:
+    # `partition_model` would blame the length of its (internal) device list.
+    cuts = valid_cut_points(model)
+    k, v = len(options.devices), options.chunks_per_device
+    if len(cuts) < k * v - 1:
+        raise ValueError(
+            f"Cannot cut model {model.name!r} into {k * v} chunks ({k} devices x "
+            f"chunks_per_device={v}): it has only {len(cuts)} valid cut point(s) "
+            f"({cuts}). Received: chunks_per_device={v} (at most "
+            f"{(len(cuts) + 1) // k} for this model on {k} devices)."
+        )
 
 
 def _runs_unsplit(model: keras.Model) -> bool:

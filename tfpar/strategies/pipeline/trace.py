@@ -1,9 +1,10 @@
 """What `PipelineEngine` measures in each step: traces and counters.
 
 `StepTrace` collects one step's timestamps (taken by `tfpar._clocks`
-clocks on each stage's device) and byte counts per stage, and `StageCounters` holds the
-cumulative per-stage totals that `PipelineStrategy.communication_stats()` and
-`peak_in_flight()` read.
+clocks on each stage's device) and byte counts per stage, the timestamps of
+each action kept per model chunk (a stage holds several with the interleaved
+schedule), and `StageCounters` holds the cumulative per-stage totals that
+`PipelineStrategy.communication_stats()` and `peak_in_flight()` read.
 """
 
 from __future__ import annotations
@@ -50,19 +51,21 @@ class StepTrace:
     transfer per stage and step, not one per timestamp.
     """
 
-    def __init__(self, num_stages: int, num_microbatches: int) -> None:
+    def __init__(self, num_stages: int, num_chunks: int, num_microbatches: int) -> None:
+        self.num_stages = num_stages
         self.busy: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
         self.starts: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
         self.ends: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
         self.sent: list[list[tf.Tensor]] = [[] for _ in range(num_stages)]
-        # [stage][kind][microbatch]: when an action finished, when its input
+        # [chunk][kind][microbatch]: when an action finished, when its input
         # arrived, when the tensor it sends on was ready (which can be before
         # it finished: a backward sends its input gradient before its weight
         # gradients are done), and when the stage came free for it (the end
-        # of its previous action; -inf for the first, whose free time is the
-        # step's start, known only once every stage has reported).
+        # of its stage's previous action; -inf for the stage's first, whose
+        # free time is the step's start, known only once every stage has
+        # reported).
         self.done, self.arrived, self.ready, self.free = (
-            _per_action(num_stages, num_microbatches) for _ in range(4)
+            _per_action(num_chunks, num_microbatches) for _ in range(4)
         )
 
     def summary(self, stage: int) -> tf.Tensor:
@@ -70,7 +73,8 @@ class StepTrace:
 
         [busy, first start, last end, bytes sent, done F, done B, arrived F,
         arrived B, ready F, ready B, free F, free B], the last eight with one
-        entry per micro-batch.
+        entry per (chunk of the stage, micro-batch), chunk-major: chunk v of
+        stage s is the model's chunk `v * K + s`.
         """
         scalars = [
             tf.add_n(self.busy[stage]),
@@ -79,12 +83,18 @@ class StepTrace:
             tf.cast(_total(self.sent[stage], tf.int64), tf.float64),
         ]
         records = (self.done, self.arrived, self.ready, self.free)
-        vectors = [tf.stack(record[stage][kind]) for record in records for kind in "FB"]
+        chunks = range(stage, len(self.done), self.num_stages)
+        vectors = [
+            tf.stack(record[chunk][kind])
+            for record in records
+            for kind in "FB"
+            for chunk in chunks
+        ]
         return tf.concat([tf.stack(scalars), *vectors], axis=0)
 
 
-def _per_action(num_stages: int, num_microbatches: int) -> list[dict[str, list[Any]]]:
-    return [{k: [None] * num_microbatches for k in "FB"} for _ in range(num_stages)]
+def _per_action(num_chunks: int, num_microbatches: int) -> list[dict[str, list[Any]]]:
+    return [{k: [None] * num_microbatches for k in "FB"} for _ in range(num_chunks)]
 
 
 def _total(values: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
