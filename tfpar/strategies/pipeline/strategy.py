@@ -38,6 +38,7 @@ from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.engine import PipelineEngine
 from tfpar.strategies.pipeline.host_input import HostDataset
+from tfpar.strategies.pipeline.memory import StageMemory, stage_memory
 from tfpar.strategies.pipeline.partition import (
     Partition,
     check_partition,
@@ -377,6 +378,60 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             bytes_moved=total_bytes,
             devices=devices,
             counters=("busy_seconds", "comm_seconds", "idle_seconds", "bytes_sent"),
+        )
+
+    def activation_memory(
+        self, model: keras.Model, batch_size: int
+    ) -> list[StageMemory]:
+        """Returns, per stage, the activation memory of training `model`.
+
+        What a stage keeps for its backward passes is counted, for the largest
+        micro-batch of a `batch_size` batch, from a traced (never run) forward
+        and backward pass of each of its chunks: the tensors computed from
+        the chunk's input that the backward pass reads, which TensorFlow's
+        executor keeps until then. Each record has, per micro-batch, the
+        bytes it keeps on the stage (counted); the micro-batches held at once
+        (measured in the training steps so far, and planned: 1F1B K - s,
+        GPipe M); the stage's modelled peak (1F1B keeps K micro-batches'
+        activations where GPipe keeps M; `recompute=True` only their inputs,
+        plus one micro-batch's activations during a backward pass); and the
+        device allocator's measured peak, for local GPUs only (CPU devices
+        share the host allocator). The loss's own tensors on the last stage
+        and the gradients and temporaries of a running pass are not counted.
+        A boundary tensor is counted on both stages; on logical CPU devices
+        of one process both stages share its buffer.
+
+        Args:
+            model: A model created under `scope()`; partitioned if it was not
+                yet.
+            batch_size: Examples per training batch, an int >= M.
+
+        Returns:
+            One `StageMemory` per stage (see
+            `tfpar/strategies/pipeline/memory.py`).
+
+        Raises:
+            TypeError: If `batch_size` is not an int.
+            ValueError: If `batch_size` is smaller than M, or the model
+                cannot be partitioned (as `partition_model`).
+
+        Example:
+
+        ```python
+        model.fit(x, y, batch_size=512, epochs=1)
+        for stage in strategy.activation_memory(model, batch_size=512):
+            print(stage.stage, stage.held_microbatches, stage.peak_activation_bytes)
+        ```
+        """
+        engine = self.extended.engine_for(model)
+        held = self.peak_in_flight()
+        return stage_memory(
+            chunks=engine.chunks,
+            devices=self._options.devices,
+            schedule=self._schedule,
+            recompute=self._options.recompute,
+            batch_size=batch_size,
+            held_microbatches=held if any(held) else None,  # zeros: no step yet
         )
 
 
