@@ -6,6 +6,7 @@ By default the host CPU is split into simulated devices (one stage each); with
 
     python examples/pipeline.py                       # 2 simulated devices
     python examples/pipeline.py --stages 3 --schedule gpipe
+    python examples/pipeline.py --schedule interleaved  # 2 chunks per device
     python examples/pipeline.py --cluster             # 2 worker processes
 """
 
@@ -20,7 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, default=2, help="devices (stages)")
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    parser.add_argument(
+        "--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"]
+    )
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--cluster", action="store_true", help="use a LocalCluster")
@@ -77,7 +80,6 @@ def main() -> None:
                 f"waiting for transfers {d.comm_seconds:.2f}s, "
                 f"sent {d.bytes_sent / 1e6:.1f} MB"
             )
-        print(f"  planned bubble: {strategy.schedule.bubble_fraction():.0%}")
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "mlp.keras"

@@ -218,13 +218,13 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "pipeline schedule='GPipe'",
         pipeline(schedule="GPipe"),
         ValueError,
-        r"`schedule` must be one of 'gpipe', '1f1b'\. Received: schedule='GPipe'\.",
+        r"`schedule` must be one of 'gpipe', '1f1b', 'interleaved'\. Received: schedule='GPipe'\.",
     ),
     (
         "pipeline schedule=None",
         pipeline(schedule=None),
         TypeError,
-        r"`schedule` must be one of 'gpipe', '1f1b'\. "
+        r"`schedule` must be one of 'gpipe', '1f1b', 'interleaved'\. "
         r"Received: schedule=None of type NoneType\.",
     ),
     (

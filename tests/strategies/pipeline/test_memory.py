@@ -142,15 +142,17 @@ def test_the_allocator_sees_the_modelled_difference(trained: Trained) -> None:
     }
     assert measured["gpipe"] > measured["1f1b"] > measured["recompute"]
     # GPipe keeps M - K + s more micro-batches on stage s than 1F1B: 22.8 MiB
-    # more here (22.0 measured). Tolerance: the running pass's gradients (not
-    # modelled) peak at different moments under each schedule, and oneDNN's
-    # CPU allocator counts only allocations of 256 KiB or more, so the
-    # 64 KiB boundary tensors (0.44 MiB of the modelled difference) are not
-    # seen; the 512 KiB activations are.
+    # more here (19.5 measured: GPipe 28.5 MiB, 1F1B 9.0). Tolerance: the
+    # running pass's gradients and temporaries (not modelled) peak at
+    # different moments under each schedule (1F1B 2.8 MiB above its model
+    # here, 0.8 before the weight gradients were summed as each backward
+    # ends), and oneDNN's CPU allocator counts only allocations of 256 KiB
+    # or more, so the 64 KiB boundary tensors (0.44 MiB of the modelled
+    # difference) are not seen; the 512 KiB activations are.
     np.testing.assert_allclose(
         measured["gpipe"] - measured["1f1b"],
         modelled["gpipe"] - modelled["1f1b"],
-        rtol=0.1,
+        rtol=0.2,
     )
 
 

@@ -436,7 +436,7 @@ def test_save_and_load_without_tfpar(tmp_path: Path) -> None:
         (
             {"schedule": "zb"},
             ValueError,
-            r"`schedule` must be one of 'gpipe', '1f1b'\. Received: schedule='zb'\.",
+            r"`schedule` must be one of 'gpipe', '1f1b', 'interleaved'\. Received: schedule='zb'\.",
         ),
         ({"partition": "even"}, ValueError, "partition='even'"),
         (
@@ -509,7 +509,7 @@ def test_overridden_train_step_runs_unsplit_with_a_warning() -> None:
 def test_is_a_strategy_and_one_stage_is_plain_training() -> None:
     strategy = PipelineStrategy(["/device:CPU:0"], num_microbatches=1)
     assert isinstance(strategy, tf.distribute.Strategy)
-    assert strategy.schedule.format() == "stage 0 | F0 B0"
+    assert strategy.schedule.format() == "stage 0 | F0 B0\nplanned bubble 0.000"
     reference = train(None, mlp, batch_size=8, epochs=1)
     model = train(strategy, mlp, batch_size=8, epochs=1)
     assert_same_weights(reference, model)

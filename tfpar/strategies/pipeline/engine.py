@@ -125,7 +125,8 @@ class PipelineEngine:
         targets: dict[int, tf.Tensor] = {}
         optimizer = model.optimizer
         grads_out: dict[tuple[int, int], Any] = {}
-        grads: dict[int, list[Any]] = {i: [] for i in range(len(weights))}
+        # Per weight, the sum of its gradients over the micro-batches so far.
+        grads: dict[int, Any] = {}
         # Per stage (device): the end of its latest action, which its next
         # action waits for, whichever chunk either runs.
         last: list[tf.Tensor | None] = [None] * schedule.num_stages
@@ -196,7 +197,7 @@ class PipelineEngine:
                 [outputs[(len(self.chunks) - 1, j)] for j in range(len(parts))]
             )
         self._track_loss(loss, x)
-        gradients = [_sum_gradients(grads[i]) for i in range(len(weights))]
+        gradients = [grads.get(i) for i in range(len(weights))]
         if model.optimizer is not None:
             # As the one replica, so that Keras's LossScaleOptimizer (mixed
             # precision) accepts the call; its all-reduce is the identity and
@@ -287,7 +288,7 @@ class PipelineEngine:
         targets: dict[int, tf.Tensor],
         loss_of: Any,
         weights: list[Any],
-        grads: dict[int, list[Any]],
+        grads: dict[int, Any],
         grads_out: dict[tuple[int, int], Any],
     ) -> list[tf.Tensor]:
         is_last = c == len(self.chunks) - 1
@@ -328,8 +329,17 @@ class PipelineEngine:
         done = [g for g in result[: len(flat_h)] if g is not None]
         for i, g in enumerate(result[len(flat_h) :]):
             if g is not None:
-                grads[i].append(g)
-                done.append(g.values if isinstance(g, tf.IndexedSlices) else g)
+                # A running sum on this stage's device, which the action's
+                # end waits for: the stage holds one micro-batch's weight
+                # gradients, not M. With the next add as the sum's only
+                # consumer, every micro-batch's gradients were kept to the
+                # step's end (1F1B's process peak grew 2 MiB per micro-batch,
+                # eight 256x256 kernels: docs/pipeline.md, "Memory"), as if
+                # the adds had been fused into one AddN.
+                grads[i] = total = _add_gradient(grads.get(i), g)
+                done.append(
+                    total.values if isinstance(total, tf.IndexedSlices) else total
+                )
         return done
 
     def _track_loss(self, loss: tf.Tensor, x: Any) -> None:
@@ -420,22 +430,20 @@ def _num_bytes(tensors: list[Any]) -> tf.Tensor:
     return tf.add_n([tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in flat])
 
 
-def _sum_gradients(parts: list[Any]) -> Any:
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if any(isinstance(g, tf.IndexedSlices) for g in parts):
-        slices = [
-            g if isinstance(g, tf.IndexedSlices) else _to_slices(g) for g in parts
-        ]
-        return tf.IndexedSlices(
-            tf.concat([g.values for g in slices], 0),
-            tf.concat([g.indices for g in slices], 0),
-            slices[0].dense_shape,
+def _add_gradient(total: Any, g: Any) -> Any:
+    """Adds a micro-batch's gradient to the running total (`None` at first)."""
+    if total is None:
+        return g
+    if isinstance(total, tf.IndexedSlices) or isinstance(g, tf.IndexedSlices):
+        a, b = (
+            t if isinstance(t, tf.IndexedSlices) else _to_slices(t) for t in (total, g)
         )
-    with tf.device(parts[0].device):
-        return tf.add_n(parts)
+        return tf.IndexedSlices(
+            tf.concat([a.values, b.values], 0),
+            tf.concat([a.indices, b.indices], 0),
+            a.dense_shape,
+        )
+    return total + g
 
 
 def _to_slices(g: tf.Tensor) -> tf.IndexedSlices:
