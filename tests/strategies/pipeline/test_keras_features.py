@@ -518,3 +518,31 @@ def test_unsupported_models_are_refused_before_the_first_step() -> None:
         model.compile(**adam()())
     with pytest.raises(TypeError, match="subclassed model of type Subclassed"):
         model.fit(_x(), _y(), batch_size=BATCH, verbose=0)
+
+
+def test_compile_outside_the_scope_behaves_as_under_the_stock_strategy() -> None:
+    # The optimizer then holds the default strategy. The stock
+    # MirroredStrategy trains such a model when the optimizer has no slots,
+    # and refuses one with slots (Adam) when it creates them; so does the
+    # pipeline, whose updates reach it through merge_call.
+    x, y = _x(), _y()
+    models = []
+    for strategy in (None, PipelineStrategy(DEVICES, num_microbatches=2)):
+        scope = strategy.scope() if strategy else contextlib.nullcontext()
+        with scope:
+            model = mlp()
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    reference, model = models
+    for got, want in zip(model.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(got, want, RTOL, ATOL, err_msg=got.path)
+    for strategy in (
+        tf.distribute.MirroredStrategy(DEVICES),
+        PipelineStrategy(DEVICES, num_microbatches=2),
+    ):
+        with strategy.scope():
+            model = mlp()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        with pytest.raises(RuntimeError, match=r"Mixing different tf\.distribute"):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)

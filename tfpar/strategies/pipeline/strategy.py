@@ -535,8 +535,15 @@ class _PipelineExtended(compat.OneDeviceAdapter):
         )
 
     def uses_merge_call(self) -> bool:
-        """`False`: Keras's `maybe_merge_call` runs its function directly."""
-        return False
+        """`True`: Keras's optimizer updates go through `merge_call`.
+
+        Its `maybe_merge_call` then hands the update to this strategy even
+        when the optimizer was made outside the scope (and holds the default
+        strategy), as under the stock mirrored strategy; calling the
+        function directly would enter the default strategy's scope inside
+        this one, which TensorFlow refuses.
+        """
+        return True
 
     def update_variable(
         self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool
