@@ -17,7 +17,10 @@ medians. Also reported: the stages' busy time per step, summed over stages
 (what splitting the model adds to the work shows against one device; on
 logical devices, which time-share, overlapping time counts twice), the
 measured bubble (idle / (busy + idle) from
-`communication_stats()`) next to the planned one, and the peak of
+`communication_stats()`) next to the planned one, the time between steps
+(`between`: a step's wall time less its span from the first action of any
+stage to the last, when every stage waits for the coordinator; the
+unsplit and one-device rows include their own such time), and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
 planned) for 1F1B, GPipe and interleaved 1F1B (2 chunks per device; its peak
 counts (micro-batch, chunk) pairs, each half a stage's activations), and the
@@ -137,6 +140,8 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             exposed = sum(d.comm_seconds for s in stats[name] for d in s.devices)
             span = busy + exposed + idle  # per stage, the step's span
             measured_steps = sum(s.steps for s in stats[name])
+            devices_counted = len(stats[name][0].devices)
+            span_ms = 1000 * span / devices_counted / max(measured_steps, 1)
             planned = get_schedule(
                 schedule,
                 num_stages=len(_devs(configs, name)),
@@ -150,6 +155,11 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     "speedup_vs_same_microbatches": one / base[name],
                     "speedup_vs_unsplit": unsplit / base[name],
                     "bubble_measured": idle / span if span else 0.0,
+                    # Between steps: the step's wall time less the span from
+                    # its first action to its last (all stages alike), where
+                    # every device waits for the coordinator.
+                    "span_ms": span_ms,
+                    "between_steps_ms": 1000 * base[name] - span_ms,
                     # Busy time summed over stages: compared across configs,
                     # it shows what splitting the model adds to the work.
                     "busy_ms_per_step": 1000 * busy / max(measured_steps, 1),
@@ -229,7 +239,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
     header += f"{'busy ms':>8} {'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} "
-    header += f"{'host CPU':>8}"
+    header += f"{'host CPU':>8} {'between':>7}"
     print(header)
     for row in result["rows"]:
         print(
@@ -238,7 +248,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['busy_ms_per_step']:8.1f} "
             f"{row['bubble_measured']:7.2f} {row['bubble_planned']:7.2f} "
             f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d} "
-            f"{row['host_cpu_ms']:8.1f}"
+            f"{row['host_cpu_ms']:8.1f} {row['between_steps_ms']:7.1f}"
         )
 
 
