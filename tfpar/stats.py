@@ -37,6 +37,11 @@ class DeviceCommunication:
             parameter-server strategy).
         in_process: `False` for a replica of another process, of which only
             `wait_seconds` and `slowest_steps` are known here.
+        reduce_seconds: Exposed time of the gradient reduction among a
+            pipeline stage's replicas (and of the weight copies it receives),
+            apart from `comm_seconds`.
+        reduce_bytes_sent: Bytes the device sent for that reduction (summed
+            gradients, or weight copies), apart from `bytes_sent`.
     """
 
     device: str
@@ -48,6 +53,8 @@ class DeviceCommunication:
     slowest_steps: int = 0
     dispatch_seconds: float = 0.0
     in_process: bool = True
+    reduce_seconds: float = 0.0
+    reduce_bytes_sent: int = 0
 
     def since(self, earlier: DeviceCommunication) -> DeviceCommunication:
         """Returns the counters accumulated after `earlier` was taken."""
@@ -61,6 +68,8 @@ class DeviceCommunication:
             slowest_steps=self.slowest_steps - earlier.slowest_steps,
             dispatch_seconds=self.dispatch_seconds - earlier.dispatch_seconds,
             in_process=self.in_process,
+            reduce_seconds=self.reduce_seconds - earlier.reduce_seconds,
+            reduce_bytes_sent=self.reduce_bytes_sent - earlier.reduce_bytes_sent,
         )
 
 

@@ -15,12 +15,23 @@ EVERY_COUNTER = (
     "wait_seconds",
     "slowest_steps",
     "dispatch_seconds",
+    "reduce_seconds",
+    "reduce_bytes_sent",
 )
 
 
 def _everything(kind: str, modelled: tuple[str, ...]) -> CommunicationStats:
     device = DeviceCommunication(
-        "/device:CPU:0", 1.0, 1.0, 1.0, 8, 1.0, 1, dispatch_seconds=1.0
+        "/device:CPU:0",
+        1.0,
+        1.0,
+        1.0,
+        8,
+        1.0,
+        1,
+        dispatch_seconds=1.0,
+        reduce_seconds=1.0,
+        reduce_bytes_sent=8,
     )
     # The parameter-server strategy measures no communication time and
     # counts no bytes.

@@ -53,7 +53,9 @@ class CommunicationTime(keras.callbacks.Callback):
       (`.../bubble_ms` for a pipeline stage), `.../dispatch_ms`, and
       `.../bytes_sent_per_step` (`.../modelled_bytes_sent_per_step` where
       the strategy computes them from the algorithm's routing), where the
-      strategy keeps them (`CommunicationStats.counters`). All the
+      strategy keeps them (`CommunicationStats.counters`); `.../reduce_ms`
+      and `.../reduce_bytes_per_step` for a pipeline stage's replica (its
+      share of the gradient reduction among the stage's replicas). All the
       communication numbers of a sample over which no counter moved are
       left out (no step finished yet under the asynchronous
       parameter-server strategy), never logged as made-up zeros.
@@ -328,6 +330,8 @@ def _device_samples(delta: CommunicationStats, counted: int) -> list[Sample]:
         ("idle_seconds", idle, 1000.0),
         ("bytes_sent", sent, 1.0),
         ("dispatch_seconds", "dispatch_ms", 1000.0),
+        ("reduce_seconds", "reduce_ms", 1000.0),
+        ("reduce_bytes_sent", "reduce_bytes_per_step", 1.0),
     ]
     samples = []
     for counter, suffix, scale in fields:

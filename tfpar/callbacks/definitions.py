@@ -133,6 +133,21 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
         "all-reduce algorithm's routing (a ring: 2(n-1)/n of the buffer).",
     ),
     (
+        r"comm/device/.+/reduce_ms",
+        None,
+        "Measured: per step, the exposed time of the gradient reduction among "
+        "a stage's replicas: on replica 0, from the last replica's gradients "
+        "ready to their total on replica 0; on another replica, its copy of "
+        "the stage's weights arriving after its first input.",
+    ),
+    (
+        r"comm/device/.+/reduce_bytes_per_step",
+        None,
+        "Counted: bytes this stage replica sent per step for the gradient "
+        "reduction among the stage's replicas: its summed weight gradients "
+        "(replicas r > 0), or the weight copies (replica 0).",
+    ),
+    (
         r"comm/device/.+/dispatch_ms",
         None,
         "Measured: per step, this worker's training functions' wall time on "

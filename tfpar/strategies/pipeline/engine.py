@@ -12,10 +12,19 @@ and byte counts on each stage's device and `StageCounters` accumulates them
 into per-stage busy time, exposed communication time (waiting for a
 neighbouring chunk's tensor), bubble, bytes sent and peak micro-batches in
 flight.
+
+With R replicas per stage (`replicas.py`), replica group r runs micro-batches
+j with `j % R == r` in its own schedule; replicas r > 0 run each chunk on a
+copy of its variables read at the step's start (`keras.StatelessScope`, own
+seed states), and after the last backward their summed weight gradients are
+added to replica 0's beside the variables (`_reduce`), measured apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -27,8 +36,14 @@ from tfpar._compat import pipeline as compat
 from tfpar._variables import backing_variable
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.partition import Partition
-from tfpar.strategies.pipeline.schedules import BACKWARD, Action, Schedule
-from tfpar.strategies.pipeline.trace import StageCounters, StepTrace
+from tfpar.strategies.pipeline.replicas import SEED_OFFSET
+from tfpar.strategies.pipeline.schedules import (
+    BACKWARD,
+    Action,
+    Schedule,
+    get_schedule,
+)
+from tfpar.strategies.pipeline.trace import SUMMARY_SCALARS, StageCounters, StepTrace
 
 
 class PipelineEngine:
@@ -42,7 +57,11 @@ class PipelineEngine:
         schedule: The schedule training steps follow.
         recompute: Whether backward passes recompute the chunk's forward.
         counters: Where training steps accumulate their timings.
-        clocks: One `UnorderedClock` per stage, created on its device.
+        clocks: Per stage, one `UnorderedClock` per replica, created on its
+            device.
+        replicas: Per stage, its replicas' devices, replica 0 (where the
+            stage's variables live) first. Defaults to `None`: one replica,
+            the chunk's device.
     """
 
     def __init__(
@@ -54,7 +73,8 @@ class PipelineEngine:
         schedule: Schedule,
         recompute: bool,
         counters: StageCounters,
-        clocks: list[UnorderedClock],
+        clocks: list[list[UnorderedClock]],
+        replicas: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.model = model
         self.chunks = chunks
@@ -64,11 +84,39 @@ class PipelineEngine:
         self.counters = counters
         self.clocks = clocks
         self.devices = [row.device for row in partition.stages]  # per chunk
+        k = schedule.num_stages
+        self.replicas = [list(r) for r in replicas or [[d] for d in self.devices[:k]]]
+        self.num_replicas = len(self.replicas[0])
+        # Replica group r runs micro-batches r, r + R, ...: its own schedule.
+        m, big_r = schedule.num_microbatches, self.num_replicas
+        self.group_schedules = [
+            schedule
+            if big_r == 1
+            else get_schedule(
+                schedule.name,
+                num_stages=k,
+                num_microbatches=len(range(r, m, big_r)),
+                chunks_per_device=schedule.chunks_per_device,
+            )
+            for r in range(big_r)
+        ]
         # Seed-generator states per chunk, and their values when each (chunk,
         # micro-batch) forward began: a recomputed forward reads those values,
         # so Dropout draws the same mask twice.
         self._seed_states = [compat.seed_states(chunk) for chunk in chunks]
         self._seeds: dict[tuple[int, int], list[tf.Tensor]] = {}
+        # Per replica r > 0: the step's copies of every chunk's variables,
+        # each on the replica's device of its chunk (as (variable, copy) and
+        # by trainable-weight index), and per (chunk, r) its seed states so
+        # far. A chunk's layers read its copies; the loss's regularization
+        # terms (on the last chunk) read the other chunks' copies.
+        self._snapshots: dict[int, tuple[list[Any], dict[int, Any]]] = {}
+        self._carried: dict[tuple[int, int], list[tf.Tensor]] = {}
+        self._copies: dict[tuple[int, int], list[tf.Tensor]] = {}
+
+    def device(self, c: int, r: int) -> str:
+        """The device of replica `r` of chunk `c`."""
+        return self.replicas[c % len(self.replicas)][r]
 
     def step(self, kind: str, data: Any) -> Any:
         """Builds the step of `kind` (`"train"`, `"test"` or `"predict"`)."""
@@ -90,8 +138,15 @@ class PipelineEngine:
         parts = [(inputs[j], *targets[j]) for j in range(m)]
         if kind == "train":
             return self._train_step(x, y, sample_weight, parts, sizes)
+        if self.num_replicas > 1:
+            self._snapshot(list(self.model.trainable_weights))
         with tf.device(self.devices[-1]):
-            y_pred = microbatch.concat([self._forward_only(p[0]) for p in parts])
+            y_pred = microbatch.concat(
+                [
+                    self._forward_only(p[0], j % self.num_replicas)
+                    for j, p in enumerate(parts)
+                ]
+            )
         if kind == "predict":
             return y_pred
         model = self.model
@@ -101,18 +156,65 @@ class PipelineEngine:
         self._track_loss(loss, x)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _forward_only(self, x: Any) -> Any:
+    def _forward_only(self, x: Any, r: int) -> Any:
         h = x
-        for device, chunk in zip(self.devices, self.chunks, strict=True):
-            with tf.device(device):
+        for c, chunk in enumerate(self.chunks):
+            with tf.device(self.device(c, r)), self._scope(c, r, None):
                 h = chunk(tree.map_structure(tf.identity, h), training=False)
         return h
+
+    def _snapshot(self, weights: list[Any]) -> dict[tuple[int, int], list[tf.Tensor]]:
+        """Copies each chunk's variables to its replicas r > 0: the broadcast.
+
+        Returns, per (stage, replica r > 0), the copies it received.
+        """
+        self._snapshots.clear()
+        self._carried.clear()
+        index = {id(w): i for i, w in enumerate(weights)}
+        copies: dict[tuple[int, int], list[tf.Tensor]] = {}
+        for c, chunk in enumerate(self.chunks):
+            seeds = {id(v) for v in self._seed_states[c]}
+            for r in range(1, self.num_replicas):
+                with tf.device(self.device(c, r)):
+                    mapping, watched = [], {}
+                    for v in chunk.variables:
+                        if id(v) in seeds:
+                            continue
+                        value = tf.identity(v.value)
+                        mapping.append((v, value))
+                        if id(v) in index:
+                            watched[index[id(v)]] = value
+                    # Replica r draws from its own seeds, never replica 0's.
+                    carried = [
+                        tf.identity(v.value)
+                        + tf.constant([r * SEED_OFFSET, 0], v.value.dtype)
+                        for v in self._seed_states[c]
+                    ]
+                all_mapping, all_watched = self._snapshots.setdefault(r, ([], {}))
+                all_mapping.extend(mapping)
+                all_watched.update(watched)
+                self._carried[(c, r)] = carried
+                key = (c % len(self.replicas), r)
+                copies.setdefault(key, []).extend([t for _, t in mapping] + carried)
+        return copies
+
+    def _scope(self, c: int, r: int, seeds: list[tf.Tensor] | None) -> Any:
+        # Replica r > 0 runs on its snapshot; a recomputed forward on its
+        # original seeds. Updates inside are discarded.
+        if r == 0 and seeds is None:
+            return contextlib.nullcontext()
+        mapping = list(self._snapshots[r][0]) if r > 0 else []
+        if seeds is None:
+            seeds = self._carried[(c, r)]
+        mapping += list(zip(self._seed_states[c], seeds, strict=True))
+        return keras.StatelessScope(state_mapping=mapping)
 
     def _train_step(
         self, x: Any, y: Any, sample_weight: Any, parts: list[Any], sizes: tf.Tensor
     ) -> Any:
         model = self.model
         schedule = self.schedule
+        k, big_r = schedule.num_stages, self.num_replicas
         weights = list(model.trainable_weights)
         with tf.device(self.devices[-1]):
             fraction = tf.cast(sizes, tf.float32) / tf.cast(
@@ -125,12 +227,15 @@ class PipelineEngine:
         targets: dict[int, tf.Tensor] = {}
         optimizer = model.optimizer
         grads_out: dict[tuple[int, int], Any] = {}
-        # Per weight, the sum of its gradients over the micro-batches so far.
-        grads: dict[int, Any] = {}
-        # Per stage (device): the end of its latest action, which its next
-        # action waits for, whichever chunk either runs.
-        last: list[tf.Tensor | None] = [None] * schedule.num_stages
-        trace = StepTrace(schedule.num_stages, schedule.num_chunks, len(parts))
+        # Per replica group, per weight, the sum of its gradients over the
+        # group's micro-batches so far.
+        grads: list[dict[int, Any]] = [{} for _ in range(big_r)]
+        self._copies = self._snapshot(weights) if big_r > 1 else {}
+        arrivals = {}
+        for (s, r), tensors in self._copies.items():
+            with tf.device(self.replicas[s][r]), tf.control_dependencies(tensors):
+                arrivals[(s, r)] = self.clocks[s][r]()
+        traces = []
 
         def loss_of(j: int, y_pred: Any) -> tf.Tensor:
             # Micro-batch j's share of the whole batch's mean loss, then the
@@ -142,54 +247,73 @@ class PipelineEngine:
             losses[j] = loss * tf.cast(fraction[j], loss.dtype)
             return losses[j] if optimizer is None else optimizer.scale_loss(losses[j])
 
-        for action in schedule.order():
-            s, j = action.stage, action.microbatch
-            c = schedule.chunk_index(action)
-            with tf.device(self.devices[c]):
-                incoming = self._incoming(c, action, parts, outputs, grads_out)
-                received = tree.map_structure(_identity, incoming)
-                with tf.control_dependencies(_present(received)):
-                    arrived = self.clocks[s]()
-                deps = [arrived] + ([last[s]] if last[s] is not None else [])
-                with tf.control_dependencies(deps):
-                    start = self.clocks[s]()
-                with tf.control_dependencies([start]):
-                    if action.kind == BACKWARD:
-                        done = self._backward(
-                            c,
-                            j,
-                            received,
-                            inputs,
-                            outputs,
-                            tapes,
-                            targets,
-                            loss_of,
-                            weights,
-                            grads,
-                            grads_out,
-                        )
-                    else:
-                        inputs[(c, j)] = received
-                        done = self._forward(
-                            c, j, received, outputs, tapes, targets, loss_of
-                        )
-                with tf.control_dependencies(done):
-                    end = self.clocks[s]()
-                sent = self._sent(c, action, outputs, grads_out)
-                trace.busy[s].append(end - start)
-                trace.done[c][action.kind][j] = end
-                trace.ready[c][action.kind][j] = self._ready(c, action, end, sent)
-                trace.arrived[c][action.kind][j] = arrived
-                trace.free[c][action.kind][j] = (
-                    last[s]
-                    if last[s] is not None
-                    else tf.constant(float("-inf"), tf.float64)
-                )
-                if sent:
-                    trace.sent[s].append(_num_bytes(sent))
-            last[s] = end
-            trace.starts[s].append(start)
-            trace.ends[s].append(end)
+        for r, group in enumerate(self.group_schedules):
+            # Per stage (device): the end of its latest action, which its next
+            # action waits for, whichever chunk either runs.
+            last: list[tf.Tensor | None] = [None] * k
+            trace = StepTrace(k, schedule.num_chunks, group.num_microbatches)
+            traces.append(trace)
+            for local in group.order():
+                s, i = local.stage, local.microbatch
+                # The group's i-th micro-batch is the batch's (i R + r)-th.
+                action = dataclasses.replace(local, microbatch=i * big_r + r)
+                j = action.microbatch
+                c = group.chunk_index(local)
+                clock = self.clocks[s][r]
+                with tf.device(self.device(c, r)):
+                    incoming = self._incoming(c, action, parts, outputs, grads_out)
+                    received = tree.map_structure(_identity, incoming)
+                    with tf.control_dependencies(_present(received)):
+                        arrived = clock()
+                    deps = [arrived] + ([last[s]] if last[s] is not None else [])
+                    if last[s] is None and (s, r) in arrivals:
+                        # The replica's first action also waits for its copy
+                        # of the stage's weights.
+                        deps.append(arrivals[(s, r)])
+                        trace.reduce[s][1] = arrivals[(s, r)]
+                        trace.reduce[s][2] = arrived
+                    with tf.control_dependencies(deps):
+                        start = clock()
+                    with tf.control_dependencies([start]):
+                        if action.kind == BACKWARD:
+                            done = self._backward(
+                                c,
+                                r,
+                                j,
+                                received,
+                                inputs,
+                                outputs,
+                                tapes,
+                                targets,
+                                loss_of,
+                                weights,
+                                grads[r],
+                                grads_out,
+                            )
+                        else:
+                            inputs[(c, j)] = received
+                            done = self._forward(
+                                c, r, j, received, outputs, tapes, targets, loss_of
+                            )
+                    with tf.control_dependencies(done):
+                        end = clock()
+                    sent = self._sent(c, action, outputs, grads_out)
+                    trace.busy[s].append(end - start)
+                    trace.done[c][action.kind][i] = end
+                    trace.ready[c][action.kind][i] = self._ready(
+                        c, action, end, sent, clock
+                    )
+                    trace.arrived[c][action.kind][i] = arrived
+                    trace.free[c][action.kind][i] = (
+                        last[s]
+                        if last[s] is not None
+                        else tf.constant(float("-inf"), tf.float64)
+                    )
+                    if sent:
+                        trace.sent[s].append(_num_bytes(sent))
+                last[s] = end
+                trace.starts[s].append(start)
+                trace.ends[s].append(end)
 
         with tf.device(self.devices[-1]):
             loss = tf.add_n([losses[j] for j in sorted(losses)])
@@ -197,15 +321,60 @@ class PipelineEngine:
                 [outputs[(len(self.chunks) - 1, j)] for j in range(len(parts))]
             )
         self._track_loss(loss, x)
-        gradients = [grads.get(i) for i in range(len(weights))]
+        if big_r > 1:
+            gradients = self._reduce(weights, grads, traces)
+        else:
+            gradients = [grads[0].get(i) for i in range(len(weights))]
         if model.optimizer is not None:
             # As the one replica, so that Keras's LossScaleOptimizer (mixed
             # precision) accepts the call; its all-reduce is the identity and
             # each update still runs beside its variable (`update_variable`).
             with compat.OneReplicaContext(tf.distribute.get_strategy()):
                 model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
-        self._accumulate(trace)
+        self._accumulate(traces)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _reduce(
+        self, weights: list[Any], grads: list[dict[int, Any]], traces: list[StepTrace]
+    ) -> list[Any]:
+        """Sums every replica's weight gradients on the stage's replica 0.
+
+        Records, per stage, the bytes each replica r > 0 sent (its gradient
+        sums), the bytes replica 0 sent (the step's weight copies) and when
+        the stage's totals existed on replica 0.
+        """
+        k, big_r = len(self.replicas), self.num_replicas
+        index = {id(w): i for i, w in enumerate(weights)}
+        stage_of: dict[int, int] = {}
+        for c, chunk in enumerate(self.chunks):
+            for w in chunk.trainable_weights:
+                stage_of.setdefault(index[id(w)], c % k)
+        totals: list[Any] = [None] * len(weights)
+        for s in range(k):
+            mine = [i for i in range(len(weights)) if stage_of.get(i, 0) == s]
+            copies = [t for r in range(1, big_r) for t in self._copies.get((s, r), [])]
+            if copies:
+                with tf.device(self.replicas[s][0]):
+                    traces[0].reduce[s][0] = _num_bytes(copies)
+            for r in range(1, big_r):
+                sent = [grads[r][i] for i in mine if i in grads[r]]
+                if sent:
+                    with tf.device(self.replicas[s][r]):
+                        traces[r].reduce[s][0] = _num_bytes(sent)
+            with tf.device(self.replicas[s][0]):
+                for i in mine:
+                    for r in range(big_r):
+                        if grads[r].get(i) is not None:
+                            totals[i] = _add_gradient(totals[i], grads[r][i])
+                present = [
+                    t.values if isinstance(t, tf.IndexedSlices) else t
+                    for t in (totals[i] for i in mine)
+                    if t is not None
+                ]
+                if present:
+                    with tf.control_dependencies(present):
+                        traces[0].reduce[s][1] = self.clocks[s][0]()
+        return totals
 
     def _sent(
         self,
@@ -225,14 +394,19 @@ class PipelineEngine:
         return tree.flatten(outputs[(c, j)]) if c < len(self.chunks) - 1 else []
 
     def _ready(
-        self, c: int, action: Action, end: tf.Tensor, sent: list[Any]
+        self,
+        c: int,
+        action: Action,
+        end: tf.Tensor,
+        sent: list[Any],
+        clock: UnorderedClock,
     ) -> tf.Tensor:
         # When the input gradient a backward sends on was ready; otherwise
         # what an action sends is ready when it ends.
         if action.kind != BACKWARD or c == 0:
             return end
         with tf.control_dependencies(sent):
-            return self.clocks[action.stage]()
+            return clock()
 
     def _incoming(
         self,
@@ -250,6 +424,7 @@ class PipelineEngine:
     def _forward(
         self,
         c: int,
+        r: int,
         j: int,
         h: Any,
         outputs: dict[tuple[int, int], Any],
@@ -261,25 +436,38 @@ class PipelineEngine:
         if self.recompute:  # the backward pass recomputes the loss as well
             # Read before the forward advances the state (automatic control
             # dependencies keep program order on the same variable).
-            self._seeds[(c, j)] = [
-                tf.identity(backing_variable(v)) for v in self._seed_states[c]
-            ]
-            out = self.chunks[c](h, training=True)
+            self._seeds[(c, j)] = (
+                [tf.identity(backing_variable(v)) for v in self._seed_states[c]]
+                if r == 0
+                else self._carried[(c, r)]
+            )
+        # Replica 0 updates the real state; replica r > 0 carries its own.
+        scope = self._scope(c, r, None)
+        if self.recompute:
+            with scope:
+                out = self.chunks[c](h, training=True)
         else:
             tape = tf.GradientTape()
-            with tape:
+            with scope, tape:
                 if c > 0:
                     tape.watch(_floating(h))
+                if r > 0:
+                    tape.watch(list(self._snapshots[r][1].values()))
                 out = self.chunks[c](h, training=True)
                 if is_last:
                     targets[j] = loss_of(j, out)
             tapes[(c, j)] = tape
+        if r > 0:
+            self._carried[(c, r)] = [
+                scope.get_current_value(v) for v in self._seed_states[c]
+            ]
         outputs[(c, j)] = out
         return tree.flatten(out) + ([targets[j]] if j in targets and is_last else [])
 
     def _backward(
         self,
         c: int,
+        r: int,
         j: int,
         upstream: Any,
         inputs: dict[tuple[int, int], Any],
@@ -293,15 +481,17 @@ class PipelineEngine:
     ) -> list[tf.Tensor]:
         is_last = c == len(self.chunks) - 1
         h = inputs[(c, j)]
+        # Replica r > 0 differentiates with respect to its copies.
+        copies = self._snapshots[r][1] if r > 0 else {}
         if self.recompute:
             # Replays the forward without applying its state updates a second
             # time (BatchNormalization statistics, seed generators), from the
             # seed states the original forward started with.
-            seeds = zip(self._seed_states[c], self._seeds.pop((c, j)), strict=True)
             tape = tf.GradientTape()
-            with keras.StatelessScope(state_mapping=list(seeds)), tape:
+            with self._scope(c, r, self._seeds.pop((c, j))), tape:
                 if c > 0:
                     tape.watch(_floating(h))
+                tape.watch(list(copies.values()))
                 out = self.chunks[c](h, training=True)
                 target = loss_of(j, out) if is_last else out
         else:
@@ -319,9 +509,10 @@ class PipelineEngine:
                 if g is not None
             ]
             target, upstream = [t for t, _ in kept], [g for _, g in kept]
+        sources = [copies.get(i, w) for i, w in enumerate(weights)]
         result = tape.gradient(
             target,
-            flat_h + weights,
+            flat_h + sources,
             output_gradients=None if is_last else upstream,
         )
         if c > 0:
@@ -348,61 +539,108 @@ class PipelineEngine:
             first = next(t for t in tree.flatten(x) if t is not None)
             tracker.update_state(loss, sample_weight=tf.shape(first)[0])
 
-    def _accumulate(self, trace: StepTrace) -> None:
+    def _accumulate(self, traces: list[StepTrace]) -> None:
         counters = self.counters
         schedule = self.schedule
         k, v = schedule.num_stages, schedule.chunks_per_device
-        m = schedule.num_microbatches
-        summaries = []
-        for s in range(k):
-            with tf.device(self.devices[s]):  # chunk s is stage s's first
-                summaries.append(trace.summary(s))
+        big_r = self.num_replicas
+        groups = []
+        for r, trace in enumerate(traces):
+            summaries = []
+            for s in range(k):
+                with tf.device(self.replicas[s][r]):  # chunk s is stage s's first
+                    summaries.append(trace.summary(s))
+            groups.append(summaries)
         with tf.device(counters.busy.device):
-            rows = tf.stack(summaries)
-            busy = rows[:, 0]
-            begin = tf.reduce_min(rows[:, 1])
-            span = tf.reduce_max(rows[:, 2]) - begin
-            # [stage, record, stage's chunk, micro-batch], then, for the
-            # timestamps of receiving and sending, per record the model's
-            # chunks in order: chunk v of stage s is chunk v * K + s.
-            records = tf.reshape(rows[:, 4:], [k, 8, v, m])
-            per_chunk = tf.reshape(tf.transpose(records, [1, 2, 0, 3]), [8, v * k, m])
-            arrived_f, arrived_b, ready_f, ready_b, free_f, free_b = tf.unstack(
-                per_chunk[2:]
+            rows = [tf.stack(summaries) for summaries in groups]
+
+            def per_device(column: int) -> tf.Tensor:
+                return tf.stack([g[:, column] for g in rows], axis=1)  # [K, R]
+
+            ends, reduce_bytes = per_device(2), per_device(4)
+            reduce_a, reduce_b = per_device(5), per_device(6)
+            begin = tf.reduce_min(per_device(1))
+            # The step ends when the last stage's gradient totals exist (with
+            # replicas) or the last action ends.
+            end = tf.maximum(tf.reduce_max(ends), tf.reduce_max(reduce_a[:, 0]))
+            span = end - begin
+            comm, peak = zip(
+                *(
+                    _group_counters(g, begin, k, v, s.num_microbatches)
+                    for g, s in zip(rows, self.group_schedules, strict=True)
+                ),
+                strict=True,
             )
-            # A stage is free for its first action from the step's start.
-            free_f, free_b = tf.maximum(free_f, begin), tf.maximum(free_b, begin)
-            # Exposed communication, on the receiving chunk's stage: a forward
-            # on chunk c > 0 waits for chunk c - 1's activations, a backward
-            # on chunk c < K V - 1 for chunk c + 1's input gradient (always
-            # on another device). The stage waited from when it was free and
-            # the tensor was ready on the sender until the tensor arrived; a
-            # tensor that arrived before that made nobody wait, so max(0, .)
-            # is the definition, not a clamp of a timing error.
-            zero = tf.zeros([1], tf.float64)
-            forward = _exposed(arrived_f[1:], ready_f[:-1], free_f[1:])
-            backward = _exposed(arrived_b[:-1], ready_b[1:], free_b[:-1])
-            comm = tf.concat([zero, forward], 0) + tf.concat([backward, zero], 0)
-            comm = tf.reduce_sum(tf.reshape(comm, [v, k]), axis=0)  # per stage
-            counters.busy.assign_add(busy)
+            comm = tf.stack(comm, axis=1)
+            busy = per_device(0)
+            if big_r > 1:
+                # Replica 0: from the last replica's gradients being ready to
+                # the stage's totals existing. Replica r > 0: its copy of the
+                # weights arriving after its first action's input (or the
+                # step's start). Both outside the actions and their waits
+                # for a neighbour, so the bubble stays disjoint.
+                gather = tf.maximum(
+                    reduce_a[:, :1] - tf.reduce_max(ends, 1)[:, None], 0
+                )
+                broadcast = tf.maximum(
+                    reduce_a[:, 1:] - tf.maximum(reduce_b[:, 1:], begin), 0.0
+                )
+                reduce = tf.concat([gather, broadcast], 1)
+            else:
+                reduce = tf.zeros_like(busy)
+
+            def flat(t: tf.Tensor) -> tf.Tensor:
+                return tf.reshape(t, [k * big_r])  # device s R + r
+
+            counters.busy.assign_add(flat(busy))
             # The bubble: waiting for a neighbour still computing, or for the
             # schedule. Each exposed wait lies between the stage's previous
             # action and the start of the action that waited, so busy and
             # exposed time never overlap and the bubble is never negative.
-            counters.idle.assign_add(span - busy - comm)
-            counters.comm.assign_add(comm)
-            counters.bytes.assign_add(tf.cast(rows[:, 3], tf.int64))
+            counters.idle.assign_add(flat(span - busy - comm - reduce))
+            counters.comm.assign_add(flat(comm))
+            counters.reduce.assign_add(flat(reduce))
+            counters.bytes.assign_add(tf.cast(flat(per_device(3)), tf.int64))
+            counters.reduce_bytes.assign_add(tf.cast(flat(reduce_bytes), tf.int64))
             counters.steps.assign_add(1)
-            counters.calls.assign_add(2 * m * (k * v - 1))
-            # (Chunk, micro-batch) pairs in flight on a stage when one of its
-            # forwards ends: those whose forward has ended and whose backward
-            # has not.
-            forward_done = tf.reshape(records[:, 0], [k, v * m])
-            backward_done = tf.reshape(records[:, 1], [k, v * m])
-            at = forward_done[:, :, None]
-            live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
-            in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
-            counters.peak.assign(tf.maximum(counters.peak, tf.reduce_max(in_flight, 1)))
+            m = schedule.num_microbatches
+            counters.calls.assign_add(2 * m * (k * v - 1) + 2 * k * (big_r - 1))
+            peak = flat(tf.stack(peak, axis=1))
+            counters.peak.assign(tf.maximum(counters.peak, peak))
+
+
+def _group_counters(
+    rows: tf.Tensor, begin: tf.Tensor, k: int, v: int, m: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """One replica group's exposed communication and peak in flight, per stage."""
+    # [stage, record, stage's chunk, micro-batch], then, for the timestamps
+    # of receiving and sending, per record the model's chunks in order:
+    # chunk v of stage s is chunk v * K + s.
+    records = tf.reshape(rows[:, SUMMARY_SCALARS:], [k, 8, v, m])
+    per_chunk = tf.reshape(tf.transpose(records, [1, 2, 0, 3]), [8, v * k, m])
+    arrived_f, arrived_b, ready_f, ready_b, free_f, free_b = tf.unstack(per_chunk[2:])
+    # A stage is free for its first action from the step's start.
+    free_f, free_b = tf.maximum(free_f, begin), tf.maximum(free_b, begin)
+    # Exposed communication, on the receiving chunk's stage: a forward on
+    # chunk c > 0 waits for chunk c - 1's activations, a backward on chunk
+    # c < K V - 1 for chunk c + 1's input gradient (always on another
+    # device). The stage waited from when it was free and the tensor was
+    # ready on the sender until the tensor arrived; a tensor that arrived
+    # before that made nobody wait, so max(0, .) is the definition, not a
+    # clamp of a timing error.
+    zero = tf.zeros([1], tf.float64)
+    forward = _exposed(arrived_f[1:], ready_f[:-1], free_f[1:])
+    backward = _exposed(arrived_b[:-1], ready_b[1:], free_b[:-1])
+    comm = tf.concat([zero, forward], 0) + tf.concat([backward, zero], 0)
+    comm = tf.reduce_sum(tf.reshape(comm, [v, k]), axis=0)  # per stage
+    # (Chunk, micro-batch) pairs in flight on a stage when one of its
+    # forwards ends: those whose forward has ended and whose backward has not.
+    forward_done = tf.reshape(records[:, 0], [k, v * m])
+    backward_done = tf.reshape(records[:, 1], [k, v * m])
+    at = forward_done[:, :, None]
+    live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
+    in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
+    return comm, tf.reduce_max(in_flight, 1)
 
 
 def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:

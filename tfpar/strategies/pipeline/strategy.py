@@ -10,7 +10,10 @@ control dependencies, so each device runs exactly the planned sequence while
 TensorFlow's dataflow executor overlaps the devices. Stage-boundary
 activations are the only tensors that cross devices. With the interleaved
 schedule each stage holds several chunks of the model, chunk c on device
-c % K, and the boundaries between chunks are the stage boundaries.
+c % K, and the boundaries between chunks are the stage boundaries. With
+several replicas per stage (`devices` as a list of lists), each replica group
+runs its share of the micro-batches and each stage's weight gradients are
+summed on its replica 0 (`replicas.py`).
 
 The host side (input pipeline, replica context, metrics) is a one-device
 strategy on this process's CPU; the pipeline replaces the body of
@@ -33,7 +36,6 @@ from tfpar._compat import pipeline as compat
 from tfpar._datasets import DistributesWithoutAutotuning, without_autotune_thread
 from tfpar._validation import check_bool, check_instance, check_int
 from tfpar._variables import backing_variable
-from tfpar.devices import resolve_devices
 from tfpar.stats import CommunicationStats, DeviceCommunication
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.engine import PipelineEngine
@@ -45,6 +47,11 @@ from tfpar.strategies.pipeline.partition import (
     has_layer_graph,
     partition_model,
     valid_cut_points,
+)
+from tfpar.strategies.pipeline.replicas import (
+    check_replica_count,
+    check_replicable,
+    resolve_stage_devices,
 )
 from tfpar.strategies.pipeline.schedules import (
     Schedule,
@@ -62,7 +69,8 @@ class PipelineOptions:
     """Validated options of a `PipelineStrategy`.
 
     Attributes:
-        devices: Canonical device names, one per stage.
+        devices: Canonical device names, one per stage (its replica 0, which
+            holds the stage's variables).
         num_microbatches: Micro-batches per batch, >= 1.
         schedule: `"gpipe"`, `"1f1b"` or `"interleaved"`.
         partition: `"auto"`, `"flops"`, `"params"` or a tuple of
@@ -70,6 +78,8 @@ class PipelineOptions:
         recompute: Whether backward passes recompute their chunk's forward.
         chunks_per_device: Model chunks per device, V: 1, or >= 2 with the
             interleaved schedule. Defaults to `1`.
+        replicas: Per stage, the canonical names of its R replicas, replica 0
+            (`devices[s]`) first. Defaults to `()`: one replica per stage.
     """
 
     devices: tuple[str, ...]
@@ -78,9 +88,19 @@ class PipelineOptions:
     partition: str | tuple[str, ...]
     recompute: bool
     chunks_per_device: int = 1
+    replicas: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         microbatch.validate_num_microbatches(self.num_microbatches)
+        if not self.replicas:
+            object.__setattr__(self, "replicas", tuple((d,) for d in self.devices))
+        if tuple(r[0] for r in self.replicas) != self.devices:
+            raise ValueError(
+                "`replicas` must list each stage's devices with `devices[s]` "
+                f"first. Received: devices={list(self.devices)!r}, "
+                f"replicas={[list(r) for r in self.replicas]!r}."
+            )
+        check_replica_count(self.num_microbatches, self.num_replicas)
         validate_schedule_name(self.schedule)
         check_bool("recompute", self.recompute)
         check_int("chunks_per_device", self.chunks_per_device, minimum=1)
@@ -107,6 +127,11 @@ class PipelineOptions:
                 f"devices={list(self.devices)!r}."
             )
 
+    @property
+    def num_replicas(self) -> int:
+        """Replicas per stage, R (1 unless `devices` was a list of lists)."""
+        return len(self.replicas[0])
+
 
 class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
     """Trains a Keras model cut into stages, one per device, with micro-batches.
@@ -126,8 +151,14 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         devices: One device per stage, local (`"/device:CPU:1"`, GPUs) or
             remote (`"/job:worker/replica:0/task:1/device:CPU:0"` after
             `LocalCluster.connect()`). Defaults to `None`:
-            `tfpar.default_devices()`.
-        num_microbatches: Micro-batches per batch, M >= 1. Defaults to `4`.
+            `tfpar.default_devices()`. Or, for pipeline x data parallel, one
+            list per stage naming its R replicas (the same R for every
+            stage): replica group r, `devices[0][r], ..., devices[K-1][r]`,
+            runs micro-batches j with `j % R == r`, and each stage's weight
+            gradients are summed on its replica 0, which holds its variables
+            (see `docs/pipeline.md`, "Pipeline x data parallel").
+        num_microbatches: Micro-batches per batch, M >= 1 (M >= R with
+            replicas). Defaults to `4`.
             Batches that do not divide evenly get micro-batches differing by
             one example; a batch smaller than M is an error.
         schedule: `"1f1b"` (default; at most K micro-batches in flight per
@@ -155,14 +186,15 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
 
     Raises:
         ValueError: For an unknown schedule or `partition` name,
-            `num_microbatches < 1`, unknown, malformed or repeated devices, a
+            `num_microbatches < 1` (or < R), unknown, malformed or repeated
+            devices, stages with different replica counts, a
             `partition` list of the wrong length, `chunks_per_device` not
             fitting the schedule; when the model is first partitioned: more
             stages (or chunks) than cut points, an unknown or invalid
             cut-point layer (the message names it).
         TypeError: For an argument of the wrong type (`partition=42`,
             `num_microbatches="4"`, `recompute=1`, `devices="/gpu:0"`,
-            `chunks_per_device=2.0`).
+            `chunks_per_device=2.0`, `devices` mixing names and lists).
 
     Example:
 
@@ -188,7 +220,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
 
     def __init__(
         self,
-        devices: Sequence[str] | None = None,
+        devices: Sequence[str] | Sequence[Sequence[str]] | None = None,
         num_microbatches: int = 4,
         schedule: str = "1f1b",
         partition: str | Sequence[str] = "auto",
@@ -196,9 +228,11 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         *,
         chunks_per_device: int | None = None,
     ) -> None:
-        names = resolve_devices(devices)
+        replicas = resolve_stage_devices(devices)
+        names = [stage[0] for stage in replicas]
         self._options = PipelineOptions(
             devices=tuple(names),
+            replicas=replicas,
             num_microbatches=num_microbatches,
             schedule=validate_schedule_name(schedule),
             partition=check_partition(partition),
@@ -216,7 +250,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         # Input pipeline, metrics and counters stay on this process's CPU, which
         # also works when every stage is a remote worker or a GPU.
         with tf.init_scope(), tf.device(_HOST):
-            self._counters = StageCounters(len(names))
+            self._counters = StageCounters(len(names) * len(replicas[0]))
         super().__init__(_PipelineExtended(self, _HOST))
 
     @property
@@ -303,10 +337,14 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         schedule counts (micro-batch, chunk) pairs, each about 1/V of a
         stage's activations.
 
+        With replicas, a stage's count is the largest over its replicas
+        (each runs its group's schedule of about M / R micro-batches).
+
         Returns:
             One count per stage (zeros before the first training step).
         """
-        return [int(v) for v in self._counters.read()["peak"]]
+        peak = self._counters.read()["peak"].reshape(len(self._options.devices), -1)
+        return [int(v) for v in peak.max(axis=1)]
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-stage counters of the training steps so far.
@@ -324,9 +362,17 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         several machines they assume synchronized clocks, and on GPUs they
         mark when kernels were enqueued, not when they finished.
 
+        With R replicas per stage, there is one `DeviceCommunication` per
+        device, K x R, stage-major (`devices[0][0], devices[0][1], ...`);
+        the first four counters describe the device's own replica group's
+        stage-boundary transfers, and the reduction among a stage's replicas
+        is counted apart (see `docs/pipeline.md`, "Pipeline x data
+        parallel"). The step's span then ends when the last stage's gradient
+        totals exist, and the bubble also excludes `reduce_seconds`.
+
         Returns:
             A `CommunicationStats` with `kind="pipeline"` and one
-            `DeviceCommunication` per stage:
+            `DeviceCommunication` per stage (per device with replicas):
 
             - `busy_seconds`: time computing, summed over the stage's
               actions from their start to their end.
@@ -348,36 +394,60 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             - `bytes_sent`: bytes of the tensors the stage sent, counted from
               their sizes: activations to the next stage and input gradients
               to the previous one.
+            - `reduce_seconds` (R > 1 only): on a stage's replica 0, the
+              exposed reduction, from the last replica's summed weight
+              gradients being ready (the end of its last action) to the
+              stage's totals existing on replica 0; on replica r > 0, the
+              time its first action waited for its copy of the stage's
+              weights beyond its input (and the step's start).
+            - `reduce_bytes_sent` (R > 1 only), counted from the tensors'
+              sizes: on replica 0, the copies of the stage's variables (and
+              seed states) it sent to the other replicas; on replica r > 0,
+              its summed weight gradients.
 
-            The totals: `comm_seconds` is the mean over stages of their
-            exposed communication time, so `comm_seconds / steps` is the
-            exposed communication of an average stage per step, a part of
-            the step's wall time;
+            The totals: `comm_seconds` is the mean over devices of their
+            exposed communication time (plus `reduce_seconds`), so
+            `comm_seconds / steps` is the exposed communication of an
+            average stage per step, a part of the step's wall time;
             `bytes_logical` and `bytes_moved` are the bytes sent by all
-            stages; `calls` counts the transfers, `2 * M * (K - 1)` per
-            step (`2 * M * (K * V - 1)` with V chunks per device).
+            devices (reduction included); `calls` counts the transfers,
+            `2 * M * (K - 1)` per step (`2 * M * (K * V - 1)` with V chunks
+            per device), plus `2 * K * (R - 1)` with replicas (one copy and
+            one gradient transfer per replica r > 0 and stage).
         """
         values = self._counters.read()
+        names = [d for stage in self._options.replicas for d in stage]
         devices = tuple(
             DeviceCommunication(
                 device=device,
-                busy_seconds=float(values["busy"][s]),
-                idle_seconds=float(values["idle"][s]),
-                comm_seconds=float(values["comm"][s]),
-                bytes_sent=int(values["bytes"][s]),
+                busy_seconds=float(values["busy"][i]),
+                idle_seconds=float(values["idle"][i]),
+                comm_seconds=float(values["comm"][i]),
+                bytes_sent=int(values["bytes"][i]),
+                reduce_seconds=float(values["reduce"][i]),
+                reduce_bytes_sent=int(values["reduce_bytes"][i]),
             )
-            for s, device in enumerate(self._options.devices)
+            for i, device in enumerate(names)
         )
-        total_bytes = sum(d.bytes_sent for d in devices)
+        total_bytes = sum(d.bytes_sent + d.reduce_bytes_sent for d in devices)
+        counters: tuple[str, ...] = (
+            "busy_seconds",
+            "comm_seconds",
+            "idle_seconds",
+            "bytes_sent",
+        )
+        if self._options.num_replicas > 1:
+            counters += ("reduce_seconds", "reduce_bytes_sent")
         return CommunicationStats(
             kind="pipeline",
             steps=int(values["steps"]),
-            comm_seconds=sum(d.comm_seconds for d in devices) / len(devices),
+            comm_seconds=sum(d.comm_seconds + d.reduce_seconds for d in devices)
+            / len(devices),
             calls=int(values["calls"]),
             bytes_logical=total_bytes,
             bytes_moved=total_bytes,
             devices=devices,
-            counters=("busy_seconds", "comm_seconds", "idle_seconds", "bytes_sent"),
+            counters=counters,
         )
 
     def activation_memory(
@@ -471,6 +541,7 @@ class _PipelineExtended(compat.OneDeviceAdapter):
             _check_enough_cut_points(model, options)
         table, chunk_models = partition_model(model, chunk_devices, options.partition)
         microbatch.check_batch_statistics(model, options.num_microbatches)
+        check_replicable(chunk_models, options.num_replicas)
         self._placing = True
         try:
             chunk_of = {}
@@ -485,7 +556,10 @@ class _PipelineExtended(compat.OneDeviceAdapter):
                 reference = self._colocated.pop(key, None)
                 if reference is not None and reference in chunk_of:
                     compat.move_variable(variable, chunk_devices[chunk_of[reference]])
-            clocks = [UnorderedClock(device) for device in options.devices]
+            clocks = [
+                [UnorderedClock(device) for device in stage]
+                for stage in options.replicas
+            ]
         finally:
             self._placing = False
         return PipelineEngine(
@@ -496,6 +570,7 @@ class _PipelineExtended(compat.OneDeviceAdapter):
             recompute=options.recompute,
             counters=self._pipeline._counters,
             clocks=clocks,
+            replicas=options.replicas,
         )
 
     def make_variable(self, next_creator: Any, **kwargs: Any) -> Any:

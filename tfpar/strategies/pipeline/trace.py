@@ -3,8 +3,10 @@
 `StepTrace` collects one step's timestamps (taken by `tfpar._clocks`
 clocks on each stage's device) and byte counts per stage, the timestamps of
 each action kept per model chunk (a stage holds several with the interleaved
-schedule), and `StageCounters` holds the cumulative per-stage totals that
-`PipelineStrategy.communication_stats()` and `peak_in_flight()` read.
+schedule), and `StageCounters` holds the cumulative per-device totals that
+`PipelineStrategy.communication_stats()` and `peak_in_flight()` read. With
+stage replicas there is one `StepTrace` per replica group and one counter per
+(stage, replica) device.
 """
 
 from __future__ import annotations
@@ -13,33 +15,56 @@ from typing import Any
 
 import tensorflow as tf
 
+# Scalars at the head of `StepTrace.summary`, before the per-action records.
+SUMMARY_SCALARS = 7
+
 
 class StageCounters:
-    """Cumulative per-stage counters in host variables, updated inside each step.
+    """Cumulative per-device counters in host variables, updated inside each step.
 
-    The variables belong to the strategy, never to the model, so they appear in
-    no saved model or checkpoint. Reading them is one small device-to-host copy.
+    One entry per device, stage-major: stage s's replica r is entry `s R + r`
+    (entry s without replicas). The variables belong to the strategy, never to
+    the model, so they appear in no saved model or checkpoint. Reading them is
+    one small device-to-host copy.
     """
 
-    def __init__(self, num_stages: int) -> None:
-        zeros = tf.zeros([num_stages], tf.float64)
+    def __init__(self, num_devices: int) -> None:
+        zeros = tf.zeros([num_devices], tf.float64)
+        # The gradient reduction among a stage's replicas: exposed seconds
+        # and bytes sent (`PipelineStrategy.communication_stats`).
+        self.reduce = tf.Variable(zeros, trainable=False, name="pipeline_reduce")
+        self.reduce_bytes = tf.Variable(
+            tf.zeros([num_devices], tf.int64),
+            trainable=False,
+            name="pipeline_reduce_bytes",
+        )
         self.busy = tf.Variable(zeros, trainable=False, name="pipeline_busy")
         self.idle = tf.Variable(zeros, trainable=False, name="pipeline_idle")
         self.comm = tf.Variable(zeros, trainable=False, name="pipeline_comm")
         self.bytes = tf.Variable(
-            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_bytes"
+            tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_bytes"
         )
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.peak = tf.Variable(
-            tf.zeros([num_stages], tf.int64), trainable=False, name="pipeline_peak"
+            tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_peak"
         )
 
     def read(self) -> dict[str, Any]:
         """Returns the counters as numpy values."""
         return {
             name: getattr(self, name).numpy()
-            for name in ("busy", "idle", "comm", "bytes", "steps", "calls", "peak")
+            for name in (
+                "busy",
+                "idle",
+                "comm",
+                "bytes",
+                "reduce",
+                "reduce_bytes",
+                "steps",
+                "calls",
+                "peak",
+            )
         }
 
 
@@ -67,11 +92,18 @@ class StepTrace:
         self.done, self.arrived, self.ready, self.free = (
             _per_action(num_chunks, num_microbatches) for _ in range(4)
         )
+        # Per stage, for the reduction among replicas: [bytes sent, a, b],
+        # with a when replica 0 had the totals (or replica r > 0 its weight
+        # copies) and b when replica r > 0's first action had its input.
+        self.reduce: list[list[Any]] = [
+            [0.0, float("-inf"), float("-inf")] for _ in range(num_stages)
+        ]
 
     def summary(self, stage: int) -> tf.Tensor:
         """Packs the stage's record into one float64 vector (on its device):
 
-        [busy, first start, last end, bytes sent, done F, done B, arrived F,
+        [busy, first start, last end, bytes sent, reduction bytes sent,
+        reduction a, reduction b (see `reduce`), done F, done B, arrived F,
         arrived B, ready F, ready B, free F, free B], the last eight with one
         entry per (chunk of the stage, micro-batch), chunk-major: chunk v of
         stage s is the model's chunk `v * K + s`.
@@ -81,7 +113,7 @@ class StepTrace:
             tf.reduce_min(tf.stack(self.starts[stage])),
             tf.reduce_max(tf.stack(self.ends[stage])),
             tf.cast(_total(self.sent[stage], tf.int64), tf.float64),
-        ]
+        ] + [tf.cast(value, tf.float64) for value in self.reduce[stage]]
         records = (self.done, self.arrived, self.ready, self.free)
         chunks = range(stage, len(self.done), self.num_stages)
         vectors = [

@@ -1,0 +1,311 @@
+"""Pipeline x data parallel: `PipelineStrategy` with several replicas per stage.
+
+The test process has two logical CPUs (`tests/conftest.py`): one stage with
+two replicas runs here; two stages with two replicas each run in a child
+process with four, and on four `LocalCluster` workers.
+"""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests._models import mlp
+from tests._subprocess import run_python
+from tests.strategies.pipeline.test_strategy import (
+    ATOL,
+    RTOL,
+    assert_same_weights,
+    data,
+    train,
+)
+from tfpar import PipelineStrategy
+from tfpar.callbacks.communication_time import step_samples
+
+CPU0, CPU1 = "/device:CPU:0", "/device:CPU:1"
+
+
+def test_one_stage_two_replicas_matches_single_device() -> None:
+    # M=3 on R=2: replica 0 runs micro-batches 0 and 2, replica 1 runs 1.
+    reference = train(None, mlp, batch_size=10, epochs=2)
+    strategy = PipelineStrategy(
+        [[CPU0, CPU1]], num_microbatches=3, schedule="gpipe", partition="params"
+    )
+    model = train(strategy, mlp, batch_size=10, epochs=2)
+    assert_same_weights(reference, model)
+    np.testing.assert_allclose(
+        model.history_.history["loss"], reference.history_.history["loss"], rtol=RTOL
+    )
+    x, y = data()
+    np.testing.assert_allclose(
+        model.evaluate(x, y, batch_size=10, verbose=0),
+        reference.evaluate(x, y, batch_size=10, verbose=0),
+        rtol=RTOL,
+    )
+    np.testing.assert_allclose(
+        model.predict(x, batch_size=10, verbose=0),
+        reference.predict(x, batch_size=10, verbose=0),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    # The variables stay on replica 0, which the optimizer updates.
+    assert all(w.value.device.endswith("CPU:0") for w in model.weights)
+    stats = strategy.communication_stats()
+    assert [d.device for d in stats.devices] == [CPU0, CPU1]
+    assert "reduce_bytes_sent" in stats.counters
+    # 8 steps; 6*8+8 + 2*(8*8+8) + 8*2+2 = 218 float32 weights: replica 0
+    # sends its copy of them, replica 1 its summed gradients; no stage
+    # boundary, so no activations.
+    params = 4 * sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert params == 4 * 218
+    assert [d.reduce_bytes_sent for d in stats.devices] == [8 * params] * 2
+    assert [d.bytes_sent for d in stats.devices] == [0, 0]
+    assert stats.calls == 8 * 2  # one copy and one gradient transfer per step
+    assert all(d.idle_seconds >= 0 and d.reduce_seconds >= 0 for d in stats.devices)
+    assert stats.since(stats).devices[1].reduce_bytes_sent == 0
+    # CommunicationTime logs the reduction under its own names.
+    tags = {sample.tag for sample in step_samples(1.0, 8, stats)}
+    assert {
+        f"comm/device/CPU:{r}/{name}"
+        for r in range(2)
+        for name in ("reduce_ms", "reduce_bytes_per_step", "bytes_sent_per_step")
+    } <= tags
+
+
+def regularized() -> keras.Model:
+    """`mlp` with an L2 penalty on the first stage's kernel."""
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [keras.Input((6,))]
+        + [
+            keras.layers.Dense(
+                8,
+                activation="tanh",
+                name=f"d{i}",
+                kernel_regularizer=keras.regularizers.L2(0.1) if i == 0 else None,
+            )
+            for i in range(3)
+        ]
+        + [keras.layers.Dense(2, name="out")]
+    )
+
+
+def dropout_capture() -> keras.Model:
+    """Identity Dense layers around a Dropout: the output is the mask times 2."""
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(
+                16, kernel_initializer="identity", use_bias=False, name="d0"
+            ),
+            keras.layers.Dropout(0.5, name="drop"),
+            keras.layers.Dense(
+                16, kernel_initializer="identity", use_bias=False, name="out"
+            ),
+        ]
+    )
+
+
+class Capture(keras.metrics.Metric):
+    """Keeps the last batch's predictions (the pipeline's training outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="capture")
+        self.value = self.add_variable((4, 16), initializer="zeros", name="value")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):  # type: ignore[no-untyped-def]
+        self.value.assign(y_pred)
+
+    def result(self):  # type: ignore[no-untyped-def]
+        return 0.0
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_each_replica_draws_its_own_dropout_masks(recompute: bool) -> None:
+    strategy = PipelineStrategy(
+        [[CPU0, CPU1]], num_microbatches=2, partition="params", recompute=recompute
+    )
+    with strategy.scope():
+        model = dropout_capture()
+        capture = Capture()
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss="mse", metrics=[capture]
+        )
+    x = np.ones((4, 16), "float32")
+    masks = []
+    for _ in range(2):
+        model.fit(x, x, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        masks.append(capture.value.numpy())
+    for mask in masks:
+        assert set(np.unique(mask)) <= {0.0, 2.0}
+        # Replica 0 ran rows 0-1, replica 1 rows 2-3: not the same mask.
+        assert not np.array_equal(mask[:2], mask[2:])
+    # Nor the previous step's masks: each replica's stream moves on.
+    assert not np.array_equal(masks[0][2:], masks[1][2:])
+    assert not np.array_equal(masks[0][:2], masks[1][:2])
+
+
+@pytest.mark.parametrize(
+    ("devices", "error", "match"),
+    [
+        ([[CPU0, CPU1], [CPU0]], ValueError, r"same number of replicas.*\[2, 1\]"),
+        ([[CPU0], []], ValueError, "same number of replicas"),
+        ([[CPU0, CPU1], [CPU1, CPU0]], ValueError, "more than once"),
+        ([CPU0, [CPU1]], TypeError, "not a mix"),
+        ([[CPU0, "/device:CPU:7"]], ValueError, "do not exist"),
+    ],
+)
+def test_bad_replica_devices_are_refused(
+    devices: list, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        PipelineStrategy(devices, num_microbatches=2)
+
+
+def test_fewer_microbatches_than_replicas_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"at least the number of replicas.*=1"):
+        PipelineStrategy([[CPU0, CPU1]], num_microbatches=1)
+
+
+def test_batch_normalization_with_replicas_is_refused() -> None:
+    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=2, partition="params")
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d0"),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"\['bn'\]"):
+        strategy.partition_model(model)
+
+
+# Two stages of two replicas, on four logical CPUs of a child process.
+_FOUR_DEVICES = """
+import numpy as np, keras, tfpar
+tfpar.simulate_devices(4)
+from tests._models import mlp
+from tests.strategies.pipeline.test_strategy import (
+    assert_same_weights, data, train, RTOL, ATOL)
+from tfpar import PipelineStrategy
+
+D = [f"/device:CPU:{i}" for i in range(4)]
+x, y = data()
+reference = train(None, mlp, batch_size=10, epochs=2)
+cases = [("gpipe", 4, False, ["d2"]), ("1f1b", 3, False, ["d2"]),
+         ("1f1b", 4, True, ["d2"]), ("interleaved", 4, False, ["d1", "d2", "out"])]
+for schedule, m, recompute, partition in cases:
+    strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=m,
+                                schedule=schedule, partition=partition,
+                                recompute=recompute)
+    model = train(strategy, mlp, batch_size=10, epochs=2)
+    assert_same_weights(reference, model)
+    np.testing.assert_allclose(model.history_.history["loss"],
+                               reference.history_.history["loss"], rtol=RTOL)
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=10, verbose=0),
+                               reference.evaluate(x, y, batch_size=10, verbose=0),
+                               rtol=RTOL)
+    np.testing.assert_allclose(model.predict(x, batch_size=10, verbose=0),
+                               reference.predict(x, batch_size=10, verbose=0),
+                               rtol=RTOL, atol=ATOL)
+    stats = strategy.communication_stats()
+    assert [d.device for d in stats.devices] == D, stats.devices
+    assert stats.steps == 8
+    # Stage 0 holds d0, d1 (6*8+8 + 8*8+8 = 128 weights), stage 1 d2, out
+    # (8*8+8 + 8*2+2 = 90), float32, 8 steps: replica 0 sends the copy,
+    # replica 1 the summed gradients.
+    reduce = [d.reduce_bytes_sent for d in stats.devices]
+    assert reduce == [8 * 4 * 128] * 2 + [8 * 4 * 90] * 2, reduce
+    # Activations (and input gradients back) of width 8 cross each of the
+    # K V - 1 boundaries once per example; micro-batches of 10 split as
+    # [3, 3, 2, 2] or [4, 3, 3]: replica 0 runs 0, 2 (5 or 7 examples).
+    # Each device sends 2 V - 1 of them per example: stage 0 no gradient
+    # from chunk 0, stage 1 no activations from the last chunk.
+    v = 2 if schedule == "interleaved" else 1
+    rows = [5, 5] if m == 4 else [7, 3]
+    sent = [8 * 8 * 4 * n * (2 * v - 1) for n in rows] * 2
+    assert [d.bytes_sent for d in stats.devices] == sent, stats.devices
+    assert stats.calls == 8 * (2 * m * (2 * v - 1) + 2 * 2)
+    assert stats.bytes_moved == sum(sent) + sum(reduce)
+    assert all(d.idle_seconds >= 0 and d.reduce_seconds >= 0 for d in stats.devices)
+    assert any(d.reduce_seconds > 0 for d in stats.devices)
+    assert len(strategy.peak_in_flight()) == 2
+    # Variables on replica 0 of their stage.
+    assert model.get_layer("d0").kernel.value.device.endswith("CPU:0")
+    assert model.get_layer("out").kernel.value.device.endswith("CPU:2")
+
+# The last stage's loss holds the first stage's penalty: its gradient on
+# replica 1 reaches stage 0's totals too.
+from tests.strategies.pipeline.test_replicas import regularized
+reference = train(None, regularized, batch_size=10, epochs=2)
+strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=3,
+                            partition=["d2"])
+assert_same_weights(reference, train(strategy, regularized, batch_size=10, epochs=2))
+print("OK")
+"""
+
+
+def test_two_stages_two_replicas_match_single_device_and_count() -> None:
+    proc = run_python(_FOUR_DEVICES, timeout=300)
+    assert "OK" in proc.stdout
+
+
+def test_replicas_on_cluster_workers_match() -> None:
+    # Stage s's replica r on worker 2 s + r of a LocalCluster, in a child
+    # process: connecting changes this process's devices for good.
+    proc = run_python(
+        """
+        import numpy as np, tfpar
+        from tests._models import mlp
+        from tests.strategies.pipeline.test_strategy import (
+            assert_same_weights, train)
+        from tfpar import PipelineStrategy
+
+        reference = train(None, mlp, batch_size=8, epochs=1)
+        with tfpar.LocalCluster(num_workers=4, pin_cores=False) as cluster:
+            d = cluster.connect()
+            strategy = PipelineStrategy([[d[0], d[1]], [d[2], d[3]]],
+                                        num_microbatches=2, partition=["d2"])
+            model = train(strategy, mlp, batch_size=8, epochs=1)
+            assert_same_weights(reference, model)
+            assert "task:0" in model.get_layer("d0").kernel.value.device
+            assert "task:2" in model.get_layer("out").kernel.value.device
+            stats = strategy.communication_stats()
+            reduce = [x.reduce_bytes_sent for x in stats.devices]
+            assert reduce == [5 * 4 * 128] * 2 + [5 * 4 * 90] * 2, reduce
+        print("OK")
+        """,
+        timeout=240,
+    )
+    assert "OK" in proc.stdout
+
+
+def test_replicas_are_not_ordered_against_each_other_by_control_edges() -> None:
+    # As between stages (test_strategy.py): only data edges (the weight
+    # copies, the gradient sums) may link the replicas, never a chain of
+    # stateful ops that would serialize them.
+    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=4, partition="params")
+    with strategy.scope():
+        model = dropout_capture()
+        model.compile(optimizer="sgd", loss="mse")
+    strategy.partition_model(model)
+    model.optimizer.build(model.trainable_variables)
+    step = tf.function(lambda x, y: strategy.run(model.train_step, args=((x, y),)))
+    graph = step.get_concrete_function(
+        tf.TensorSpec([8, 16], tf.float32), tf.TensorSpec([8, 16], tf.float32)
+    ).graph
+    devices = {CPU0, CPU1}
+    crossing = collections.Counter(
+        (source.type, op.type)
+        for op in graph.get_operations()
+        for source in op.control_inputs
+        if {source.device, op.device} <= devices and source.device != op.device
+    )
+    assert {op.device for op in graph.get_operations()} >= devices
+    assert not crossing, crossing
