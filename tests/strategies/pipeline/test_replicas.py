@@ -244,9 +244,10 @@ for schedule, m, recompute, partition in cases:
 # replica 1 reaches stage 0's totals too.
 from tests.strategies.pipeline.test_replicas import regularized
 reference = train(None, regularized, batch_size=10, epochs=2)
-strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=3,
-                            partition=["d2"])
-assert_same_weights(reference, train(strategy, regularized, batch_size=10, epochs=2))
+for recompute in (False, True):
+    strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=3,
+                                partition=["d2"], recompute=recompute)
+    assert_same_weights(reference, train(strategy, regularized, batch_size=10, epochs=2))
 print("OK")
 """
 
@@ -309,3 +310,53 @@ def test_replicas_are_not_ordered_against_each_other_by_control_edges() -> None:
     )
     assert {op.device for op in graph.get_operations()} >= devices
     assert not crossing, crossing
+
+
+@pytest.mark.parametrize(
+    ("devices", "partition"), [([CPU0, CPU1], ["d2"]), ([[CPU0, CPU1]], "params")]
+)
+def test_recompute_with_a_weight_regularizer_matches_single_device(
+    devices: list, partition: object
+) -> None:
+    # The replayed loss reads every penalized weight, on replica 0 too.
+    reference = train(None, regularized, batch_size=10, epochs=1)
+    strategy = PipelineStrategy(
+        devices, num_microbatches=2, partition=partition, recompute=True
+    )
+    assert_same_weights(
+        reference, train(strategy, regularized, batch_size=10, epochs=1)
+    )
+
+
+class AddsLoss(keras.layers.Layer):
+    def call(self, h):  # type: ignore[no-untyped-def]
+        self.add_loss(0.1 * keras.ops.sum(h))
+        return h
+
+
+def test_losses_added_in_a_call_are_refused_with_replicas() -> None:
+    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=2, partition="params")
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d0", activity_regularizer="l2"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"\['d0'\] with an activity_regularizer"):
+        strategy.partition_model(model)
+    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=2, partition="params")
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                AddsLoss(name="adds"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+    x, y = data()
+    with pytest.raises(ValueError, match=r"add losses in their call.*'adds'"):
+        model.fit(x, y, batch_size=8, verbose=0)

@@ -203,11 +203,24 @@ class PipelineEngine:
         # original seeds. Updates inside are discarded.
         if r == 0 and seeds is None:
             return contextlib.nullcontext()
-        mapping = list(self._snapshots[r][0]) if r > 0 else []
+        if r > 0:
+            mapping = list(self._snapshots[r][0])
+        elif c == len(self.chunks) - 1:
+            # Inside a StatelessScope, Keras reads a weight's regularization
+            # penalty (in the loss) from the mapping only: the variables
+            # themselves, read here, under the caller's tape.
+            mapping = [
+                (w, w)
+                for w in self.model.trainable_weights
+                if getattr(w, "regularizer", None) is not None
+            ]
+        else:
+            mapping = []
         if seeds is None:
             seeds = self._carried[(c, r)]
         mapping += list(zip(self._seed_states[c], seeds, strict=True))
-        return keras.StatelessScope(state_mapping=mapping)
+        # Collects what layers add with `add_loss`, to refuse it on replicas.
+        return keras.StatelessScope(state_mapping=mapping, collect_losses=r > 0)
 
     def _train_step(
         self, x: Any, y: Any, sample_weight: Any, parts: list[Any], sizes: tf.Tensor
@@ -458,6 +471,7 @@ class PipelineEngine:
                     targets[j] = loss_of(j, out)
             tapes[(c, j)] = tape
         if r > 0:
+            _refuse_added_losses(scope, self.chunks[c], self.num_replicas)
             self._carried[(c, r)] = [
                 scope.get_current_value(v) for v in self._seed_states[c]
             ]
@@ -488,7 +502,8 @@ class PipelineEngine:
             # time (BatchNormalization statistics, seed generators), from the
             # seed states the original forward started with.
             tape = tf.GradientTape()
-            with self._scope(c, r, self._seeds.pop((c, j))), tape:
+            # The scope inside the tape: its mapping's reads are recorded.
+            with tape, self._scope(c, r, self._seeds.pop((c, j))):
                 if c > 0:
                     tape.watch(_floating(h))
                 tape.watch(list(copies.values()))
@@ -641,6 +656,23 @@ def _group_counters(
     live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
     in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
     return comm, tf.reduce_max(in_flight, 1)
+
+
+def _refuse_added_losses(
+    scope: keras.StatelessScope, chunk: keras.Model, num_replicas: int
+) -> None:
+    # A replica r > 0 runs in a StatelessScope, where Keras keeps losses that
+    # layers add in their call (`add_loss`, activity regularizers) in the
+    # scope, out of `model.losses`: the loss would silently miss them.
+    if scope.losses:
+        raise ValueError(
+            f"PipelineStrategy with {num_replicas} replicas per stage cannot train "
+            "a model whose layers add losses in their call (`add_loss`, "
+            "`activity_regularizer`): replicas other than the first would drop "
+            f"them. Received: {len(scope.losses)} such loss(es) from the layers "
+            f"{[layer.name for layer in chunk.layers]}. Use one device per stage, "
+            "or weight regularizers (kernel_regularizer)."
+        )
 
 
 def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
