@@ -9,6 +9,9 @@ Two parts, each in its own process (TensorFlow configures devices once):
 - `cluster`: a `tfpar.LocalCluster` of 2 pinned worker processes. K=2 stages
   on two workers against the same micro-batches on one worker (target >= 0.85
   of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
+- `hybrid` (not in `all`): a `LocalCluster` of 4 workers pinned two per core,
+  K=2 stages x R=2 replicas against K=2 x R=1 on the same model. The machine
+  has 2 cores, so this is an overhead figure, not a speedup.
 
 Configurations are timed side by side in alternating rounds, from the start
 of each `fit`'s second call of the train function to the start of its last
@@ -34,7 +37,7 @@ batch 512), `deep` (16 x 512, batch 512; the default) or `large` (8 x 1024,
 batch 512). `--steps-per-execution N` sets Keras's
 `steps_per_execution` for every configuration alike.
 
-Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|all]
+Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|hybrid|all]
 [--model small|medium|deep|large] [--steps-per-execution N] [--out FILE.json]
 """
 
@@ -87,16 +90,27 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
     if part == "logical":
         devices = tfpar.simulate_devices(2)
     else:
-        cluster = tfpar.LocalCluster(num_workers=2, pin_cores=True).start()
+        workers = 4 if part == "hybrid" else 2
+        cluster = tfpar.LocalCluster(num_workers=workers, pin_cores=True).start()
         devices = cluster.connect()
     try:
-        configs = [
-            ("pipeline K=2 1f1b", devices, m, "1f1b"),
-            ("pipeline K=2 gpipe", devices, m, "gpipe"),
-            ("pipeline K=2 interleaved V=2", devices, m, "interleaved"),
+        configs: list[tuple[str, Any, int, str]] = [
+            ("pipeline K=2 1f1b", devices[:2], m, "1f1b"),
+            ("pipeline K=2 gpipe", devices[:2], m, "gpipe"),
+            ("pipeline K=2 interleaved V=2", devices[:2], m, "interleaved"),
             ("same micro-batches, 1 device", devices[:1], m, "gpipe"),
             ("unsplit batch, 1 device", devices[:1], 1, "gpipe"),
         ]
+        if part == "hybrid":
+            # Stage s on workers s and s + 2: four workers pinned to the
+            # machine's two cores, two per core.
+            hybrid = [[devices[0], devices[2]], [devices[1], devices[3]]]
+            configs = [
+                ("pipeline K=2 x R=2 1f1b", hybrid, m, "1f1b"),
+                ("pipeline K=2 x R=2 gpipe", hybrid, m, "gpipe"),
+                *configs[:2],
+                *configs[3:],
+            ]
         rng = np.random.default_rng(0)
         x = rng.normal(size=(batch * steps, width)).astype("float32")
         y = rng.normal(size=(batch * steps, 1)).astype("float32")
@@ -138,14 +152,19 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             busy = sum(d.busy_seconds for s in stats[name] for d in s.devices)
             idle = sum(d.idle_seconds for s in stats[name] for d in s.devices)
             exposed = sum(d.comm_seconds for s in stats[name] for d in s.devices)
-            span = busy + exposed + idle  # per stage, the step's span
+            # With replicas, a stage's time also holds the gradient reduction.
+            reduce = sum(d.reduce_seconds for s in stats[name] for d in s.devices)
+            span = busy + exposed + reduce + idle  # per stage, the step's span
             measured_steps = sum(s.steps for s in stats[name])
             devices_counted = len(stats[name][0].devices)
             span_ms = 1000 * span / devices_counted / max(measured_steps, 1)
+            devs = _devs(configs, name)
+            # With R replicas per stage, group 0 runs ceil(M / R) micro-batches.
+            replicas = len(devs[0]) if isinstance(devs[0], list) else 1
             planned = get_schedule(
                 schedule,
-                num_stages=len(_devs(configs, name)),
-                num_microbatches=_m(configs, name),
+                num_stages=len(devs),
+                num_microbatches=-(-_m(configs, name) // replicas),
             )
             rows.append(
                 {
@@ -154,6 +173,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     "host_cpu_ms": 1000 * cpu[name],
                     "speedup_vs_same_microbatches": one / base[name],
                     "speedup_vs_unsplit": unsplit / base[name],
+                    "speedup_vs_k2_1f1b": base["pipeline K=2 1f1b"] / base[name],
                     "bubble_measured": idle / span if span else 0.0,
                     # Between steps: the step's wall time less the span from
                     # its first action to its last (all stages alike), where
@@ -218,11 +238,11 @@ def _step_timer() -> Any:
     return StepTimer()
 
 
-def _devs(configs: list[tuple[str, list[str], int, str]], name: str) -> list[str]:
+def _devs(configs: list[tuple[str, Any, int, str]], name: str) -> Any:
     return next(c[1] for c in configs if c[0] == name)
 
 
-def _m(configs: list[tuple[str, list[str], int, str]], name: str) -> int:
+def _m(configs: list[tuple[str, Any, int, str]], name: str) -> int:
     return next(c[2] for c in configs if c[0] == name)
 
 
@@ -255,7 +275,9 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
-    parser.add_argument("--part", choices=["logical", "cluster", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["logical", "cluster", "hybrid", "all"], default="all"
+    )
     parser.add_argument(
         "--model",
         choices=sorted(MODELS),

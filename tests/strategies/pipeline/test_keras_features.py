@@ -546,3 +546,57 @@ def test_compile_outside_the_scope_behaves_as_under_the_stock_strategy() -> None
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
         with pytest.raises(RuntimeError, match=r"Mixing different tf\.distribute"):
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+
+
+def penalized(layer: str) -> Callable[[], keras.Model]:
+    """An MLP whose layer `layer` has an L2 activity regularizer."""
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(7)
+        return keras.Sequential(
+            [keras.Input((6,))]
+            + [
+                keras.layers.Dense(
+                    8,
+                    activation="tanh",
+                    name=name,
+                    activity_regularizer="l2" if name == layer else None,
+                )
+                for name in ("d0", "d1")
+            ]
+            + [keras.layers.Dense(2, name="out")]
+        )
+
+    return build
+
+
+def _fit_penalized(
+    build: Callable[[], keras.Model], strategy: PipelineStrategy | None
+) -> keras.Model:
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = build()
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    model.fit(_x(), _y(), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+def test_a_loss_added_in_call_trains_on_the_last_stage_and_is_refused_before() -> None:
+    # A stage's tape must see the added loss being computed for its gradient
+    # to reach the layer's weights; only the last stage's does.
+    last = _fit_penalized(
+        penalized("d1"), PipelineStrategy(DEVICES, num_microbatches=2, partition=["d1"])
+    )
+    reference = _fit_penalized(penalized("d1"), None)
+    for got, want in zip(last.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(got, want, RTOL, ATOL, err_msg=got.path)
+    for cut, recompute, where in [
+        ("d1", False, r"before the last stage \(chunk 0\)"),
+        ("out", True, "with recompute=True"),
+    ]:
+        strategy = PipelineStrategy(
+            DEVICES, num_microbatches=2, partition=[cut], recompute=recompute
+        )
+        layer = "d0" if not recompute else "d1"
+        with pytest.raises(ValueError, match=rf"\['{layer}'\] {where}: they add"):
+            _fit_penalized(penalized(layer), strategy)

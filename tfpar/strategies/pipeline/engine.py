@@ -470,6 +470,8 @@ class PipelineEngine:
                 if is_last:
                     targets[j] = loss_of(j, out)
             tapes[(c, j)] = tape
+        if r == 0 and (not is_last or self.recompute):
+            _refuse_losses_out_of_reach(self.chunks[c], c, self.recompute)
         if r > 0:
             _refuse_added_losses(scope, self.chunks[c], self.num_replicas)
             self._carried[(c, r)] = [
@@ -656,6 +658,32 @@ def _group_counters(
     live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
     in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
     return comm, tf.reduce_max(in_flight, 1)
+
+
+def _refuse_losses_out_of_reach(chunk: keras.Model, c: int, recompute: bool) -> None:
+    # A loss a layer adds in its call (`add_loss`, an activity regularizer)
+    # joins the model's loss on the last chunk, whose tape did not see it
+    # being computed: its gradient would never reach the chunk that made it.
+    # A recomputed forward runs in a StatelessScope, which keeps such losses
+    # out of the model's loss altogether. (Weight regularizers are computed
+    # from the weights on the last chunk, and are differentiated there.)
+    added = [
+        layer.name
+        for layer in chunk.layers
+        if len(layer.losses)
+        > sum(getattr(w, "regularizer", None) is not None for w in layer.weights)
+    ]
+    if added:
+        where = (
+            "with recompute=True" if recompute else f"before the last stage (chunk {c})"
+        )
+        raise ValueError(
+            f"PipelineStrategy cannot train the layer(s) {added} {where}: they add "
+            "losses in their call (`add_loss`, `activity_regularizer`), and the "
+            "gradient of such a loss would not reach their weights. Put them on "
+            "the last stage (`partition`), use recompute=False, or use weight "
+            "regularizers (kernel_regularizer)."
+        )
 
 
 def _refuse_added_losses(

@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras import tree
 
 from tfpar._validation import check_int
+from tfpar.strategies.pipeline.partition import nested_layers
 
 
 def microbatch_sizes(batch_size: int, num_microbatches: int) -> list[int]:
@@ -167,7 +168,7 @@ def check_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
         return
     layers = [
         layer
-        for layer in _all_layers(model)
+        for layer in nested_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     synchronized = [layer.name for layer in layers if layer.synchronized]
@@ -194,12 +195,3 @@ def check_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
             "(LayerNormalization, GroupNormalization).",
             stacklevel=2,
         )
-
-
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    layers = []
-    for layer in model.layers:
-        layers.append(layer)
-        if isinstance(layer, keras.Model):
-            layers += _all_layers(layer)
-    return layers

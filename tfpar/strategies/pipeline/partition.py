@@ -194,6 +194,16 @@ def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
+def nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Returns `model`'s layers, and those of the models nested in it, in order."""
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers += nested_layers(layer)
+    return layers
+
+
 def valid_cut_points(model: keras.Model) -> list[str]:
     """Lists the layers before which `model` can be cut.
 

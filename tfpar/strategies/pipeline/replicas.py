@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import keras
 
 from tfpar.devices import resolve_devices
+from tfpar.strategies.pipeline.partition import nested_layers
 
 # Replica r's seed generators draw from their seed plus r times this (odd,
 # large) offset, so replicas never reuse replica 0's Dropout masks.
@@ -93,7 +94,7 @@ def check_replicable(chunks: Sequence[keras.Model], num_replicas: int) -> None:
     """
     if num_replicas == 1:
         return
-    layers = [layer for chunk in chunks for layer in _all_layers(chunk)]
+    layers = [layer for chunk in chunks for layer in nested_layers(chunk)]
     penalized = [
         layer.name
         for layer in layers
@@ -120,12 +121,3 @@ def check_replicable(chunks: Sequence[keras.Model], num_replicas: int) -> None:
             "per stage, or a normalization without moving statistics "
             "(LayerNormalization, GroupNormalization)."
         )
-
-
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    layers = []
-    for layer in model.layers:
-        layers.append(layer)
-        if isinstance(layer, keras.Model):
-            layers += _all_layers(layer)
-    return layers
