@@ -6,7 +6,6 @@ entry per device.
 """
 
 import collections
-import contextlib
 
 import keras
 import numpy as np
@@ -14,12 +13,16 @@ import pytest
 import tensorflow as tf
 
 from tests._subprocess import run_python, tagged_json
+from tests.strategies.pipeline._fitting import (
+    DEVICES,
+    RTOL,
+    assert_same_inference,
+    assert_same_weights,
+    data,
+    train,
+)
 from tfpar import PipelineStrategy
 
-DEVICES = ["/device:CPU:0", "/device:CPU:1"]
-# Same ops in a different summation order (micro-batch gradients are summed
-# per chunk): float32 rounding only.
-RTOL, ATOL = 1e-5, 1e-6
 WIDTHS = (16, 8, 4)  # of d0, d1, d2: the boundaries of chunks [d0] [d1] [d2] [out]
 CUTS = ["d1", "d2", "out"]
 
@@ -37,32 +40,6 @@ def chain(widths: tuple[int, ...] = WIDTHS) -> keras.Model:
     )
 
 
-def data(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (
-        rng.normal(size=(n, 6)).astype("float32"),
-        rng.normal(size=(n, 2)).astype("float32"),
-    )
-
-
-def train(strategy: PipelineStrategy | None, **fit: int) -> keras.Model:
-    x, y = data()
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = chain()
-        model.compile(
-            optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"]
-        )
-    model.history_ = model.fit(x, y, shuffle=False, verbose=0, **fit)
-    return model
-
-
-def assert_same_weights(a: keras.Model, b: keras.Model) -> None:
-    for wa, wb in zip(a.weights, b.weights, strict=True):
-        np.testing.assert_allclose(
-            wa.numpy(), wb.numpy(), rtol=RTOL, atol=ATOL, err_msg=wa.path
-        )
-
-
 def interleaved(**kwargs: object) -> PipelineStrategy:
     options = {"num_microbatches": 4, "partition": CUTS, **kwargs}
     return PipelineStrategy(DEVICES, schedule="interleaved", **options)  # type: ignore[arg-type]
@@ -76,9 +53,9 @@ def test_fit_matches_training_without_a_strategy(
 ) -> None:
     # Batch 10 into 4 micro-batches of 3, 3, 2, 2 (or 3 of 4, 3, 3: M not a
     # multiple of K, one group of 3 micro-batches through the chunks).
-    reference = train(None, batch_size=10, epochs=2)
+    reference = train(None, chain, batch_size=10, epochs=2)
     strategy = interleaved(num_microbatches=num_microbatches, recompute=recompute)
-    model = train(strategy, batch_size=10, epochs=2)
+    model = train(strategy, chain, batch_size=10, epochs=2)
     assert strategy.schedule.chunks_per_device == 2
     assert_same_weights(reference, model)
     for key in ("loss", "mae"):
@@ -88,20 +65,9 @@ def test_fit_matches_training_without_a_strategy(
 
 
 def test_evaluate_and_predict_match() -> None:
-    reference = train(None, batch_size=8, epochs=1)
-    model = train(interleaved(), batch_size=8, epochs=1)
-    x, y = data()
-    np.testing.assert_allclose(
-        model.evaluate(x, y, batch_size=8, verbose=0),
-        reference.evaluate(x, y, batch_size=8, verbose=0),
-        rtol=RTOL,
-    )
-    np.testing.assert_allclose(
-        model.predict(x, batch_size=8, verbose=0),
-        reference.predict(x, batch_size=8, verbose=0),
-        rtol=RTOL,
-        atol=ATOL,
-    )
+    reference = train(None, chain, batch_size=8, epochs=1)
+    model = train(interleaved(), chain, batch_size=8, epochs=1)
+    assert_same_inference(model, reference, batch_size=8)
 
 
 def test_chunks_alternate_devices_with_their_variables() -> None:
@@ -143,7 +109,7 @@ def test_counters_per_device() -> None:
     strategy = interleaved()
     assert strategy.peak_in_flight() == [0, 0]
     before = strategy.communication_stats()
-    train(strategy, batch_size=8, epochs=1)
+    train(strategy, chain, batch_size=8, epochs=1)
     stats = strategy.communication_stats().since(before)
     assert stats.steps == 5
     assert [d.device for d in stats.devices] == DEVICES

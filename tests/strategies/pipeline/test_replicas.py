@@ -14,9 +14,9 @@ import tensorflow as tf
 
 from tests._models import mlp
 from tests._subprocess import run_python
-from tests.strategies.pipeline.test_strategy import (
-    ATOL,
+from tests.strategies.pipeline._fitting import (
     RTOL,
+    assert_same_inference,
     assert_same_weights,
     data,
     train,
@@ -38,18 +38,7 @@ def test_one_stage_two_replicas_matches_single_device() -> None:
     np.testing.assert_allclose(
         model.history_.history["loss"], reference.history_.history["loss"], rtol=RTOL
     )
-    x, y = data()
-    np.testing.assert_allclose(
-        model.evaluate(x, y, batch_size=10, verbose=0),
-        reference.evaluate(x, y, batch_size=10, verbose=0),
-        rtol=RTOL,
-    )
-    np.testing.assert_allclose(
-        model.predict(x, batch_size=10, verbose=0),
-        reference.predict(x, batch_size=10, verbose=0),
-        rtol=RTOL,
-        atol=ATOL,
-    )
+    assert_same_inference(model, reference, batch_size=10)
     # The variables stay on replica 0, which the optimizer updates.
     assert all(w.value.device.endswith("CPU:0") for w in model.weights)
     stats = strategy.communication_stats()
@@ -191,7 +180,7 @@ _FOUR_DEVICES = """
 import numpy as np, keras, tfpar
 tfpar.simulate_devices(4)
 from tests._models import mlp
-from tests.strategies.pipeline.test_strategy import (
+from tests.strategies.pipeline._fitting import (
     assert_same_weights, data, train, RTOL, ATOL)
 from tfpar import PipelineStrategy
 
@@ -264,7 +253,7 @@ def test_replicas_on_cluster_workers_match() -> None:
         """
         import numpy as np, tfpar
         from tests._models import mlp
-        from tests.strategies.pipeline.test_strategy import (
+        from tests.strategies.pipeline._fitting import (
             assert_same_weights, train)
         from tfpar import PipelineStrategy
 

@@ -13,12 +13,15 @@ import tensorflow as tf
 
 from tests._models import mlp
 from tests._subprocess import run_python, tagged_json
+from tests.strategies.pipeline._fitting import (
+    DEVICES,
+    RTOL,
+    assert_same_inference,
+    assert_same_weights,
+    data,
+    train,
+)
 from tfpar import CommunicationStats, PipelineStrategy
-
-DEVICES = ["/device:CPU:0", "/device:CPU:1"]
-# Same ops in a different summation order (micro-batch gradients are summed
-# per stage): float32 rounding only.
-RTOL, ATOL = 1e-5, 1e-6
 
 
 def residual() -> keras.Model:
@@ -29,41 +32,6 @@ def residual() -> keras.Model:
     h = keras.layers.Add(name="add")([h, branch])
     h = keras.layers.Dense(8, activation="tanh", name="d1")(h)
     return keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
-
-
-def data(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (
-        rng.normal(size=(n, 6)).astype("float32"),
-        rng.normal(size=(n, 2)).astype("float32"),
-    )
-
-
-def train(strategy: tf.distribute.Strategy | None, build, **fit) -> keras.Model:  # type: ignore[no-untyped-def]
-    x, y = data()
-    scope = strategy.scope() if strategy is not None else _null()
-    with scope:
-        model = build()
-        model.compile(
-            optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"]
-        )
-    model.history_ = model.fit(x, y, shuffle=False, verbose=0, **fit)
-    return model
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-def assert_same_weights(a: keras.Model, b: keras.Model) -> None:
-    for wa, wb in zip(a.weights, b.weights, strict=True):
-        np.testing.assert_allclose(
-            wa.numpy(), wb.numpy(), rtol=RTOL, atol=ATOL, err_msg=wa.path
-        )
 
 
 @pytest.mark.parametrize(
@@ -94,18 +62,7 @@ def test_residual_block_inside_a_stage_and_evaluate_predict() -> None:
     )
     model = train(strategy, residual, batch_size=8, epochs=1)
     assert_same_weights(reference, model)
-    x, y = data()
-    np.testing.assert_allclose(
-        model.evaluate(x, y, batch_size=8, verbose=0),
-        reference.evaluate(x, y, batch_size=8, verbose=0),
-        rtol=RTOL,
-    )
-    np.testing.assert_allclose(
-        model.predict(x, batch_size=8, verbose=0),
-        reference.predict(x, batch_size=8, verbose=0),
-        rtol=RTOL,
-        atol=ATOL,
-    )
+    assert_same_inference(model, reference, batch_size=8)
 
 
 def test_variables_and_ops_live_on_their_stage() -> None:
