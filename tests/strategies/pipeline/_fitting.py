@@ -53,6 +53,15 @@ def assert_same_weights(a: keras.Model, b: keras.Model) -> None:
         )
 
 
+def assert_same_training(reference: keras.Model, model: keras.Model) -> None:
+    """Asserts equal weights and `fit` histories (loss and metrics)."""
+    assert_same_weights(reference, model)
+    for key, expected in reference.history_.history.items():
+        np.testing.assert_allclose(
+            model.history_.history[key], expected, rtol=RTOL, err_msg=key
+        )
+
+
 def assert_same_inference(
     model: keras.Model, reference: keras.Model, batch_size: int
 ) -> None:

@@ -15,8 +15,8 @@ from tests._models import mlp
 from tests._subprocess import run_python, tagged_json
 from tests.strategies.pipeline._fitting import (
     DEVICES,
-    RTOL,
     assert_same_inference,
+    assert_same_training,
     assert_same_weights,
     data,
     train,
@@ -48,11 +48,7 @@ def test_fit_matches_single_device(schedule: str, recompute: bool) -> None:
         recompute=recompute,
     )
     model = train(strategy, mlp, batch_size=10, epochs=2)
-    assert_same_weights(reference, model)
-    for key in ("loss", "mae"):
-        np.testing.assert_allclose(
-            model.history_.history[key], reference.history_.history[key], rtol=RTOL
-        )
+    assert_same_training(reference, model)
 
 
 def test_residual_block_inside_a_stage_and_evaluate_predict() -> None:
