@@ -260,7 +260,12 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
 
     @property
     def schedule(self) -> Schedule:
-        """The schedule every training step follows (print it with `.format()`)."""
+        """The schedule of a step's M micro-batches (print it with `.format()`).
+
+        With R replicas per stage, a step does not run this grid: replica
+        group r runs the same schedule over its own micro-batches (j with
+        j % R == r), about M / R of them, with the bubble of that smaller M.
+        """
         return self._schedule
 
     def distribute_without_autotune(
