@@ -7,16 +7,19 @@ into micro-batches (`microbatch.py`) and builds, inside Keras's own
 pair under `tf.device` of its stage. The actions are created in the order of
 the schedule (`schedules.py`) and the actions of each stage are chained with
 control dependencies, so each device runs exactly the planned sequence while
-TensorFlow's dataflow executor overlaps the devices. Stage-boundary
-activations are the only tensors that cross devices. With the interleaved
+TensorFlow's dataflow executor overlaps the devices. Besides the batch's
+pieces, only the tensors crossing stage boundaries (activations forward,
+their gradients back) move between devices. With the interleaved
 schedule each stage holds several chunks of the model, chunk c on device
 c % K, and the boundaries between chunks are the stage boundaries. With
 several replicas per stage (`devices` as a list of lists), each replica group
 runs its share of the micro-batches and each stage's weight gradients are
-summed on its replica 0 (`replicas.py`).
+summed on its replica 0, which sends the others a copy of the stage's
+weights at each step (`replicas.py`).
 
 The host side (input pipeline, replica context, metrics) is a one-device
-strategy on this process's CPU; the pipeline replaces the body of
+strategy on this process's CPU, reading batches through one plain iterator
+(`host_input.py`); the pipeline replaces the body of
 Keras's train, test and predict steps for Sequential and functional models.
 """
 
