@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import pytest
 import tensorflow as tf
 from keras import tree
 
+from tests import _models as models
+from tests.strategies.pipeline._fitting import assert_same_training, train
 from tfpar import PipelineStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -548,48 +551,16 @@ def test_compile_outside_the_scope_behaves_as_under_the_stock_strategy() -> None
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
 
 
-def penalized(layer: str) -> Callable[[], keras.Model]:
-    """An MLP whose layer `layer` has an L2 activity regularizer."""
-
-    def build() -> keras.Model:
-        keras.utils.set_random_seed(7)
-        return keras.Sequential(
-            [keras.Input((6,))]
-            + [
-                keras.layers.Dense(
-                    8,
-                    activation="tanh",
-                    name=name,
-                    activity_regularizer="l2" if name == layer else None,
-                )
-                for name in ("d0", "d1")
-            ]
-            + [keras.layers.Dense(2, name="out")]
-        )
-
-    return build
-
-
-def _fit_penalized(
-    build: Callable[[], keras.Model], strategy: PipelineStrategy | None
-) -> keras.Model:
-    scope = strategy.scope() if strategy else contextlib.nullcontext()
-    with scope:
-        model = build()
-        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-    model.fit(_x(), _y(), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-    return model
-
-
 def test_a_loss_added_in_call_trains_on_the_last_stage_and_is_refused_before() -> None:
     # A stage's tape must see the added loss being computed for its gradient
     # to reach the layer's weights; only the last stage's does.
-    last = _fit_penalized(
-        penalized("d1"), PipelineStrategy(DEVICES, num_microbatches=2, partition=["d1"])
+    penalized = functools.partial(models.mlp, activity_regularizer="l2")
+    on_last = functools.partial(penalized, "d1")
+    reference = train(None, on_last, batch_size=BATCH, epochs=2)
+    strategy = PipelineStrategy(DEVICES, num_microbatches=2, partition=["d1"])
+    assert_same_training(
+        reference, train(strategy, on_last, batch_size=BATCH, epochs=2)
     )
-    reference = _fit_penalized(penalized("d1"), None)
-    for got, want in zip(last.weights, reference.weights, strict=True):
-        np.testing.assert_allclose(got, want, RTOL, ATOL, err_msg=got.path)
     for cut, recompute, where in [
         ("d1", False, r"before the last stage \(chunk 0\)"),
         ("out", True, "with recompute=True"),
@@ -599,4 +570,4 @@ def test_a_loss_added_in_call_trains_on_the_last_stage_and_is_refused_before() -
         )
         layer = "d0" if not recompute else "d1"
         with pytest.raises(ValueError, match=rf"\['{layer}'\] {where}: they add"):
-            _fit_penalized(penalized(layer), strategy)
+            train(strategy, functools.partial(penalized, layer), batch_size=BATCH)

@@ -65,20 +65,7 @@ def test_one_stage_two_replicas_matches_single_device() -> None:
 
 def regularized() -> keras.Model:
     """`mlp` with an L2 penalty on the first stage's kernel."""
-    keras.utils.set_random_seed(7)
-    return keras.Sequential(
-        [keras.Input((6,))]
-        + [
-            keras.layers.Dense(
-                8,
-                activation="tanh",
-                name=f"d{i}",
-                kernel_regularizer=keras.regularizers.L2(0.1) if i == 0 else None,
-            )
-            for i in range(3)
-        ]
-        + [keras.layers.Dense(2, name="out")]
-    )
+    return mlp("d0", kernel_regularizer=keras.regularizers.L2(0.1))
 
 
 def dropout_capture() -> keras.Model:
