@@ -126,12 +126,12 @@ class DistributesWithoutAutotuning:
         check_instance("dataset", dataset, tf.data.Dataset, "a tf.data.Dataset")
         caller = keras_callers.find_keras_caller(self)
         dataset = _keras_build.copied_from_python(caller, dataset)
-        distributed = self.distribute_without_autotune(
+        distributed = self._distribute_without_autotune(
             without_autotune_thread(dataset), options
         )
         return _keras_build.for_keras(caller, distributed, dataset)
 
-    def distribute_without_autotune(
+    def _distribute_without_autotune(
         self,
         dataset: tf.data.Dataset,
         options: tf.distribute.InputOptions | None,

@@ -195,7 +195,23 @@ def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns `model`'s layers, and those of the models nested in it, in order."""
+    """Returns `model`'s layers, and those of the models nested in it, in order.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        Each layer of `model.layers`, followed, for a nested model, by its
+        own layers (recursively).
+
+    Example:
+
+    ```python
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    outer = keras.Sequential([keras.Input((4,)), inner])
+    [layer.name for layer in nested_layers(outer)]  # [inner's name, "dense"]
+    ```
+    """
     layers = []
     for layer in model.layers:
         layers.append(layer)

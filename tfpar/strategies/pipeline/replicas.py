@@ -40,6 +40,13 @@ def resolve_stage_devices(
         TypeError: If `devices` mixes names and lists, or holds neither.
         ValueError: If a stage's list is empty, the lists differ in length, or
             a device is unknown or named twice (anywhere in `devices`).
+
+    Example:
+
+    ```python
+    resolve_stage_devices([["/cpu:0", "/cpu:2"], ["/cpu:1", "/cpu:3"]])
+    # (('/device:CPU:0', '/device:CPU:2'), ('/device:CPU:1', '/device:CPU:3'))
+    ```
     """
     if devices is None or isinstance(devices, str):
         return tuple((d,) for d in resolve_devices(devices))
@@ -67,8 +74,19 @@ def resolve_stage_devices(
 def check_replica_count(num_microbatches: int, num_replicas: int) -> None:
     """Refuses fewer micro-batches than replica groups (a group would idle).
 
+    Args:
+        num_microbatches: Micro-batches per batch, M.
+        num_replicas: Replicas per stage, R.
+
     Raises:
         ValueError: If `num_microbatches < num_replicas`.
+
+    Example:
+
+    ```python
+    check_replica_count(4, 2)  # fine: two micro-batches per group
+    check_replica_count(1, 2)  # ValueError naming num_microbatches=1
+    ```
     """
     if num_microbatches < num_replicas:
         raise ValueError(
@@ -88,9 +106,20 @@ def check_replicable(chunks: Sequence[keras.Model], num_replicas: int) -> None:
     kept by the scope, out of the model's loss (a custom `add_loss` is
     refused when the step is built, `engine.py`).
 
+    Args:
+        chunks: The model's stage (or chunk) sub-models.
+        num_replicas: Replicas per stage, R.
+
     Raises:
         ValueError: With R > 1, for a `BatchNormalization` layer or one with
             an `activity_regularizer` (named).
+
+    Example:
+
+    ```python
+    table, chunks = partition_model(model, devices)
+    check_replicable(chunks, num_replicas=2)
+    ```
     """
     if num_replicas == 1:
         return

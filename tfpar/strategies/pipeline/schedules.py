@@ -219,6 +219,22 @@ def interleaved_order(
     of one size at least K keep every stage busy once the pipeline is full
     (a smaller last group would idle it, or deadlock), at the price of more
     activations in flight.
+
+    Args:
+        num_stages: K, the devices.
+        num_microbatches: M.
+        stage: The device s whose actions to list.
+        chunks_per_device: V.
+
+    Returns:
+        The stage's actions, in the order it runs them.
+
+    Example:
+
+    ```python
+    " ".join(str(a) for a in interleaved_order(2, 2, 0, 2))
+    # "F0 F1 F0.1 F1.1 B0.1 B1.1 B0 B1" (chunk 0 unmarked)
+    ```
     """
     k, m, v = num_stages, num_microbatches, chunks_per_device
     group = m if m <= k else next(g for g in range(k, m + 1) if m % g == 0)
@@ -315,6 +331,13 @@ def check_chunks_per_device(
         ValueError: If it is not >= 2 for `"interleaved"` or not 1 for
             another schedule, or `"interleaved"` has a single stage (its
             chunks would all share one device).
+
+    Example:
+
+    ```python
+    check_chunks_per_device(None, schedule="interleaved", num_stages=2)  # 2
+    check_chunks_per_device(2, schedule="1f1b", num_stages=2)  # ValueError
+    ```
     """
     if chunks_per_device is None:
         chunks_per_device = 2 if schedule == INTERLEAVED else 1

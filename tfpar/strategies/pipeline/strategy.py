@@ -271,7 +271,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         """
         return self._schedule
 
-    def distribute_without_autotune(
+    def _distribute_without_autotune(
         self,
         dataset: tf.data.Dataset,
         options: tf.distribute.InputOptions | None,
@@ -302,6 +302,16 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         Raises:
             TypeError: If `dataset_fn` is not callable or does not return a
                 `tf.data.Dataset`, or `options` has the wrong type.
+
+        Example:
+
+        ```python
+        def dataset_fn(context):
+            return tf.data.Dataset.range(8).batch(4)
+
+        for batch in strategy.distribute_datasets_from_function(dataset_fn):
+            strategy.run(step, args=(batch,))
+        ```
         """
         if not callable(dataset_fn):
             raise TypeError(
