@@ -470,7 +470,8 @@ class PipelineEngine:
                 if is_last:
                     targets[j] = loss_of(j, out)
             tapes[(c, j)] = tape
-        if r == 0 and (not is_last or self.recompute):
+        if j == 0 and (not is_last or self.recompute):
+            # Once per chunk and trace: the first micro-batch, on replica 0.
             _refuse_losses_out_of_reach(self.chunks[c], c, self.recompute)
         if r > 0:
             _refuse_added_losses(scope, self.chunks[c], self.num_replicas)
