@@ -160,12 +160,15 @@ def test_logical_cpus_share_the_allocator_so_stages_report_none(
     trained: Trained,
 ) -> None:
     # Memory placed on CPU:1 shows in CPU:0's statistics: no per-stage number.
+    # Other threads of the process allocate too (one run saw 1.19 MiB for a
+    # 1 MiB block), so the block is large and the check allows 2 MiB either
+    # way.
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     with tf.device("/device:CPU:1"):
-        block = tf.ones([256, 1024])  # 1 MiB
-    assert tf.config.experimental.get_memory_info("CPU:0")["current"] - before == (
-        block.shape.num_elements() * FLOAT
-    )
+        block = tf.ones([16, 256, 1024])  # 16 MiB
+    grown = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+    size = block.shape.num_elements() * FLOAT
+    assert abs(grown - size) <= 2 * 2**20, (grown, size)
     for record in records(trained, "1f1b"):
         assert record.measured_peak_bytes is None
         assert "share the host process's allocator" in record.measured_note
