@@ -1,5 +1,6 @@
 """Tests for tfpar.callbacks.communication_time on the CommunicationStats contract."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from tests.callbacks._tb import (
     dataset,
     read_descriptions,
     read_scalars,
+    read_texts,
     stock_mirrored,
     tiny_model,
 )
@@ -276,6 +278,124 @@ def test_bad_arguments_fail_at_construction(
     with pytest.raises(error) as info:
         CommunicationTime(str(tmp_path), **kwargs)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "received", "allowed"),
+    [
+        ({"detect_stragglers": 1}, TypeError, "detect_stragglers=1", "True or False"),
+        ({"straggler_share": "0.75"}, TypeError, "straggler_share='0.75'", "a number"),
+        ({"straggler_share": 0.0}, ValueError, "straggler_share=0.0", "> 0 and <= 1"),
+        ({"straggler_share": 75}, ValueError, "straggler_share=75", "> 0 and <= 1"),
+        ({"straggler_margin": True}, TypeError, "straggler_margin=True", "a number"),
+        ({"straggler_margin": -0.1}, ValueError, "straggler_margin=-0.1", "0 to 1"),
+        ({"straggler_margin": 1.5}, ValueError, "straggler_margin=1.5", "0 to 1"),
+        (
+            {"straggler_margin": float("nan")},
+            ValueError,
+            "straggler_margin=nan",
+            "finite",
+        ),
+        ({"straggler_samples": 0}, ValueError, "straggler_samples=0", "an int >= 1"),
+        ({"straggler_samples": 2.0}, TypeError, "straggler_samples=2.0", "an int"),
+        (
+            {"straggler_min_steps": 0},
+            ValueError,
+            "straggler_min_steps=0",
+            "an int >= 1",
+        ),
+    ],
+)
+def test_bad_straggler_arguments_fail_at_construction(
+    tmp_path: str, kwargs: dict, error: type, received: str, allowed: str
+) -> None:
+    # Checked even with detection off: a bad value is a mistake either way.
+    for detect in ({}, {"detect_stragglers": False}):
+        with pytest.raises(error) as info:
+            CommunicationTime(str(tmp_path), **{**detect, **kwargs})
+        (name,) = kwargs
+        message = str(info.value)
+        assert f"`{name}` must be" in message and allowed in message, message
+        assert f"Received: {received}" in message, message
+
+
+FAST = "/job:worker/replica:0/task:0/device:CPU:0"
+SLOW = "/job:worker/replica:0/task:1/device:CPU:0"
+
+
+class StragglingStrategy(CountingStrategy):
+    """The counters of two replicas, the second the slowest at 9 syncs of 10.
+
+    One synchronization per step; at every tenth step the first replica is
+    the slowest, at the others the first waits 50 ms for the second.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = CommunicationStats(
+            kind="allreduce",
+            devices=(DeviceCommunication(FAST), DeviceCommunication(SLOW)),
+            counters=("wait_seconds", "slowest_steps"),
+        )
+
+    def advance(self) -> None:
+        s = self.stats
+        fast, slow = s.devices
+        if (s.steps + 1) % 10:
+            fast = dataclasses.replace(fast, wait_seconds=fast.wait_seconds + 0.05)
+            slow = dataclasses.replace(slow, slowest_steps=slow.slowest_steps + 1)
+        else:
+            slow = dataclasses.replace(slow, wait_seconds=slow.wait_seconds + 0.001)
+            fast = dataclasses.replace(fast, slowest_steps=fast.slowest_steps + 1)
+        self.stats = dataclasses.replace(s, steps=s.steps + 1, devices=(fast, slow))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({}, True),
+        ({"detect_stragglers": False}, False),
+        # Slowest at 90% of the synchronizations, in 2 samples of 10 each.
+        ({"straggler_share": 0.95}, False),
+        ({"straggler_samples": 3}, False),
+        ({"straggler_min_steps": 11}, False),
+    ],
+    ids=["defaults", "off", "share", "samples", "min_steps"],
+)
+def test_straggler_is_named_by_the_thresholds_given(
+    tmp_path: str, caplog: pytest.LogCaptureFixture, kwargs: dict, named: bool
+) -> None:
+    strategy = StragglingStrategy()
+    with strategy.scope():
+        model = tiny_model()
+    advance = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: strategy.advance()
+    )
+    callback = CommunicationTime(
+        str(tmp_path), every_steps=10, every_seconds=None, **kwargs
+    )
+    x, y = dataset(32 * 21)
+    with caplog.at_level(logging.WARNING, logger="tfpar"):
+        # Baseline after step 1, samples after steps 11 and 21.
+        model.fit(x, y, batch_size=32, verbose=0, callbacks=[advance, callback])
+    warnings = [r.message for r in caplog.records if "is a straggler" in r.message]
+    run = os.path.join(tmp_path, "train")
+    texts = read_texts(run)
+    if named:
+        assert len(warnings) == 1, warnings
+        assert texts["comm/straggler"][0][0] == 21
+        assert texts["comm/straggler"][0][1].startswith(
+            "worker:1/CPU:0 is a straggler: it was the slowest replica at 90%"
+        )
+    else:
+        assert warnings == []
+        assert "comm/straggler" not in texts
+    # The waits are logged whether or not a straggler is looked for.
+    scalars = read_scalars(run)
+    assert [s for s, _ in scalars["comm/device/worker:0/CPU:0/wait_ms"]] == [11, 21]
+    assert [v for _, v in scalars["comm/device/worker:1/CPU:0/slowest_fraction"]] == (
+        pytest.approx([0.9, 0.9])
+    )
 
 
 def _fraction_and_bytes(log_dir: str, features: int, width: int, batch: int) -> tuple:

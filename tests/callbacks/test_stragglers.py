@@ -72,6 +72,25 @@ def test_no_straggler_without_a_persistent_margin(samples):
     assert all(detector.update(_sample(*s), step_ms=100.0) is None for s in samples)
 
 
+@pytest.mark.parametrize(
+    "thresholds",
+    [
+        {"margin": 0.5},  # the others wait 40% of the step, not 50%
+        {"share": 0.95},  # slowest at 90% of the synchronizations, not 95%
+        {"samples": 3},  # two samples in a row, not three
+        {"min_steps": 11},  # 10 synchronizations per sample: not judged
+    ],
+    ids=["margin", "share", "samples", "min_steps"],
+)
+def test_stricter_thresholds_do_not_name_what_the_defaults_name(thresholds):
+    # B slowest at 9 of 10 synchronizations, A waited 40 ms per step of 100.
+    persistent = [_sample(1, 9, wait_a=0.4, wait_b=0.001)] * 2
+    default = StragglerDetector()
+    assert [default.update(s, step_ms=100.0) for s in persistent][-1] is not None
+    strict = StragglerDetector(**thresholds)
+    assert all(strict.update(s, step_ms=100.0) is None for s in persistent)
+
+
 FIT = """
 import json, logging, os
 task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]

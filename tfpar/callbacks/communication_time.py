@@ -9,6 +9,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from tfpar._validation import check_bool, check_int, check_number, value_error
 from tfpar.callbacks.cadence import Cadence, Trigger, optimizer_step, steps_per_call
 from tfpar.callbacks.definitions import describe
 from tfpar.callbacks.sources import Sample
@@ -65,10 +66,11 @@ class CommunicationTime(keras.callbacks.Callback):
       share of synchronizations at which it was that slowest one; for
       every replica of the job, other workers' too.
 
-    A replica that is the slowest at 75% or more of the synchronizations
-    while the others wait 5% or more of the step for it, in two samples in a
-    row, is named a straggler: once per `fit`, in a warning and in a
-    TensorBoard text summary at `comm/straggler`.
+    A replica that is the slowest at `straggler_share` (75%) or more of the
+    synchronizations while the others wait `straggler_margin` (5%) or more
+    of the step for it, in `straggler_samples` (two) samples in a row, is
+    named a straggler: once per `fit`, in a warning and in a TensorBoard text
+    summary at `comm/straggler`. `detect_stragglers=False` turns this off.
 
     Under a strategy without `communication_stats()` (the stock
     `tf.distribute` strategies, or none) it says once, with a warning, what it
@@ -88,10 +90,25 @@ class CommunicationTime(keras.callbacks.Callback):
             on time only.
         every_seconds: Sample every this many seconds; `None` samples on
             steps only. Defaults to `10.0`.
+        detect_stragglers: Whether to look for a straggler replica and name
+            it (a warning and `comm/straggler`). The `wait_ms` and
+            `slowest_fraction` scalars are logged either way. Defaults to
+            `True`.
+        straggler_share: Least share of a sample's gradient synchronizations
+            at which a replica must be the slowest one, a number `> 0` and
+            `<= 1`. Defaults to `0.75`.
+        straggler_margin: Least mean wait of the other replicas for it, per
+            step, as a share of the step time, a number from `0` to `1`.
+            Defaults to `0.05`.
+        straggler_samples: Samples in a row both conditions must hold for,
+            an `int >= 1`. Defaults to `2`.
+        straggler_min_steps: Least synchronizations a sample must have to be
+            judged, an `int >= 1`; a sample with fewer neither counts nor
+            breaks a run (a short last sample). Defaults to `5`.
 
     Raises:
-        ValueError: For an unwritable `log_dir` or a cadence that is not
-            positive.
+        ValueError: For an unwritable `log_dir`, a cadence that is not
+            positive, or a straggler threshold out of range.
         TypeError: For arguments of the wrong type.
 
     Example:
@@ -111,17 +128,35 @@ class CommunicationTime(keras.callbacks.Callback):
         *,
         every_steps: int | None = None,
         every_seconds: float | None = 10.0,
+        detect_stragglers: bool = True,
+        straggler_share: float = 0.75,
+        straggler_margin: float = 0.05,
+        straggler_samples: int = 2,
+        straggler_min_steps: int = 5,
     ) -> None:
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds)
+        # Checked even when detection is off: a bad value is a mistake anyway.
+        detect = check_bool("detect_stragglers", detect_stragglers)
+        detector = StragglerDetector(
+            share=_check_share(
+                "straggler_share", straggler_share, "of the synchronizations"
+            ),
+            margin=_check_share(
+                "straggler_margin", straggler_margin, "of the step time", zero=True
+            ),
+            samples=check_int("straggler_samples", straggler_samples, minimum=1),
+            # A sample with no synchronization has no slowest replica.
+            min_steps=check_int("straggler_min_steps", straggler_min_steps, minimum=1),
+        )
         self._kind: str | None = None  # the strategy's, once its counters are read
         self._writer = ScalarWriter(
             self.log_dir, describe=lambda tag: describe(tag, self._kind)
         )
         self._trigger = Trigger(self.cadence)
         self._stats: Callable[[], CommunicationStats] | None = None
-        self._stragglers = StragglerDetector()
+        self._stragglers = detector if detect else None
         self._warned = False
         self._failed = False
         self._reset_run()
@@ -141,7 +176,8 @@ class CommunicationTime(keras.callbacks.Callback):
         """Finds the strategy's counters, or says once what cannot be measured."""
         self._reset_run()
         self._trigger = Trigger(self.cadence)
-        self._stragglers.reset()
+        if self._stragglers is not None:
+            self._stragglers.reset()
         self._first_step = optimizer_step(self.model)
         self._per_call = steps_per_call(self.model)
         strategy = self.model.distribute_strategy
@@ -193,6 +229,7 @@ class CommunicationTime(keras.callbacks.Callback):
                 self._writer.add(step, sample.tag, sample.value)
             if delta is not None:
                 self._kind = delta.kind
+            if delta is not None and self._stragglers is not None:
                 step_ms = 1000.0 * self._busy / self._steps
                 straggler = self._stragglers.update(delta, step_ms)
                 if straggler is not None:
@@ -232,6 +269,26 @@ class CommunicationTime(keras.callbacks.Callback):
                     err,
                 )
             return None
+
+
+def _check_share(name: str, value: object, of: str, *, zero: bool = False) -> float:
+    """Checks that `value` is a share (a number up to 1) and returns it.
+
+    Args:
+        name: The argument's name.
+        value: What the caller passed.
+        of: What it is a share of, for the message.
+        zero: Whether 0 is allowed (else it must be > 0).
+
+    Raises:
+        TypeError: If it is not a number.
+        ValueError: If it is not finite, or outside `[0, 1]` (`(0, 1]`).
+    """
+    number = float(check_number(name, value))
+    if not (number >= 0.0 if zero else number > 0.0) or number > 1.0:
+        bounds = "from 0 to 1" if zero else "> 0 and <= 1"
+        raise value_error(name, value, f"a number {bounds} (a share {of})")
+    return number
 
 
 def _unmeasured(strategy: object) -> str:
