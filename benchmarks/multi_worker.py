@@ -14,7 +14,10 @@ sensitive), in alternating order within each run of the series:
   * `keras3_1`, `tfkeras2_1`: one process, no strategy (the baselines);
   * `tfpar_2`: 2 workers, tfpar.MultiWorkerMirroredStrategy, Keras 3;
   * `stock_2`: 2 workers, stock strategy, tf-keras 2 (the peer);
-  * `tfpar_bf16_2` (batch 2048 only): tfpar with `compression="bf16"`.
+  * `tfpar_bf16_2` (batch 2048 only): tfpar with `compression="bf16"`;
+  * `tfpar_buckets_2`: tfpar with `bucket_bytes=1 << 20`, each bucket its
+    own collective, launched last layer first so that it overlaps the rest
+    of the backward pass.
 Reported per run: throughput (samples/s over the whole timed `fit`, as the
 slowest worker saw it), its ratio to the same framework's 1 process, and the
 median step time between batch ends (the steady state, without the epoch
@@ -58,6 +61,13 @@ VARIANTS = {
     "tfpar_2": (2, "keras3", "tfpar"),
     "stock_2": (2, "tfkeras2", "stock"),
     "tfpar_bf16_2": (2, "keras3", "tfpar_bf16"),
+    "tfpar_buckets_2": (2, "keras3", "tfpar_buckets"),
+}
+# The variants' strategy options.
+TFPAR_OPTIONS: dict[str, dict[str, Any]] = {
+    "tfpar": {},
+    "tfpar_bf16": {"compression": "bf16"},
+    "tfpar_buckets": {"bucket_bytes": 1 << 20},
 }
 RING_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
 
@@ -75,8 +85,7 @@ def _strategy(kind: str | None) -> Any:
         return tf.distribute.MultiWorkerMirroredStrategy()
     import tfpar
 
-    options = {"compression": "bf16"} if kind == "tfpar_bf16" else {}
-    return tfpar.MultiWorkerMirroredStrategy(**options)
+    return tfpar.MultiWorkerMirroredStrategy(**TFPAR_OPTIONS[kind])
 
 
 def _data(batch: int) -> tuple[Any, Any]:
@@ -268,8 +277,13 @@ def fit_run(order: list[str], batch: int) -> dict[str, dict[str, float]]:
             "samples_per_s": EPOCHS * STEPS_PER_EPOCH * batch / seconds,
             "median_step": max(r["median_step"] for r in results),
         }
-    for name, base in (("tfpar_2", "keras3_1"), ("stock_2", "tfkeras2_1")):
-        run[name]["ratio"] = run[base]["seconds"] / run[name]["seconds"]
+    for name, base in (
+        ("tfpar_2", "keras3_1"),
+        ("tfpar_buckets_2", "keras3_1"),
+        ("stock_2", "tfkeras2_1"),
+    ):
+        if name in run and base in run:
+            run[name]["ratio"] = run[base]["seconds"] / run[name]["seconds"]
     return run
 
 
@@ -322,6 +336,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="runs in the series")
     parser.add_argument("--quick", action="store_true", help="2 runs, a smoke test")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=sorted(VARIANTS),
+        help="the variants to time (default: all)",
+    )
+    parser.add_argument(
+        "--skip-extras",
+        action="store_true",
+        help="skip the single-client and ring parts",
+    )
     parser.add_argument("--out", default="multi_worker_benchmark.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -351,8 +377,9 @@ def main() -> None:
     for index in range(runs):
         for batch in BATCHES:
             order = ["keras3_1", "tfkeras2_1", "tfpar_2", "stock_2"]
-            if batch == 2048:
-                order.append("tfpar_bf16_2")
+            order += ["tfpar_bf16_2"] if batch == 2048 else []
+            order += ["tfpar_buckets_2"]
+            order = [name for name in order if name in args.variants]
             # Alternate the order so that drift hits every variant alike.
             if index % 2:
                 order.reverse()
@@ -368,8 +395,9 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    report["single_client"] = {str(b): _single_client(b) for b in BATCHES}
-    report["ring"] = _ring()
+    if not args.skip_extras:
+        report["single_client"] = {str(b): _single_client(b) for b in BATCHES}
+        report["ring"] = _ring()
     _summarize(report)
     _write(args.out, report)
     print(f"wrote {args.out}")
@@ -433,17 +461,24 @@ def _summarize(report: dict[str, Any]) -> None:
             steps = [r[name]["median_step"] * 1000 for r in runs]
             line += f"   step {statistics.median(steps):.0f} ms"
             print(line)
-        over_peer = [
-            r["tfpar_2"]["samples_per_s"] / r["stock_2"]["samples_per_s"] for r in runs
-        ]
-        print(
-            f"  tfpar_2 / stock_2 throughput: min {min(over_peer):.2f}x "
-            f"median {statistics.median(over_peer):.2f}x max {max(over_peer):.2f}x"
-        )
-        if batch == "8192":
+        for name, other in (
+            ("tfpar_2", "stock_2"),
+            ("tfpar_buckets_2", "tfpar_2"),
+        ):
+            if name in runs[0] and other in runs[0]:
+                over = [
+                    r[name]["samples_per_s"] / r[other]["samples_per_s"] for r in runs
+                ]
+                print(
+                    f"  {name} / {other} throughput: min {min(over):.2f}x "
+                    f"median {statistics.median(over):.2f}x max {max(over):.2f}x"
+                )
+        if batch == "8192" and "ratio" in runs[0].get("tfpar_2", {}):
             ratios = [r["tfpar_2"]["ratio"] for r in runs]
             met = all(ratio >= GOAL_8192 for ratio in ratios)
             print(f"  goal >= {GOAL_8192}x in every run: {'met' if met else 'NOT met'}")
+    if "ring" not in report:
+        return
     print("\nsingle-client tfpar.MirroredStrategy, 2 LocalCluster workers / 1:")
     for batch, result in report["single_client"].items():
         print(f"  global batch {batch}: {result['ratio']:.2f}x")

@@ -132,6 +132,62 @@ def test_matches_single_device_on_the_global_batch(kwargs: dict[str, object]) ->
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bucket_bytes", [None, 64])
+def test_buckets_reduce_while_the_backward_pass_runs(bucket_bytes: int | None) -> None:
+    strategy = MirroredStrategy(bucket_bytes=bucket_bytes)
+    model = _model(strategy, optimizer="sgd")
+    x, y = _data(16)
+    model.fit(x, y, batch_size=16, verbose=0)  # builds the optimizer and metrics
+
+    @tf.function
+    def step(x: tf.Tensor, y: tf.Tensor) -> None:
+        strategy.run(model.train_step, args=((x, y),))
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec((8, 8)), tf.TensorSpec((8, 1))
+    ).graph
+
+    def weight_gradients(shape: list[int]) -> set[str]:
+        # A Dense kernel's gradient: inputs transposed times output gradients.
+        return {
+            op.name
+            for op in graph.get_operations()
+            if op.type == "MatMul"
+            and op.get_attr("transpose_a")
+            and op.outputs[0].shape.as_list() == shape
+        }
+
+    first, last = weight_gradients([8, 16]), weight_gradients([16, 1])
+    assert len(first) == len(last) == len(DEVICES)  # one per replica
+    needs = [
+        _ancestors(op)
+        for op in graph.get_operations()
+        if op.type == "CollectiveReduceV2"
+    ]
+    assert needs
+    # The last layer's gradients are computed first in the backward pass.
+    early = [a for a in needs if a & last and not a & first]
+    if bucket_bytes is None:
+        # TensorFlow's collective concatenates one call's tensors: every
+        # reduction waits for the first layer's gradient, the last computed.
+        assert not early
+    else:
+        assert len(early) >= len(DEVICES)
+
+
+def _ancestors(op: tf.Operation) -> set[str]:
+    """Names of every op `op` depends on, through data and control edges."""
+    seen: set[str] = set()
+    stack = [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent.name not in seen:
+                seen.add(parent.name)
+                stack.append(parent)
+    return seen
+
+
 def test_communication_stats_count_exactly() -> None:
     strategy = MirroredStrategy(compression="bf16")
     x, y = _data()

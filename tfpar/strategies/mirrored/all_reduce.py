@@ -145,6 +145,19 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         self._collective = collective
         self._replica_algorithm = replica_algorithm
 
+    @property
+    def _launch_buckets_apart(self) -> bool:
+        """Whether each bucket is its own collective, in launch order.
+
+        TensorFlow's collective all-reduce concatenates every tensor of one
+        call into a single reduction (its `bytes_per_pack` is 0 by default),
+        which waits for the last gradient; one call per bucket lets its
+        ordered launches start as their buckets exist. Other algorithms (NCCL
+        outside the collective runtime, reduction to one device) keep one
+        call: their separate launches are not ordered.
+        """
+        return self._collective and self._options.bucket_bytes is not None
+
     def note_step_start(self, inputs: Sequence[Any]) -> None:
         """Notes, while a replica's step is traced, when its inputs exist.
 
@@ -235,10 +248,19 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             )
 
         def exchange(packed: list[list[Any]]) -> list[list[Any]]:
+            if not self._launch_buckets_apart:
+                return [
+                    compat.replica_all_reduce(
+                        algorithm, reduce_op, packed[0], replica_id, options
+                    )
+                ]
             return [
-                compat.replica_all_reduce(
-                    algorithm, reduce_op, packed[0], replica_id, options
-                )
+                [
+                    compat.replica_all_reduce(
+                        algorithm, reduce_op, [bucket], replica_id, options
+                    )[0]
+                    for bucket in packed[0]
+                ]
             ]
 
         outputs, reduction = self._reduce([flat], exchange, reduce_op, replica_id)
@@ -273,13 +295,17 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
 
             def exchange(packed: list[list[Any]]) -> list[list[Any]]:
                 buckets = [
-                    compat.per_replica(copies) for copies in zip(*packed, strict=True)
+                    (b, pairs[0][1] if named else b)
+                    for b in (
+                        compat.per_replica(copies)
+                        for copies in zip(*packed, strict=True)
+                    )
                 ]
-                results = self.algorithm.batch_reduce_implementation(
-                    reduce_op,
-                    [(b, pairs[0][1] if named else b) for b in buckets],
-                    options,
-                )
+                reduce = self.algorithm.batch_reduce_implementation
+                if self._launch_buckets_apart:
+                    results = [reduce(reduce_op, [b], options)[0] for b in buckets]
+                else:
+                    results = reduce(reduce_op, buckets, options)
                 return [
                     [r.values[i] if _is_distributed(r) else r for r in results]
                     for i in range(n)
@@ -354,7 +380,10 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             devices,
         )
         encoded = [self._codec.encode(tensors) for tensors in replicas]
-        packed = [e.packed for e in encoded]
+        # Last bucket first: the backward pass computes the last layers'
+        # gradients first, so buckets launched apart start reducing while
+        # the earlier layers' gradients are still being computed.
+        packed = [e.packed[::-1] for e in encoded]
         arrivals = self._arrivals
         took_all = None
         if arrivals is not None:
@@ -374,7 +403,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             if reduce_op == tf.distribute.ReduceOp.MEAN:
                 took_all *= arrivals.group_size
             results = [r[:-1] for r in results]
-        decoded = [e.decode(r) for e, r in zip(encoded, results, strict=True)]
+        decoded = [e.decode(r[::-1]) for e, r in zip(encoded, results, strict=True)]
         outputs, skipped = self._nonfinite.apply(replicas, decoded, devices, replica_id)
         ends = self._timestamps(outputs, devices)
         if starts:

@@ -84,9 +84,11 @@ class MultiWorkerMirroredStrategy(
             `"ring"` or `"nccl"`: TensorFlow's collective implementations.
         compression: `None` (default), `"fp16"` or `"bf16"`: float gradients
             are cast down for the all-reduce and back after it.
-        bucket_bytes: `None` (default) or a positive int: small dense
-            gradients of one dtype are packed into buckets of at most this
-            many bytes, so fewer collectives run.
+        bucket_bytes: `None` (default: one collective for all gradients, as
+            stock, which starts once the last gradient exists) or a positive
+            int: dense gradients of one dtype are packed into buckets of at
+            most this many bytes, each its own collective, launched last
+            layer first so that it overlaps the rest of the backward pass.
         on_nonfinite: `None` (default), `"skip"` or `"raise"`, decided on the
             reduced gradients, which every replica of every worker holds
             alike, so all of them agree.

@@ -29,10 +29,15 @@ class AllReduceOptions:
             `"reduce_to_one_device"`.
         compression: `None` (default), `"fp16"` or `"bf16"`: float32/float64
             gradients are cast down for the reduction and back up after it.
-        bucket_bytes: `None` (default: one reduction per gradient, as stock)
-            or a positive int: dense gradients of one dtype are packed, in
-            order, into buckets of at most this many bytes (a larger gradient
-            gets its own bucket), reducing the number of reduction calls.
+        bucket_bytes: `None` (default: the gradients go to the algorithm as
+            stock hands them over; TensorFlow's collective all-reduce
+            concatenates them into one reduction, which starts once the last
+            gradient exists) or a positive int: dense gradients of one dtype
+            are packed, in order, into buckets of at most this many bytes (a
+            larger gradient gets its own bucket). Under the collective
+            all-reduce each bucket is then its own collective, launched last
+            layer first, so that it runs while the backward pass still
+            computes earlier layers' gradients.
         on_nonfinite: `None` (default: no check), `"skip"` (a step whose
             reduced gradients hold a NaN or Inf applies zero gradients and is
             counted) or `"raise"` (it fails with `InvalidArgumentError`).

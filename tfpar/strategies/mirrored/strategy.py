@@ -68,7 +68,11 @@ class MirroredStrategy(
             bytes moved for float32. fp16 overflows above 65504.
         bucket_bytes: `None` (default) or a positive int: small dense
             gradients of one dtype are packed into buckets of at most this
-            many bytes, so fewer reductions run.
+            many bytes, so fewer reductions run. With TensorFlow's collective
+            all-reduce (`"collective"`, and `"auto"` on local devices of one
+            type), which otherwise concatenates all gradients into one
+            reduction, each bucket is its own collective, launched last layer
+            first so that it overlaps the rest of the backward pass.
         on_nonfinite: `None` (default), `"skip"` or `"raise"`: decided once
             on the reduced gradients, so every replica agrees. `"skip"`
             applies zero gradients for that step (plain SGD leaves the weights
