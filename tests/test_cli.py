@@ -60,6 +60,16 @@ def test_server_without_tf_config_fails_in_one_line(monkeypatch, capsys):
         (["devices", "--simulate", "0"], r"`--simulate` must be an int >= 1"),
         (["server", "--core", "-1"], r"`--core` must be an int >= 0"),
         (["server", "--core", "4096"], r"`core` must be a CPU core this process"),
+        (
+            ["server", "--profiler-port", "0"],
+            r"`--profiler-port` must be an int from 1 to 65535. Received: "
+            r"--profiler-port=0",
+        ),
+        (
+            ["server", "--profiler-port", "70000"],
+            r"`--profiler-port` must be an int from 1 to 65535. Received: "
+            r"--profiler-port=70000",
+        ),
     ],
 )
 def test_bad_options_fail_in_one_line(argv, message, capsys, monkeypatch):

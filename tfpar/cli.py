@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="exit when this process is no longer the parent (used by LocalCluster)",
     )
+    server.add_argument(
+        "--profiler-port",
+        type=int,
+        metavar="PORT",
+        help="also run TensorFlow's profiler service on PORT, for "
+        "DeviceUtilization's remote windows",
+    )
 
     launch = commands.add_parser(
         "launch",
@@ -122,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _user_errors(parser, "server"):
             check_int("--core", args.core, minimum=0, allow_none=True)
             check_int("--parent-pid", args.parent_pid, minimum=1, allow_none=True)
+            check_int(
+                "--profiler-port",
+                args.profiler_port,
+                minimum=1,
+                maximum=65535,
+                allow_none=True,
+            )
             task = server.read_tf_config()
             server.validate_task(
                 task.cluster,
@@ -129,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 task.task_index,
                 core=args.core,
                 parent_pid=args.parent_pid,
+                profiler_port=args.profiler_port,
             )
         server.serve(
             task.cluster,
@@ -136,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             task.task_index,
             core=args.core,
             parent_pid=args.parent_pid,
+            profiler_port=args.profiler_port,
         )
         return 0
     if args.command == "launch":

@@ -93,6 +93,7 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self._cluster: dict[str, list[str]] = {}
         self._processes: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
+        self._profiler_ports: dict[tuple[str, int], int] = {}
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -102,11 +103,34 @@ class LocalCluster:
         return tf.train.ClusterSpec(self._cluster)
 
     @property
-    def cluster_resolver(self) -> tf.distribute.cluster_resolver.ClusterResolver:
-        """A cluster resolver for a client (coordinator) of this cluster."""
-        return tf.distribute.cluster_resolver.SimpleClusterResolver(
-            self.cluster_spec, rpc_layer="grpc"
-        )
+    def cluster_resolver(self) -> LocalClusterResolver:
+        """A cluster resolver for a client (coordinator) of this cluster.
+
+        It also carries `profiler_addresses`, where `DeviceUtilization` finds
+        each task's profiler service.
+        """
+        return LocalClusterResolver(self.cluster_spec, self.profiler_addresses)
+
+    @property
+    def profiler_addresses(self) -> dict[str, str]:
+        """Each task's TensorFlow profiler service, `"host:port"` by task name.
+
+        Every task runs one (`tfpar server --profiler-port`), so that
+        `tfpar.callbacks.DeviceUtilization` can trace short windows of tasks
+        whose busy time no strategy measures, such as parameter servers.
+
+        Example:
+
+        ```python
+        cluster.profiler_addresses
+        # {'/job:worker/replica:0/task:0': '127.0.0.1:41235', ...}
+        ```
+        """
+        self._require_started()
+        return {
+            f"/job:{job}/replica:0/task:{index}": f"{_HOST}:{port}"
+            for (job, index), port in self._profiler_ports.items()
+        }
 
     @property
     def worker_devices(self) -> list[str]:
@@ -129,10 +153,21 @@ class LocalCluster:
         """
         if self._processes:
             raise RuntimeError("This LocalCluster is already running.")
-        ports = _free_ports(self.num_workers + self.num_ps)
+        tasks = self.num_workers + self.num_ps
+        ports = _free_ports(2 * tasks)
         self._cluster = {"worker": [f"{_HOST}:{p}" for p in ports[: self.num_workers]]}
         if self.num_ps:
-            self._cluster["ps"] = [f"{_HOST}:{p}" for p in ports[self.num_workers :]]
+            self._cluster["ps"] = [
+                f"{_HOST}:{p}" for p in ports[self.num_workers : tasks]
+            ]
+        self._profiler_ports = dict(
+            zip(
+                [("worker", i) for i in range(self.num_workers)]
+                + [("ps", i) for i in range(self.num_ps)],
+                ports[tasks:],
+                strict=True,
+            )
+        )
         self._logdir = tempfile.TemporaryDirectory(prefix="tfpar-cluster-")
         logger.warning(SECURITY_WARNING)
         atexit.register(self.stop)
@@ -249,6 +284,8 @@ class LocalCluster:
             "server",
             "--parent-pid",
             str(os.getpid()),
+            "--profiler-port",
+            str(self._profiler_ports[(job, index)]),
         ]
         if self.pin_cores:
             command += ["--core", str(self._core_for(job, index))]
@@ -368,3 +405,19 @@ def _kill_and_reap(process: subprocess.Popen[bytes]) -> None:
 
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class LocalClusterResolver(tf.distribute.cluster_resolver.SimpleClusterResolver):
+    """A `SimpleClusterResolver` that also knows each task's profiler service.
+
+    Args:
+        cluster_spec: The cluster's `tf.train.ClusterSpec`.
+        profiler_addresses: `"host:port"` of each task's TensorFlow profiler
+            service, by task name (`"/job:ps/replica:0/task:0"`).
+    """
+
+    def __init__(
+        self, cluster_spec: tf.train.ClusterSpec, profiler_addresses: dict[str, str]
+    ) -> None:
+        super().__init__(cluster_spec, rpc_layer="grpc")
+        self.profiler_addresses = dict(profiler_addresses)

@@ -105,6 +105,7 @@ def serve(
     *,
     core: int | None = None,
     parent_pid: int | None = None,
+    profiler_port: int | None = None,
 ) -> None:
     """Runs one cluster task until the process is killed.
 
@@ -119,13 +120,25 @@ def serve(
         parent_pid: If set, exits as soon as this process is no longer the
             parent, so that no server outlives the program that started it,
             even a SIGSTOPped one (on Linux).
+        profiler_port: If set, also runs TensorFlow's profiler service on
+            this port (`tf.profiler.experimental.server.start`), so that
+            `tfpar.callbacks.DeviceUtilization` can trace short windows of
+            the task from the coordinator. Like the task's own server, it
+            listens on all interfaces without authentication.
 
     Raises:
         ValueError: If the spec is invalid, does not contain the task, or
             `core` is not a core this process may use.
         TypeError: If an argument has the wrong type.
     """
-    validate_task(cluster, job_name, task_index, core=core, parent_pid=parent_pid)
+    validate_task(
+        cluster,
+        job_name,
+        task_index,
+        core=core,
+        parent_pid=parent_pid,
+        profiler_port=profiler_port,
+    )
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
     if core is not None:
@@ -151,6 +164,8 @@ def serve(
         config=config,
         start=True,
     )
+    if profiler_port is not None:
+        tf.profiler.experimental.server.start(profiler_port)
     print(READY_LINE, flush=True)
     server.join()
 
@@ -162,6 +177,7 @@ def validate_task(
     *,
     core: int | None = None,
     parent_pid: int | None = None,
+    profiler_port: int | None = None,
 ) -> None:
     """Checks the arguments of `serve` without starting anything.
 
@@ -175,6 +191,7 @@ def validate_task(
     check_int("task_index", task_index, minimum=0, maximum=len(cluster[job_name]) - 1)
     check_int("core", core, minimum=0, allow_none=True)
     check_int("parent_pid", parent_pid, minimum=1, allow_none=True)
+    check_int("profiler_port", profiler_port, minimum=1, maximum=65535, allow_none=True)
     if core is not None and core not in (cores := sorted(os.sched_getaffinity(0))):
         raise value_error("core", core, f"a CPU core this process may use, {cores}")
 

@@ -2,7 +2,8 @@
 
 One definition per tag and, where strategies measure differently, per
 strategy kind (`tfpar.CommunicationStats.kind`) or per source of a device's
-utilization (`"profiler"`, `"nvml"`, `"in_graph"`, `"in_graph_async"`). Each says whether the number is
+utilization (`"profiler"`, `"remote_profiler"`, `"nvml"`, `"in_graph"`,
+`"in_graph_async"`). Each says whether the number is
 measured, counted, computed from other numbers, or modelled. docs/callbacks.md
 holds the same definitions as tables.
 """
@@ -173,6 +174,14 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
         "Measured (TensorFlow profiler): the share of a traced window of steps "
         "during which an op placed on this device ran (union of op intervals; "
         "receives, collectives and tf.data ops left out).",
+    ),
+    (
+        r"device/.+/utilization",
+        "remote_profiler",
+        "Measured (TensorFlow profiler, in the task's own process, through its "
+        "profiler service): the share of a traced window of remote_window_ms "
+        "during which an op of this task ran (union of op intervals; "
+        "receives, sends, collectives and tf.data ops left out).",
     ),
     (
         r"device/.+/utilization",

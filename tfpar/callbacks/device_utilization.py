@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -24,6 +24,7 @@ from tfpar.callbacks.in_graph_busy import InGraphBusy
 from tfpar.callbacks.placement import GraphPlacement, OpDevices, strategy_devices
 from tfpar.callbacks.profiler_window import ProfilerWindows
 from tfpar.callbacks.profiling import TraceParser
+from tfpar.callbacks.remote_windows import RemoteWindows
 from tfpar.callbacks.source_group import SourceGroup
 from tfpar.callbacks.summaries import (
     ScalarWriter,
@@ -75,9 +76,15 @@ class DeviceUtilization(keras.callbacks.Callback):
     device under a multi-worker strategy (where TensorFlow's profiler aborted
     a worker, so no window is traced), take their utilization from the tfpar
     strategy's in-graph busy time, under the same tag; its TensorBoard
-    description says so. A device none of whose placed ops appears in this
-    process's trace, and of which the strategy measures no busy time (a
-    parameter server, for one), has no utilization point: its utilization is unknown, not 0 %. The callback
+    description says so. Tasks whose busy time no strategy measures (the
+    parameter servers of a `tfpar.ParameterServerStrategy`) are traced
+    through their own profiler service when its address is known (every
+    `tfpar.LocalCluster` task runs one; on other clusters start each task
+    with `tfpar server --profiler-port PORT` and pass `profiler_addresses`):
+    a window of `remote_window_ms` in the task's process, on a background
+    thread. A device none of whose placed ops appears in this process's
+    trace, and which neither the strategy measures nor a profiler service
+    traces, has no utilization point: its utilization is unknown, not 0 %. The callback
     warns once per device, naming it and why, and once per `fit` writes a
     text summary saying "unknown", and why, at the device's
     `device/<device>/utilization` tag. A device with no op of the train step
@@ -98,10 +105,17 @@ class DeviceUtilization(keras.callbacks.Callback):
         profile_steps: `(first, last)` step numbers (0-based, counted from the
             start of `fit`) of a trace kept under `<log_dir>/train/plugins/
             profile` for the profile plugin, or `None` (default).
+        profiler_addresses: The TensorFlow profiler service (`"host:port"`)
+            of cluster tasks, by task name (`"/job:ps/replica:0/task:0"`),
+            added to those the strategy's cluster resolver carries (a
+            `tfpar.LocalCluster`'s does). Defaults to `None`.
+        remote_window_ms: Length of each window traced through a task's
+            profiler service, in milliseconds. Defaults to `500`.
 
     Raises:
         ValueError: For an unwritable `log_dir`, a cadence or window that is
-            not positive, an unknown metric or a bad step range.
+            not positive, an unknown metric, a bad step range, or a
+            profiler address that is not a task name mapped to `"host:port"`.
         TypeError: For arguments of the wrong type.
 
     Example:
@@ -127,6 +141,8 @@ class DeviceUtilization(keras.callbacks.Callback):
         window_steps: int = 2,
         metrics: Sequence[str] = METRICS,
         profile_steps: tuple[int, int] | None = None,
+        profiler_addresses: Mapping[str, str] | None = None,
+        remote_window_ms: int = 500,
     ) -> None:
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
@@ -135,6 +151,10 @@ class DeviceUtilization(keras.callbacks.Callback):
         self.metrics = _check_metrics(metrics)
         self.devices = None if devices is None else resolve_devices(devices)
         self.profile_steps = _check_step_range(profile_steps)
+        self.profiler_addresses = _check_addresses(profiler_addresses)
+        self.remote_window_ms: int = check_int(
+            "remote_window_ms", remote_window_ms, minimum=1
+        )
         self._placement = GraphPlacement()
         self._said_unseen: set[str] = set()  # devices warned about, once each
         self._sources = SourceGroup(on_error=self._fail)
@@ -168,6 +188,7 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._task: str | None = None
         self._unseen_written: set[str] = set()  # a text summary once per fit
         self._in_graph: InGraphBusy | None = None
+        self._remote: RemoteWindows | None = None
         self._tracing = False  # whether profiler windows measure this process
         self._untraced_why = ""
 
@@ -181,6 +202,8 @@ class DeviceUtilization(keras.callbacks.Callback):
         # Keras skips on_train_end when fit() raises: release what it left.
         self._sources.close()
         self._windows.close()
+        if self._remote is not None:
+            self._remote.close()
         strategy = self.model.distribute_strategy
         # Under a parameter-server strategy every step runs on remote workers,
         # which this process's profiler does not see: no windows to trace.
@@ -215,6 +238,8 @@ class DeviceUtilization(keras.callbacks.Callback):
                 self._in_graph = InGraphBusy.covering(stats, self._measured_in_graph)
             except Exception as err:  # never break training over a measurement
                 self._fail("the strategy's busy counters", err)
+        if "utilization" in self.metrics:
+            self._remote = self._remote_windows(strategy)
         # Why a device neither traced nor measured in-graph is unknown.
         self._untraced_why = (
             "TensorFlow's profiler aborted workers of a multi-worker job, so no "
@@ -252,6 +277,8 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._placement.cancel()
         self._windows.finish(self._step)
         self._parser.shutdown()
+        if self._remote is not None:
+            self._remote.close()
         self._write_parsed()
         self._writer.close()
         self._sources.close()
@@ -264,6 +291,30 @@ class DeviceUtilization(keras.callbacks.Callback):
             placed = sorted(placement.placed)
             self._reported += [d for d in placed if d not in self._reported]
 
+    def _remote_windows(self, strategy: tf.distribute.Strategy) -> RemoteWindows | None:
+        """Windows for the devices of other processes that nothing else measures,
+        whose task's profiler service is known."""
+        resolver = getattr(strategy, "cluster_resolver", None)
+        addresses = dict(getattr(resolver, "profiler_addresses", None) or {})
+        addresses.update(self.profiler_addresses)
+        covered = self._in_graph.devices if self._in_graph is not None else ()
+        traced = {
+            device: addresses[task]
+            for device in self._reported
+            if device not in covered
+            and not self._own(device)
+            and (task := device.split("/device:")[0]) in addresses
+        }
+        if not traced:
+            return None
+        return RemoteWindows(
+            traced,
+            self.remote_window_ms,
+            on_error=lambda device, err: self._fail(
+                f"{device_label(device)}'s profiler service", err
+            ),
+        )
+
     def _measured_in_graph(self, device: str) -> bool:
         """Whether to take `device`'s utilization from the strategy's counters:
         another process's device, which this process's profiler cannot see,
@@ -273,6 +324,10 @@ class DeviceUtilization(keras.callbacks.Callback):
 
     def _describe(self, tag: str) -> str:
         """A tag's definition, by where its device's utilization comes from."""
+        if self._remote is not None and any(
+            tag == f"device/{device_label(d)}/utilization" for d in self._remote.devices
+        ):
+            return describe(tag, "remote_profiler")
         source = self._in_graph
         in_graph = source.devices if source is not None else ()
         if any(tag == f"device/{device_label(d)}/utilization" for d in in_graph):
@@ -309,8 +364,13 @@ class DeviceUtilization(keras.callbacks.Callback):
                     self._writer.add(step, sample.tag, sample.value)
             except Exception as err:  # never break training over a measurement
                 self._fail("the strategy's busy counters", err)
+        if self._remote is not None:
+            self._remote.request(step)
         if not self._tracing and "utilization" in self.metrics:
-            covered = self._in_graph.devices if self._in_graph is not None else ()
+            covered = [
+                *(self._in_graph.devices if self._in_graph is not None else ()),
+                *(self._remote.devices if self._remote is not None else ()),
+            ]
             for device in self._reported:
                 if device not in covered:
                     self._say_unknown(step, device, self._untraced_why)
@@ -318,6 +378,9 @@ class DeviceUtilization(keras.callbacks.Callback):
         self._writer.flush()
 
     def _write_parsed(self) -> None:
+        if self._remote is not None:
+            for step, sample in self._remote.collect():
+                self._writer.add(step, sample.tag, sample.value)
         for window in self._parser.collect():
             for sample in window.samples:
                 self._writer.add(window.step, sample.tag, sample.value)
@@ -376,6 +439,34 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
             "metrics", list(metrics), f"a non-empty subset of {list(METRICS)}"
         )
     return names
+
+
+def _check_addresses(addresses: Mapping[str, str] | None) -> dict[str, str]:
+    if addresses is None:
+        return {}
+    check_instance(
+        "profiler_addresses",
+        addresses,
+        Mapping,
+        'a dict of task name to "host:port", or None',
+    )
+    allowed = 'task names ("/job:ps/replica:0/task:0") mapped to "host:port" strings'
+    for task, address in addresses.items():
+        if not (
+            isinstance(task, str)
+            and task.startswith("/job:")
+            and "/device:" not in task
+            and isinstance(address, str)
+            and address.rpartition(":")[2].isdigit()
+        ):
+            raise value_error("profiler_addresses", dict(addresses), allowed)
+    return {_task_name(task): address for task, address in addresses.items()}
+
+
+def _task_name(task: str) -> str:
+    """`/job:ps/task:0` as TensorFlow names the task: `/job:ps/replica:0/task:0`."""
+    spec = tf.DeviceSpec.from_string(task)
+    return f"/job:{spec.job}/replica:{spec.replica or 0}/task:{spec.task or 0}"
 
 
 def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:

@@ -138,6 +138,25 @@ def _session_start_ns(space: object) -> int:
     return 0
 
 
+def traced_span_ns(xspace: bytes) -> tuple[int, int] | None:
+    """Returns a trace's session start and stop, wall-clock nanoseconds.
+
+    The "Task Environment" plane records them (`profile_start_time`,
+    `profile_stop_time`); `None` if the trace does not.
+    """
+    space = _compat.xspace(xspace)
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.stat_metadata.items()}
+        times = {
+            names.get(stat.metadata_id): int(stat.uint64_value or stat.int64_value)
+            for stat in plane.stats
+        }
+        start, stop = times.get("profile_start_time"), times.get("profile_stop_time")
+        if start and stop and stop > start:
+            return start, stop
+    return None
+
+
 def _event_devices(
     metadata: Mapping[int, object],
     op_devices: OpDevices,

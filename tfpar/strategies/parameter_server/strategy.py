@@ -207,6 +207,17 @@ class ParameterServerStrategy(tf.distribute.ParameterServerStrategy):
         )
 
     @property
+    def cluster_resolver(self) -> tf.distribute.cluster_resolver.ClusterResolver:
+        """The cluster resolver this strategy was built from.
+
+        The stock class keeps it but answers `None` here (its base class's
+        default); tfpar's answers it, as the multi-worker strategies do, so
+        callbacks find the cluster (and a `tfpar.LocalCluster`'s profiler
+        services).
+        """
+        return self._cluster_resolver
+
+    @property
     def coordinator(self) -> tf.distribute.coordinator.ClusterCoordinator:
         """The strategy's `ClusterCoordinator`, created on first use."""
         return self.runtime.coordinator
