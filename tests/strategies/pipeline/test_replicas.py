@@ -212,6 +212,13 @@ for schedule, m, recompute, partition in cases:
     assert all(d.idle_seconds >= 0 and d.reduce_seconds >= 0 for d in stats.devices)
     assert any(d.reduce_seconds > 0 for d in stats.devices)
     assert len(strategy.peak_in_flight()) == 2
+    # Replica 0 of each stage runs group 0's ceil(M / R) micro-batches: its
+    # planned count is what it measurably held (GPipe: 2 of M=4, not 4).
+    memory = strategy.activation_memory(model, batch_size=10)
+    planned = [record.planned_microbatches for record in memory]
+    assert planned == [record.held_microbatches for record in memory], memory
+    if schedule == "gpipe":
+        assert planned == [2, 2], planned
     # Variables on replica 0 of their stage.
     assert model.get_layer("d0").kernel.value.device.endswith("CPU:0")
     assert model.get_layer("out").kernel.value.device.endswith("CPU:2")

@@ -193,18 +193,23 @@ def stage_memory(
     recompute: bool,
     batch_size: int,
     held_microbatches: Sequence[int] | None,
+    replica_schedule: Schedule | None = None,
 ) -> list[StageMemory]:
     """Returns the `StageMemory` of every stage of a partitioned model.
 
     Args:
         chunks: The model's chunks (one per stage, or V per stage with the
             interleaved schedule), in model order.
-        devices: One device per stage.
-        schedule: The schedule training steps follow.
+        devices: One device per stage (its replica 0).
+        schedule: The schedule of a step's M micro-batches, which sets the
+            micro-batch size.
         recompute: Whether backward passes recompute their forward pass.
         batch_size: Examples per training batch, an int >= M.
         held_microbatches: Measured micro-batches in flight per stage, or
             `None` before the first training step.
+        replica_schedule: The schedule replica 0 of each stage runs: with R
+            replicas per stage, replica group 0's, over its ceil(M / R)
+            micro-batches (the most of any group). Defaults to `schedule`.
 
     Returns:
         One `StageMemory` per stage.
@@ -215,6 +220,7 @@ def stage_memory(
     """
     check_int("batch_size", batch_size, minimum=1)
     rows = microbatch_sizes(batch_size, schedule.num_microbatches)[0]
+    plan = replica_schedule or schedule
     counts = [
         count_held_tensors(chunk, rows, input_gradient=c > 0)
         for c, chunk in enumerate(chunks)
@@ -223,7 +229,7 @@ def stage_memory(
     records = []
     rebuilt = [held.activation_bytes if recompute else 0 for held in counts]
     for s, device in enumerate(devices):
-        own = sorted({schedule.chunk_index(a) for a in schedule.stage_actions(s)})
+        own = sorted({plan.chunk_index(a) for a in plan.stage_actions(s)})
         measured, note = _allocator_peak(device)
         records.append(
             StageMemory(
@@ -236,8 +242,8 @@ def stage_memory(
                 held_microbatches=(
                     None if held_microbatches is None else held_microbatches[s]
                 ),
-                planned_microbatches=schedule.peak_in_flight(s),
-                peak_activation_bytes=_replay(schedule, s, kept, rebuilt),
+                planned_microbatches=plan.peak_in_flight(s),
+                peak_activation_bytes=_replay(plan, s, kept, rebuilt),
                 measured_peak_bytes=measured,
                 measured_note=note,
             )

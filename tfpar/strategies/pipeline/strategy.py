@@ -487,7 +487,10 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         share the host allocator). The loss's own tensors on the last stage
         and the gradients and temporaries of a running pass are not counted.
         A boundary tensor is counted on both stages; on logical CPU devices
-        of one process both stages share its buffer.
+        of one process both stages share its buffer. With R replicas per
+        stage, each record is the stage's replica 0, which runs replica
+        group 0's schedule over ceil(M / R) micro-batches (the most of any
+        group): GPipe holds those, not M.
 
         Args:
             model: A model created under `scope()`; partitioned if it was not
@@ -520,6 +523,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             recompute=self._options.recompute,
             batch_size=batch_size,
             held_microbatches=held if any(held) else None,  # zeros: no step yet
+            replica_schedule=engine.group_schedules[0],
         )
 
 
