@@ -306,6 +306,16 @@ def test_devices_of_cluster_workers_are_measured_in_graph_or_unknown(tmp_path) -
             ValueError,
             "mapped to",
         ),
+        (
+            {"profiler_addresses": {"/job:ps/device:CPU:0": "127.0.0.1:6009"}},
+            ValueError,
+            "mapped to",
+        ),
+        (
+            {"profiler_addresses": {"/job:ps": "127.0.0.1:6009"}},
+            ValueError,
+            "mapped to",
+        ),
         ({"remote_window_ms": 0}, ValueError, "remote_window_ms=0"),
         ({"remote_window_ms": 0.5}, TypeError, "remote_window_ms=0.5"),
     ],

@@ -451,22 +451,29 @@ def _check_addresses(addresses: Mapping[str, str] | None) -> dict[str, str]:
         'a dict of task name to "host:port", or None',
     )
     allowed = 'task names ("/job:ps/replica:0/task:0") mapped to "host:port" strings'
+    tasks = {}
     for task, address in addresses.items():
-        if not (
-            isinstance(task, str)
-            and task.startswith("/job:")
-            and "/device:" not in task
-            and isinstance(address, str)
-            and address.rpartition(":")[2].isdigit()
+        name = _task_name(task)
+        if name is None or not (
+            isinstance(address, str) and address.rpartition(":")[2].isdigit()
         ):
             raise value_error("profiler_addresses", dict(addresses), allowed)
-    return {_task_name(task): address for task, address in addresses.items()}
+        tasks[name] = address
+    return tasks
 
 
-def _task_name(task: str) -> str:
-    """`/job:ps/task:0` as TensorFlow names the task: `/job:ps/replica:0/task:0`."""
-    spec = tf.DeviceSpec.from_string(task)
-    return f"/job:{spec.job}/replica:{spec.replica or 0}/task:{spec.task or 0}"
+def _task_name(task: object) -> str | None:
+    """`/job:ps/task:0` as TensorFlow names the task (`/job:ps/replica:0/task:0`),
+    or `None` if `task` does not name one task."""
+    if not isinstance(task, str):
+        return None
+    try:
+        spec = tf.DeviceSpec.from_string(task)
+    except ValueError:
+        return None
+    if spec.job is None or spec.task is None or spec.device_type is not None:
+        return None
+    return f"/job:{spec.job}/replica:{spec.replica or 0}/task:{spec.task}"
 
 
 def _check_step_range(steps: tuple[int, int] | None) -> tuple[int, int] | None:
