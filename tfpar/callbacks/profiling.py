@@ -130,31 +130,42 @@ def _session_start_ns(space: object) -> int:
     Exported traces hold times relative to the session start, which the
     "Task Environment" plane records as `profile_start_time`.
     """
-    for plane in getattr(space, "planes", ()):
-        names = {k: v.name for k, v in plane.stat_metadata.items()}
-        for stat in plane.stats:
-            if names.get(stat.metadata_id) == "profile_start_time":
-                return int(stat.uint64_value or stat.int64_value)
-    return 0
+    return _session_times(space).get("profile_start_time", 0)
 
 
 def traced_span_ns(xspace: bytes) -> tuple[int, int] | None:
-    """Returns a trace's session start and stop, wall-clock nanoseconds.
+    """Returns when a trace's session started and stopped.
 
-    The "Task Environment" plane records them (`profile_start_time`,
-    `profile_stop_time`); `None` if the trace does not.
+    Args:
+        xspace: A serialized `XSpace` (the profiler's `.xplane.pb` file).
+
+    Returns:
+        `(start, stop)` in wall-clock nanoseconds (`time.time_ns()`), as the
+        "Task Environment" plane records them (`profile_start_time`,
+        `profile_stop_time`), or `None` if the trace does not record both.
+
+    Example:
+
+    ```python
+    start, stop = traced_span_ns(xspace)
+    busy = busy_seconds(xspace, placed, start_ns=start, end_ns=stop)
+    ```
     """
-    space = _compat.xspace(xspace)
-    for plane in space.planes:
+    times = _session_times(_compat.xspace(xspace))
+    start, stop = times.get("profile_start_time"), times.get("profile_stop_time")
+    return (start, stop) if start and stop and stop > start else None
+
+
+def _session_times(space: object) -> dict[str, int]:
+    """The integer stats of the trace's planes (the session's times), by name."""
+    times: dict[str, int] = {}
+    for plane in getattr(space, "planes", ()):
         names = {k: v.name for k, v in plane.stat_metadata.items()}
-        times = {
-            names.get(stat.metadata_id): int(stat.uint64_value or stat.int64_value)
-            for stat in plane.stats
-        }
-        start, stop = times.get("profile_start_time"), times.get("profile_stop_time")
-        if start and stop and stop > start:
-            return start, stop
-    return None
+        for stat in plane.stats:
+            name = names.get(stat.metadata_id)
+            if name is not None and name not in times:
+                times[name] = int(stat.uint64_value or stat.int64_value)
+    return times
 
 
 def _event_devices(
