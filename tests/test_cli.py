@@ -1,4 +1,5 @@
 import re
+import socket
 import subprocess
 import sys
 
@@ -51,6 +52,26 @@ def test_server_without_tf_config_fails_in_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("tfpar server: error: TF_CONFIG is not set.")
+    assert err.count("\n") == 1
+
+
+def test_a_profiler_port_in_use_fails_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"ps": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}',
+    )
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["server", "--profiler-port", str(port)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"tfpar server: error: `profiler_port` must be a free port; it is "
+        f"already in use (Address already in use). Received: profiler_port={port}."
+    ), err
     assert err.count("\n") == 1
 
 

@@ -35,7 +35,7 @@ from tfpar._validation import (
     check_sequence,
     value_error,
 )
-from tfpar.server import PINNED_INTER_OP_THREADS, PR_SET_PDEATHSIG
+from tfpar.server import PINNED_INTER_OP_THREADS, PR_SET_PDEATHSIG, port_in_use
 
 _HOST = "127.0.0.1"
 _MAX_PORT = 65535
@@ -275,17 +275,14 @@ def check_ports_free(port_base: int, num_workers: int) -> list[int]:
     """
     ports = list(range(port_base, port_base + num_workers))
     for index, port in enumerate(ports):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("", port))
-            except OSError as err:
-                raise ValueError(
-                    f"Port {port} (worker {index}, port_base={port_base}) is "
-                    f"already in use ({err.strerror}). Stop what uses it, choose "
-                    "another port base (--port-base), or leave it unset to pick "
-                    "free ports."
-                ) from None
+        busy = port_in_use(port)
+        if busy:
+            raise ValueError(
+                f"Port {port} (worker {index}, port_base={port_base}) is "
+                f"already in use ({busy}). Stop what uses it, choose "
+                "another port base (--port-base), or leave it unset to pick "
+                "free ports."
+            )
     return ports
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -192,8 +193,42 @@ def validate_task(
     check_int("core", core, minimum=0, allow_none=True)
     check_int("parent_pid", parent_pid, minimum=1, allow_none=True)
     check_int("profiler_port", profiler_port, minimum=1, maximum=65535, allow_none=True)
+    if profiler_port is not None and (busy := port_in_use(profiler_port)):
+        # TensorFlow's profiler server only logs that it could not bind.
+        raise value_error(
+            "profiler_port",
+            profiler_port,
+            f"a free port; it is already in use ({busy})",
+        )
     if core is not None and core not in (cores := sorted(os.sched_getaffinity(0))):
         raise value_error("core", core, f"a CPU core this process may use, {cores}")
+
+
+def port_in_use(port: int) -> str | None:
+    """Says why `port` cannot be bound on every interface, or `None` if it can.
+
+    Every interface is where TensorFlow's servers listen, whatever address
+    they are given.
+
+    Args:
+        port: A TCP port number.
+
+    Returns:
+        The operating system's reason (`"Address already in use"`), or `None`.
+
+    Example:
+
+    ```python
+    port_in_use(6009)  # None, or 'Address already in use'
+    ```
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
 
 
 def _exit_with_parent(parent_pid: int) -> None:
