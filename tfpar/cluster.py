@@ -414,6 +414,15 @@ class LocalClusterResolver(tf.distribute.cluster_resolver.SimpleClusterResolver)
         cluster_spec: The cluster's `tf.train.ClusterSpec`.
         profiler_addresses: `"host:port"` of each task's TensorFlow profiler
             service, by task name (`"/job:ps/replica:0/task:0"`).
+
+    Example:
+
+    ```python
+    with tfpar.LocalCluster(num_workers=2, num_ps=1) as cluster:
+        resolver = cluster.cluster_resolver  # a LocalClusterResolver
+        strategy = tfpar.ParameterServerStrategy(resolver)
+        resolver.profiler_addresses["/job:ps/replica:0/task:0"]  # '127.0.0.1:...'
+    ```
     """
 
     def __init__(
