@@ -368,9 +368,7 @@ def test_unbalanced_pipeline_shows_stage_0_about_3x_busier(tmp_path: str) -> Non
         window_steps=2,
         metrics=["utilization"],
     )
-    before = strategy.communication_stats()
     model.fit(x, y, batch_size=128, verbose=0, callbacks=[callback])
-    counted = strategy.communication_stats().since(before)
     scalars = read_scalars(os.path.join(log_dir, "train"))
     u0 = [v for _, v in scalars["device/CPU:0/utilization"]]
     u1 = [v for _, v in scalars["device/CPU:1/utilization"]]
@@ -382,13 +380,10 @@ def test_unbalanced_pipeline_shows_stage_0_about_3x_busier(tmp_path: str) -> Non
     # stretch while they run beside stage 0's: its busy time grows faster
     # than its work.
     assert 1.5 <= measured <= 4.0, (u0, u1)
-    # The strategy's in-graph busy time covers the whole fit, the profiler
-    # only its windows; on a shared thread pool they were seen 1.44x apart
-    # (2.16 against 1.50) when earlier tests had run in the process, and
-    # rel=0.35 failed this test in 4 of 8 runs of this file before this
-    # session's changes. Issue #13 replaces it with pinned cluster workers.
-    busy0, busy1 = (d.busy_seconds for d in counted.devices)
-    assert measured == pytest.approx(busy0 / busy1, rel=0.5)
+    # The comparison with the strategy's in-graph busy time is made on pinned
+    # cluster workers (the next test): here the profiler sees windows, the
+    # counters the whole fit, and on a shared thread pool the two were seen
+    # 1.44x apart.
 
 
 def test_pinned_stages_of_a_3_to_1_split_show_a_3_to_1_utilization(tmp_path) -> None:
@@ -416,6 +411,8 @@ def test_pinned_stages_of_a_3_to_1_split_show_a_3_to_1_utilization(tmp_path) -> 
                 tfpar.callbacks.DeviceUtilization(
                     {str(tmp_path)!r}, every_steps=4, every_seconds=None,
                     metrics=["utilization"])])
+            busy = [d.busy_seconds for d in strategy.communication_stats().devices]
+        print("RESULT", busy[0] / busy[1])
         """,
         timeout=180,
     )
@@ -427,6 +424,11 @@ def test_pinned_stages_of_a_3_to_1_split_show_a_3_to_1_utilization(tmp_path) -> 
     assert len(first) == len(second) >= 4
     ratio = sum(first) / sum(second)
     assert 0.7 * 3 <= ratio <= 1.3 * 3, (ratio, first, second)
+    # Two independent measurements agree: the profiler's windows in each
+    # worker, and the strategy's in-graph busy counters over the whole fit
+    # (at most 11% apart in 6 runs here; on logical devices, 1.44x).
+    counted = tagged_json(proc.stdout, "RESULT")
+    assert ratio == pytest.approx(counted, rel=0.25), (ratio, counted)
 
 
 def test_parameter_servers_of_a_3_to_1_split_show_a_3_to_1_utilization(
