@@ -22,7 +22,11 @@ import tensorflow as tf
 from keras import tree
 
 from tests import _models as models
-from tests.strategies.pipeline._fitting import assert_same_training, train
+from tests.strategies.pipeline._fitting import (
+    assert_same_inference,
+    assert_same_training,
+    train,
+)
 from tfpar import PipelineStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -551,23 +555,33 @@ def test_compile_outside_the_scope_behaves_as_under_the_stock_strategy() -> None
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
 
 
-def test_a_loss_added_in_call_trains_on_the_last_stage_and_is_refused_before() -> None:
-    # A stage's tape must see the added loss being computed for its gradient
-    # to reach the layer's weights; only the last stage's does.
-    penalized = functools.partial(models.mlp, activity_regularizer="l2")
-    on_last = functools.partial(penalized, "d1")
-    reference = train(None, on_last, batch_size=BATCH, epochs=2)
-    strategy = PipelineStrategy(DEVICES, num_microbatches=2, partition=["d1"])
-    assert_same_training(
-        reference, train(strategy, on_last, batch_size=BATCH, epochs=2)
+@pytest.mark.parametrize(
+    ("penalized", "partition", "schedule", "recompute"),
+    [
+        ("d1", ["d1"], "1f1b", False),  # on the last stage
+        ("d0", ["d1"], "1f1b", False),  # before it
+        ("d0", ["d1"], "1f1b", True),
+        ("d1", ["out"], "gpipe", True),
+        ("d2", ["d1", "d2", "out"], "interleaved", False),  # chunk 2 of 4
+    ],
+)
+def test_a_loss_added_in_call_trains_on_any_stage(
+    penalized: str, partition: list[str], schedule: str, recompute: bool
+) -> None:
+    # Each chunk's backward differentiates the losses its layers added for
+    # that micro-batch, weighted by its share of the batch; `evaluate` adds
+    # every micro-batch's, as Keras's loss over the whole batch does.
+    build = functools.partial(
+        models.mlp, penalized, activity_regularizer=keras.regularizers.L2(0.1)
     )
-    for cut, recompute, where in [
-        ("d1", False, r"before the last stage \(chunk 0\)"),
-        ("out", True, "with recompute=True"),
-    ]:
-        strategy = PipelineStrategy(
-            DEVICES, num_microbatches=2, partition=[cut], recompute=recompute
-        )
-        layer = "d0" if not recompute else "d1"
-        with pytest.raises(ValueError, match=rf"\['{layer}'\] {where}: they add"):
-            train(strategy, functools.partial(penalized, layer), batch_size=BATCH)
+    reference = train(None, build, batch_size=BATCH, epochs=2)
+    strategy = PipelineStrategy(
+        DEVICES,
+        num_microbatches=2,
+        schedule=schedule,
+        partition=partition,
+        recompute=recompute,
+    )
+    model = train(strategy, build, batch_size=BATCH, epochs=2)
+    assert_same_training(reference, model)
+    assert_same_inference(model, reference, batch_size=BATCH)

@@ -18,7 +18,6 @@ from tests.strategies.pipeline._fitting import (
     RTOL,
     assert_same_inference,
     assert_same_weights,
-    data,
     train,
 )
 from tfpar import PipelineStrategy
@@ -231,6 +230,21 @@ for recompute in (False, True):
     strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=3,
                                 partition=["d2"], recompute=recompute)
     assert_same_weights(reference, train(strategy, regularized, batch_size=10, epochs=2))
+
+# An activity regularizer on the first stage: every replica's micro-batches
+# add their penalty, differentiated on the stage that computed it.
+from tests.strategies.pipeline.test_replicas import activity_penalized
+reference = train(None, activity_penalized, batch_size=10, epochs=2)
+for recompute in (False, True):
+    strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=3,
+                                partition=["d2"], recompute=recompute)
+    model = train(strategy, activity_penalized, batch_size=10, epochs=2)
+    assert_same_weights(reference, model)
+    np.testing.assert_allclose(model.history_.history["loss"],
+                               reference.history_.history["loss"], rtol=RTOL)
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=10, verbose=0),
+                               reference.evaluate(x, y, batch_size=10, verbose=0),
+                               rtol=RTOL)
 print("OK")
 """
 
@@ -311,35 +325,34 @@ def test_recompute_with_a_weight_regularizer_matches_single_device(
     )
 
 
+def activity_penalized() -> keras.Model:
+    """`mlp` with an L2 activity regularizer on the first stage's `d0`."""
+    return mlp("d0", activity_regularizer=keras.regularizers.L2(0.1))
+
+
 class AddsLoss(keras.layers.Layer):
     def call(self, h):  # type: ignore[no-untyped-def]
-        self.add_loss(0.1 * keras.ops.sum(h))
+        # A mean over the examples, as Keras's activity regularizers are: a
+        # micro-batch's counts with its share of the batch.
+        self.add_loss(0.1 * keras.ops.mean(h * h))
         return h
 
 
-def test_losses_added_in_a_call_are_refused_with_replicas() -> None:
-    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=2, partition="params")
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((6,)),
-                keras.layers.Dense(8, name="d0", activity_regularizer="l2"),
-                keras.layers.Dense(2, name="out"),
-            ]
-        )
-        model.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match=r"\['d0'\] with an activity_regularizer"):
-        strategy.partition_model(model)
-    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=2, partition="params")
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((6,)),
-                AddsLoss(name="adds"),
-                keras.layers.Dense(2, name="out"),
-            ]
-        )
-        model.compile(optimizer="sgd", loss="mse")
-    x, y = data()
-    with pytest.raises(ValueError, match=r"add losses in their call.*'adds'"):
-        model.fit(x, y, batch_size=8, verbose=0)
+def adds_loss() -> keras.Model:
+    """`mlp` with a layer after `d0` adding a loss of `d0`'s output."""
+    first, *rest = mlp().layers
+    return keras.Sequential([keras.Input((6,)), first, AddsLoss(name="adds"), *rest])
+
+
+@pytest.mark.parametrize("build", [activity_penalized, adds_loss])
+def test_losses_added_in_a_call_train_on_every_replica(build: object) -> None:
+    # Replica 1 runs in a keras.StatelessScope, which keeps such losses out
+    # of the model's loss: the engine collects them and adds their gradient.
+    reference = train(None, build, batch_size=10, epochs=2)
+    strategy = PipelineStrategy([[CPU0, CPU1]], num_microbatches=3, partition="params")
+    model = train(strategy, build, batch_size=10, epochs=2)
+    assert_same_weights(reference, model)
+    np.testing.assert_allclose(
+        model.history_.history["loss"], reference.history_.history["loss"], rtol=RTOL
+    )
+    assert_same_inference(model, reference, batch_size=10)

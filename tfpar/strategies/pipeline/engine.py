@@ -11,7 +11,9 @@ interleaved schedule. `StepTrace` (`trace.py`) records the step's timestamps
 and byte counts on each stage's device and `StageCounters` accumulates them
 into per-stage busy time, exposed communication time (waiting for a
 neighbouring chunk's tensor), bubble, bytes sent and peak micro-batches in
-flight.
+flight. Each chunk call runs in a `keras.StatelessScope` that collects the
+losses its layers add (activity regularizers, `add_loss`): the chunk's own
+backward differentiates them, so they train on any stage.
 
 With R replicas per stage (`replicas.py`), replica group r runs micro-batches
 j with `j % R == r` in its own schedule; replicas r > 0 run each chunk on a
@@ -22,7 +24,6 @@ added to replica 0's beside the variables (`_reduce`), measured apart.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,15 @@ class PipelineEngine:
         self._snapshots: dict[int, tuple[list[Any], dict[int, Any]]] = {}
         self._carried: dict[tuple[int, int], list[tf.Tensor]] = {}
         self._copies: dict[tuple[int, int], list[tf.Tensor]] = {}
+        # Per (chunk, micro-batch) of the step being traced, the sum of the
+        # losses the chunk's layers added in their call (chunks before the
+        # last), and each micro-batch's share of the batch.
+        self._added: dict[tuple[int, int], tf.Tensor] = {}
+        self._fraction: tf.Tensor | None = None
+        # Every scope's collected losses, kept for the step being built: Keras
+        # matches a layer's losses in a scope by `id`, which a freed tensor's
+        # successor could otherwise take.
+        self._held_losses: list[list[Any]] = []
 
     def device(self, c: int, r: int) -> str:
         """The device of replica `r` of chunk `c`."""
@@ -122,6 +132,7 @@ class PipelineEngine:
         """Builds the step of `kind` (`"train"`, `"test"` or `"predict"`)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         m = self.schedule.num_microbatches
+        self._held_losses = []
         # Split where the pieces are used (the first and last chunks' devices),
         # so that each tensor crosses to a stage once per step, not once per
         # micro-batch.
@@ -141,27 +152,47 @@ class PipelineEngine:
         if self.num_replicas > 1:
             self._snapshot(list(self.model.trainable_weights))
         with tf.device(self.devices[-1]):
-            y_pred = microbatch.concat(
-                [
-                    self._forward_only(p[0], j % self.num_replicas)
-                    for j, p in enumerate(parts)
-                ]
-            )
+            passes = [
+                self._forward_only(p[0], j % self.num_replicas)
+                for j, p in enumerate(parts)
+            ]
+            y_pred = microbatch.concat([out for out, _ in passes])
         if kind == "predict":
             return y_pred
         model = self.model
         loss = model.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
+        if any(sums for _, sums in passes):
+            # The losses layers added in their calls, each micro-batch's
+            # weighted by its share of the batch: Keras's whole-batch value.
+            with tf.device(self.devices[-1]):
+                fraction = _fractions(sizes)
+                added = [
+                    total * fraction[j]
+                    for j, (_, sums) in enumerate(passes)
+                    for total in sums
+                ]
+                loss = loss + tf.cast(tf.add_n(added), loss.dtype)
         self._track_loss(loss, x)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _forward_only(self, x: Any, r: int) -> Any:
-        h = x
+    def _forward_only(self, x: Any, r: int) -> tuple[Any, list[tf.Tensor]]:
+        """One micro-batch through every chunk; returns its output and the
+        losses its layers added in their calls, one sum per chunk that added
+        any."""
+        h, added = x, []
         for c, chunk in enumerate(self.chunks):
-            with tf.device(self.device(c, r)), self._scope(c, r, None):
-                h = chunk(tree.map_structure(tf.identity, h), training=False)
-        return h
+            with tf.device(self.device(c, r)):
+                scope = self._scope(c, r, None)
+                initial = dict(scope.state_mapping)
+                with scope:
+                    h = chunk(tree.map_structure(tf.identity, h), training=False)
+                    if scope.losses:
+                        added.append(_sum_losses(scope.losses))
+                if r == 0:
+                    _apply_updates(scope, initial, chunk, self.model)
+        return h, added
 
     def _snapshot(self, weights: list[Any]) -> dict[tuple[int, int], list[tf.Tensor]]:
         """Copies each chunk's variables to its replicas r > 0: the broadcast.
@@ -198,13 +229,22 @@ class PipelineEngine:
                 copies.setdefault(key, []).extend([t for _, t in mapping] + carried)
         return copies
 
-    def _scope(self, c: int, r: int, seeds: list[tf.Tensor] | None) -> Any:
-        # Replica r > 0 runs on its snapshot; a recomputed forward on its
-        # original seeds. Updates inside are discarded.
-        if r == 0 and seeds is None:
-            return contextlib.nullcontext()
+    def _scope(
+        self, c: int, r: int, seeds: list[tf.Tensor] | None
+    ) -> keras.StatelessScope:
+        """The scope every call of chunk `c` on replica `r` runs in.
+
+        It collects the losses layers add in their call (activity
+        regularizers, `add_loss`), which the chunk's own backward pass then
+        differentiates, and holds the state updates: replica 0's forward
+        applies them after the call (`_apply_updates`); replica r > 0 runs
+        on its snapshot and carries only its seed states; a recomputed
+        forward replays from the seeds it is given and discards them.
+        """
         if r > 0:
             mapping = list(self._snapshots[r][0])
+            if seeds is None:
+                seeds = self._carried[(c, r)]
         elif c == len(self.chunks) - 1:
             # Inside a StatelessScope, Keras reads a weight's regularization
             # penalty (in the loss) from the mapping only: the variables
@@ -216,11 +256,11 @@ class PipelineEngine:
             ]
         else:
             mapping = []
-        if seeds is None:
-            seeds = self._carried[(c, r)]
-        mapping += list(zip(self._seed_states[c], seeds, strict=True))
-        # Collects what layers add with `add_loss`, to refuse it on replicas.
-        return keras.StatelessScope(state_mapping=mapping, collect_losses=r > 0)
+        if seeds is not None:
+            mapping += list(zip(self._seed_states[c], seeds, strict=True))
+        scope = keras.StatelessScope(state_mapping=mapping, collect_losses=True)
+        self._held_losses.append(scope.losses)
+        return scope
 
     def _train_step(
         self, x: Any, y: Any, sample_weight: Any, parts: list[Any], sizes: tf.Tensor
@@ -230,9 +270,7 @@ class PipelineEngine:
         k, big_r = schedule.num_stages, self.num_replicas
         weights = list(model.trainable_weights)
         with tf.device(self.devices[-1]):
-            fraction = tf.cast(sizes, tf.float32) / tf.cast(
-                tf.reduce_sum(sizes), tf.float32
-            )
+            fraction = _fractions(sizes)
         inputs: dict[tuple[int, int], Any] = {}
         outputs: dict[tuple[int, int], Any] = {}
         tapes: dict[tuple[int, int], tf.GradientTape] = {}
@@ -259,6 +297,11 @@ class PipelineEngine:
             )
             losses[j] = loss * tf.cast(fraction[j], loss.dtype)
             return losses[j] if optimizer is None else optimizer.scale_loss(losses[j])
+
+        # The losses layers of chunks before the last added in their calls,
+        # per (chunk, micro-batch): `_forward` and `_backward` fill and read it.
+        self._added = {}
+        self._fraction = fraction
 
         for r, group in enumerate(self.group_schedules):
             # Per stage (device): the end of its latest action, which its next
@@ -329,7 +372,13 @@ class PipelineEngine:
                 trace.ends[s].append(end)
 
         with tf.device(self.devices[-1]):
-            loss = tf.add_n([losses[j] for j in sorted(losses)])
+            loss = tf.add_n(
+                [losses[j] for j in sorted(losses)]
+                + [
+                    tf.cast(added * fraction[j], losses[j].dtype)
+                    for (_, j), added in sorted(self._added.items())
+                ]
+            )
             y_pred = microbatch.concat(
                 [outputs[(len(self.chunks) - 1, j)] for j in range(len(parts))]
             )
@@ -456,9 +505,11 @@ class PipelineEngine:
             )
         # Replica 0 updates the real state; replica r > 0 carries its own.
         scope = self._scope(c, r, None)
+        initial = dict(scope.state_mapping)
         if self.recompute:
             with scope:
                 out = self.chunks[c](h, training=True)
+                added = _sum_losses(scope.losses) if scope.losses else None
         else:
             tape = tf.GradientTape()
             with scope, tape:
@@ -468,18 +519,23 @@ class PipelineEngine:
                     tape.watch(list(self._snapshots[r][1].values()))
                 out = self.chunks[c](h, training=True)
                 if is_last:
+                    # The model's loss includes what the chunk's layers added.
                     targets[j] = loss_of(j, out)
+                added = _sum_losses(scope.losses) if scope.losses else None
             tapes[(c, j)] = tape
-        if j == 0 and (not is_last or self.recompute):
-            # Once per chunk and trace: the first micro-batch, on replica 0.
-            _refuse_losses_out_of_reach(self.chunks[c], c, self.recompute)
-        if r > 0:
-            _refuse_added_losses(scope, self.chunks[c], self.num_replicas)
+        if r == 0:
+            _apply_updates(scope, initial, self.chunks[c], self.model)
+        else:
             self._carried[(c, r)] = [
                 scope.get_current_value(v) for v in self._seed_states[c]
             ]
         outputs[(c, j)] = out
-        return tree.flatten(out) + ([targets[j]] if j in targets and is_last else [])
+        done = tree.flatten(out) + ([targets[j]] if j in targets and is_last else [])
+        if added is not None and not is_last:
+            # Differentiated by this chunk's backward, counted in the loss.
+            self._added[(c, j)] = added
+            done.append(added)
+        return done
 
     def _backward(
         self,
@@ -505,16 +561,19 @@ class PipelineEngine:
             # time (BatchNormalization statistics, seed generators), from the
             # seed states the original forward started with.
             tape = tf.GradientTape()
+            scope = self._scope(c, r, self._seeds.pop((c, j)))
             # The scope inside the tape: its mapping's reads are recorded.
-            with tape, self._scope(c, r, self._seeds.pop((c, j))):
+            with tape, scope:
                 if c > 0:
                     tape.watch(_floating(h))
                 tape.watch(list(copies.values()))
                 out = self.chunks[c](h, training=True)
                 target = loss_of(j, out) if is_last else out
+                added = _sum_losses(scope.losses) if scope.losses else None
         else:
             tape = tapes.pop((c, j))
             target = targets[j] if is_last else outputs[(c, j)]
+            added = self._added.get((c, j))
         flat_h = tree.flatten(h) if c > 0 else []  # no gradient for the data
         if not is_last:
             # Only outputs a gradient came back for: none comes for an
@@ -527,6 +586,11 @@ class PipelineEngine:
                 if g is not None
             ]
             target, upstream = [t for t, _ in kept], [g for _, g in kept]
+            if added is not None:
+                # The losses this chunk's layers added, weighted as the
+                # model's loss is: the micro-batch's share, then loss scaling.
+                target.append(added)
+                upstream.append(self._loss_weight(j))
         sources = [copies.get(i, w) for i, w in enumerate(weights)]
         result = tape.gradient(
             target,
@@ -550,6 +614,15 @@ class PipelineEngine:
                     total.values if isinstance(total, tf.IndexedSlices) else total
                 )
         return done
+
+    def _loss_weight(self, j: int) -> tf.Tensor:
+        """The gradient of the step's objective with respect to an added loss
+        of micro-batch `j`: its share of the batch, times the loss scale."""
+        if self._fraction is None:
+            raise RuntimeError("PipelineEngine: an added loss outside a train step.")
+        optimizer = self.model.optimizer
+        weight = self._fraction[j]
+        return weight if optimizer is None else optimizer.scale_loss(weight)
 
     def _track_loss(self, loss: tf.Tensor, x: Any) -> None:
         tracker = compat.loss_tracker(self.model)
@@ -661,52 +734,55 @@ def _group_counters(
     return comm, tf.reduce_max(in_flight, 1)
 
 
-def _refuse_losses_out_of_reach(chunk: keras.Model, c: int, recompute: bool) -> None:
-    # A loss a layer adds in its call (`add_loss`, an activity regularizer)
-    # joins the model's loss on the last chunk, whose tape did not see it
-    # being computed: its gradient would never reach the chunk that made it.
-    # A recomputed forward runs in a StatelessScope, which keeps such losses
-    # out of the model's loss altogether. (Weight regularizers are computed
-    # from the weights on the last chunk, and are differentiated there.)
-    added = [
-        layer.name
-        for layer in chunk.layers
-        if len(layer.losses)
-        > sum(getattr(w, "regularizer", None) is not None for w in layer.weights)
-    ]
-    if added:
-        where = (
-            "with recompute=True" if recompute else f"before the last stage (chunk {c})"
-        )
-        raise ValueError(
-            f"PipelineStrategy cannot train the layer(s) {added} {where}: they add "
-            "losses in their call (`add_loss`, `activity_regularizer`), and the "
-            "gradient of such a loss would not reach their weights. Put them on "
-            "the last stage (`partition`), use recompute=False, or use weight "
-            "regularizers (kernel_regularizer)."
-        )
-
-
-def _refuse_added_losses(
-    scope: keras.StatelessScope, chunk: keras.Model, num_replicas: int
-) -> None:
-    # A replica r > 0 runs in a StatelessScope, where Keras keeps losses that
-    # layers add in their call (`add_loss`, activity regularizers) in the
-    # scope, out of `model.losses`: the loss would silently miss them.
-    if scope.losses:
-        raise ValueError(
-            f"PipelineStrategy with {num_replicas} replicas per stage cannot train "
-            "a model whose layers add losses in their call (`add_loss`, "
-            "`activity_regularizer`): replicas other than the first would drop "
-            f"them. Received: {len(scope.losses)} such loss(es) from the layers "
-            f"{[layer.name for layer in chunk.layers]}. Use one device per stage, "
-            "or weight regularizers (kernel_regularizer)."
-        )
-
-
 def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
     """Per stage, the seconds spent waiting for tensors already produced."""
     return tf.reduce_sum(tf.maximum(arrived - tf.maximum(ready, free), 0.0), axis=1)
+
+
+def _fractions(sizes: tf.Tensor) -> tf.Tensor:
+    """Each micro-batch's share of the batch: its loss weight."""
+    return tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32)
+
+
+def _sum_losses(losses: Sequence[Any]) -> tf.Tensor:
+    """The sum of the losses layers added in one call, as Keras adds them.
+
+    Keras casts a non-float loss to `floatx()` and sums each one's elements
+    (`Trainer._aggregate_additional_loss`); here every term is float32, the
+    dtype of the model's loss under mixed precision too.
+    """
+    return tf.add_n([tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in losses])
+
+
+def _apply_updates(
+    scope: keras.StatelessScope,
+    initial: dict[int, Any],
+    chunk: keras.Model,
+    model: keras.Model,
+) -> None:
+    """Assigns the state updated in `scope` by a call on replica 0.
+
+    Args:
+        scope: The scope the chunk was called in.
+        initial: `scope.state_mapping` as it was before the call.
+        chunk: The chunk, whose layers may update their own state.
+        model: The whole model, whose metrics the last chunk's loss updates
+            (Keras's loss tracker of each output).
+
+    Raises:
+        ValueError: If the call updated any other variable.
+    """
+    own = {id(v): v for v in [*chunk.variables, *model.metrics_variables]}
+    for key, value in scope.state_mapping.items():
+        if value is initial.get(key):
+            continue
+        if key not in own:
+            raise ValueError(
+                f"PipelineStrategy: a layer of the chunk {chunk.name!r} assigned, "
+                "in its call, a variable that is neither one of the chunk's nor "
+                "a metric's; a stage may only update the state of its own layers."
+            )
+        own[key].assign(value)
 
 
 def _identity(t: Any) -> Any:

@@ -98,21 +98,19 @@ def check_replica_count(num_microbatches: int, num_replicas: int) -> None:
 
 
 def check_replicable(chunks: Sequence[keras.Model], num_replicas: int) -> None:
-    """Refuses layers whose state or losses replicas r > 0 would drop.
+    """Refuses layers whose state replicas r > 0 would drop.
 
     Replicas r > 0 run on a snapshot of the stage's variables and their state
     updates are discarded: a `BatchNormalization`'s moving statistics would
-    only see replica 0's micro-batches. Losses layers add in their call are
-    kept by the scope, out of the model's loss (a custom `add_loss` is
-    refused when the step is built, `engine.py`).
+    only see replica 0's micro-batches. (Losses layers add in their call are
+    collected on every replica and trained, `engine.py`.)
 
     Args:
         chunks: The model's stage (or chunk) sub-models.
         num_replicas: Replicas per stage, R.
 
     Raises:
-        ValueError: With R > 1, for a `BatchNormalization` layer or one with
-            an `activity_regularizer` (named).
+        ValueError: With R > 1, for a `BatchNormalization` layer (named).
 
     Example:
 
@@ -123,23 +121,10 @@ def check_replicable(chunks: Sequence[keras.Model], num_replicas: int) -> None:
     """
     if num_replicas == 1:
         return
-    layers = [layer for chunk in chunks for layer in nested_layers(chunk)]
-    penalized = [
-        layer.name
-        for layer in layers
-        if getattr(layer, "activity_regularizer", None) is not None
-    ]
-    if penalized:
-        raise ValueError(
-            f"PipelineStrategy with {num_replicas} replicas per stage cannot train "
-            f"the layer(s) {penalized} with an activity_regularizer: replicas "
-            "other than the first run in a keras.StatelessScope, which keeps such "
-            "losses out of the model's loss. Use one device per stage, or a "
-            "weight regularizer (kernel_regularizer)."
-        )
     names = [
         layer.name
-        for layer in layers
+        for chunk in chunks
+        for layer in nested_layers(chunk)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     if names:
