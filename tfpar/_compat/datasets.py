@@ -56,7 +56,9 @@ def _rebuild_device_iterators(devices_iterator: Any) -> None:
     A worker reading without copying to devices has none. Iterators on
     another process's devices (the single-client strategy over cluster
     workers) are left as TensorFlow built them: built again there, they are
-    not initialized when the step reads them.
+    not initialized when the step reads them (remote eager ops are
+    asynchronous), and with a wait for them the epoch boundaries measured
+    no shorter (`docs/multi_worker.md`, "Not yet, and left as it is").
     """
     device_iterators = getattr(devices_iterator, "_device_iterators", None)
     if device_iterators is None:
