@@ -18,6 +18,7 @@ from tests.strategies.pipeline._fitting import (
     RTOL,
     assert_same_inference,
     assert_same_weights,
+    data,
     train,
 )
 from tfpar import PipelineStrategy
@@ -356,3 +357,48 @@ def test_losses_added_in_a_call_train_on_every_replica(build: object) -> None:
         model.history_.history["loss"], reference.history_.history["loss"], rtol=RTOL
     )
     assert_same_inference(model, reference, batch_size=10)
+
+
+def two_outputs() -> keras.Model:
+    """A functional model with two outputs, each with its own loss."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="d0")(inputs)
+    h = keras.layers.Dense(8, activation="tanh", name="d1")(h)
+    outputs = {
+        "a": keras.layers.Dense(2, name="a")(h),
+        "b": keras.layers.Dense(1, name="b")(h),
+    }
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss={"a": "mse", "b": "mae"})
+    return model
+
+
+@pytest.mark.parametrize(
+    ("devices", "partition", "recompute"),
+    [([[CPU0, CPU1]], "params", False), ([CPU0, CPU1], ["d1"], True)],
+    ids=["replicas", "recompute"],
+)
+def test_each_outputs_loss_is_tracked_over_every_microbatch(
+    devices: list, partition: object, recompute: bool
+) -> None:
+    # Keras updates each output's loss tracker in the loss, which a replica
+    # r > 0 and a recomputed forward compute in a StatelessScope: the
+    # trackers must count their micro-batches too (they logged replica 0's
+    # only, and 0.0 with recompute, before 2026-12-06).
+    x, _ = data()
+    y = {"a": x[:, :2] * 0.5, "b": x[:, 2:3]}
+    reference = two_outputs().fit(
+        x, y, batch_size=10, epochs=2, shuffle=False, verbose=0
+    )
+    strategy = PipelineStrategy(
+        devices, num_microbatches=2, partition=partition, recompute=recompute
+    )
+    with strategy.scope():
+        model = two_outputs()
+    history = model.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
+    assert set(history.history) == {"loss", "a_loss", "b_loss"}
+    for key, expected in reference.history.items():
+        np.testing.assert_allclose(
+            history.history[key], expected, rtol=RTOL, err_msg=key
+        )

@@ -190,8 +190,7 @@ class PipelineEngine:
                     h = chunk(tree.map_structure(tf.identity, h), training=False)
                     if scope.losses:
                         added.append(_sum_losses(scope.losses))
-                if r == 0:
-                    _apply_updates(scope, initial, chunk, self.model)
+                _apply_updates(scope, initial, chunk, self.model, layer_state=r == 0)
         return h, added
 
     def _snapshot(self, weights: list[Any]) -> dict[tuple[int, int], list[tf.Tensor]]:
@@ -523,9 +522,8 @@ class PipelineEngine:
                     targets[j] = loss_of(j, out)
                 added = _sum_losses(scope.losses) if scope.losses else None
             tapes[(c, j)] = tape
-        if r == 0:
-            _apply_updates(scope, initial, self.chunks[c], self.model)
-        else:
+        _apply_updates(scope, initial, self.chunks[c], self.model, layer_state=r == 0)
+        if r > 0:
             self._carried[(c, r)] = [
                 scope.get_current_value(v) for v in self._seed_states[c]
             ]
@@ -562,6 +560,7 @@ class PipelineEngine:
             # seed states the original forward started with.
             tape = tf.GradientTape()
             scope = self._scope(c, r, self._seeds.pop((c, j)))
+            initial = dict(scope.state_mapping)
             # The scope inside the tape: its mapping's reads are recorded.
             with tape, scope:
                 if c > 0:
@@ -570,6 +569,10 @@ class PipelineEngine:
                 out = self.chunks[c](h, training=True)
                 target = loss_of(j, out) if is_last else out
                 added = _sum_losses(scope.losses) if scope.losses else None
+            # The loss's metrics; the layers' state was updated by the forward.
+            _apply_updates(
+                scope, initial, self.chunks[c], self.model, layer_state=False
+            )
         else:
             tape = tapes.pop((c, j))
             target = targets[j] if is_last else outputs[(c, j)]
@@ -759,30 +762,43 @@ def _apply_updates(
     initial: dict[int, Any],
     chunk: keras.Model,
     model: keras.Model,
+    *,
+    layer_state: bool,
 ) -> None:
-    """Assigns the state updated in `scope` by a call on replica 0.
+    """Assigns the state a chunk call updated in `scope`.
+
+    The model's metrics (Keras's loss tracker of each output, updated by the
+    last chunk's loss) are assigned from every call; the chunk's own layer
+    state (`BatchNormalization` statistics, seed generators) only from
+    replica 0's forward, where `layer_state` is `True`: a replica r > 0 runs
+    on a snapshot, and a recomputed forward replays one that already ran.
 
     Args:
         scope: The scope the chunk was called in.
         initial: `scope.state_mapping` as it was before the call.
-        chunk: The chunk, whose layers may update their own state.
-        model: The whole model, whose metrics the last chunk's loss updates
-            (Keras's loss tracker of each output).
+        chunk: The chunk.
+        model: The whole model.
+        layer_state: Whether the chunk's layer state is assigned too.
 
     Raises:
         ValueError: If the call updated any other variable.
     """
-    own = {id(v): v for v in [*chunk.variables, *model.metrics_variables]}
+    metrics = {id(v): v for v in model.metrics_variables}
+    layers = {id(v): v for v in chunk.variables}
     for key, value in scope.state_mapping.items():
         if value is initial.get(key):
             continue
-        if key not in own:
+        if key in metrics:
+            metrics[key].assign(value)
+        elif key in layers:
+            if layer_state:
+                layers[key].assign(value)
+        else:
             raise ValueError(
                 f"PipelineStrategy: a layer of the chunk {chunk.name!r} assigned, "
                 "in its call, a variable that is neither one of the chunk's nor "
                 "a metric's; a stage may only update the state of its own layers."
             )
-        own[key].assign(value)
 
 
 def _identity(t: Any) -> Any:
