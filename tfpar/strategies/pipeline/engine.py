@@ -36,6 +36,7 @@ from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._variables import backing_variable
 from tfpar.strategies.pipeline import microbatch
+from tfpar.strategies.pipeline.call_state import apply_updates, sum_added_losses
 from tfpar.strategies.pipeline.partition import Partition
 from tfpar.strategies.pipeline.replicas import SEED_OFFSET
 from tfpar.strategies.pipeline.schedules import (
@@ -44,7 +45,7 @@ from tfpar.strategies.pipeline.schedules import (
     Schedule,
     get_schedule,
 )
-from tfpar.strategies.pipeline.trace import SUMMARY_SCALARS, StageCounters, StepTrace
+from tfpar.strategies.pipeline.trace import StageCounters, StepTrace
 
 
 class PipelineEngine:
@@ -189,8 +190,8 @@ class PipelineEngine:
                 with scope:
                     h = chunk(tree.map_structure(tf.identity, h), training=False)
                     if scope.losses:
-                        added.append(_sum_losses(scope.losses))
-                _apply_updates(scope, initial, chunk, self.model, layer_state=r == 0)
+                        added.append(sum_added_losses(scope.losses))
+                apply_updates(scope, initial, chunk, self.model, layer_state=r == 0)
         return h, added
 
     def _snapshot(self, weights: list[Any]) -> dict[tuple[int, int], list[tf.Tensor]]:
@@ -236,7 +237,7 @@ class PipelineEngine:
         It collects the losses layers add in their call (activity
         regularizers, `add_loss`), which the chunk's own backward pass then
         differentiates, and holds the state updates: replica 0's forward
-        applies them after the call (`_apply_updates`); replica r > 0 runs
+        applies them after the call (`call_state.apply_updates`); replica r > 0 runs
         on its snapshot and carries only its seed states; a recomputed
         forward replays from the seeds it is given and discards them.
         """
@@ -392,7 +393,12 @@ class PipelineEngine:
             # each update still runs beside its variable (`update_variable`).
             with compat.OneReplicaContext(tf.distribute.get_strategy()):
                 model.optimizer.apply_gradients(zip(gradients, weights, strict=False))
-        self._accumulate(traces)
+        self.counters.add_step(
+            traces,
+            schedule=self.schedule,
+            group_schedules=self.group_schedules,
+            replicas=self.replicas,
+        )
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _reduce(
@@ -508,7 +514,7 @@ class PipelineEngine:
         if self.recompute:
             with scope:
                 out = self.chunks[c](h, training=True)
-                added = _sum_losses(scope.losses) if scope.losses else None
+                added = sum_added_losses(scope.losses) if scope.losses else None
         else:
             tape = tf.GradientTape()
             with scope, tape:
@@ -520,9 +526,9 @@ class PipelineEngine:
                 if is_last:
                     # The model's loss includes what the chunk's layers added.
                     targets[j] = loss_of(j, out)
-                added = _sum_losses(scope.losses) if scope.losses else None
+                added = sum_added_losses(scope.losses) if scope.losses else None
             tapes[(c, j)] = tape
-        _apply_updates(scope, initial, self.chunks[c], self.model, layer_state=r == 0)
+        apply_updates(scope, initial, self.chunks[c], self.model, layer_state=r == 0)
         if r > 0:
             self._carried[(c, r)] = [
                 scope.get_current_value(v) for v in self._seed_states[c]
@@ -568,11 +574,9 @@ class PipelineEngine:
                 tape.watch(list(copies.values()))
                 out = self.chunks[c](h, training=True)
                 target = loss_of(j, out) if is_last else out
-                added = _sum_losses(scope.losses) if scope.losses else None
+                added = sum_added_losses(scope.losses) if scope.losses else None
             # The loss's metrics; the layers' state was updated by the forward.
-            _apply_updates(
-                scope, initial, self.chunks[c], self.model, layer_state=False
-            )
+            apply_updates(scope, initial, self.chunks[c], self.model, layer_state=False)
         else:
             tape = tapes.pop((c, j))
             target = targets[j] if is_last else outputs[(c, j)]
@@ -633,172 +637,10 @@ class PipelineEngine:
             first = next(t for t in tree.flatten(x) if t is not None)
             tracker.update_state(loss, sample_weight=tf.shape(first)[0])
 
-    def _accumulate(self, traces: list[StepTrace]) -> None:
-        counters = self.counters
-        schedule = self.schedule
-        k, v = schedule.num_stages, schedule.chunks_per_device
-        big_r = self.num_replicas
-        groups = []
-        for r, trace in enumerate(traces):
-            summaries = []
-            for s in range(k):
-                with tf.device(self.replicas[s][r]):  # chunk s is stage s's first
-                    summaries.append(trace.summary(s))
-            groups.append(summaries)
-        with tf.device(counters.busy.device):
-            rows = [tf.stack(summaries) for summaries in groups]
-
-            def per_device(column: int) -> tf.Tensor:
-                return tf.stack([g[:, column] for g in rows], axis=1)  # [K, R]
-
-            ends, reduce_bytes = per_device(2), per_device(4)
-            reduce_a, reduce_b = per_device(5), per_device(6)
-            begin = tf.reduce_min(per_device(1))
-            # The step ends when the last stage's gradient totals exist (with
-            # replicas) or the last action ends.
-            end = tf.maximum(tf.reduce_max(ends), tf.reduce_max(reduce_a[:, 0]))
-            span = end - begin
-            comm, peak = zip(
-                *(
-                    _group_counters(g, begin, k, v, s.num_microbatches)
-                    for g, s in zip(rows, self.group_schedules, strict=True)
-                ),
-                strict=True,
-            )
-            comm = tf.stack(comm, axis=1)
-            busy = per_device(0)
-            if big_r > 1:
-                # Replica 0: from the last replica's gradients being ready to
-                # the stage's totals existing. Replica r > 0: its copy of the
-                # weights arriving after its first action's input (or the
-                # step's start). Both outside the actions and their waits
-                # for a neighbour, so the bubble stays disjoint.
-                gather = tf.maximum(
-                    reduce_a[:, :1] - tf.reduce_max(ends, 1)[:, None], 0
-                )
-                broadcast = tf.maximum(
-                    reduce_a[:, 1:] - tf.maximum(reduce_b[:, 1:], begin), 0.0
-                )
-                reduce = tf.concat([gather, broadcast], 1)
-            else:
-                reduce = tf.zeros_like(busy)
-
-            def flat(t: tf.Tensor) -> tf.Tensor:
-                return tf.reshape(t, [k * big_r])  # device s R + r
-
-            counters.busy.assign_add(flat(busy))
-            # The bubble: waiting for a neighbour still computing, or for the
-            # schedule. Each exposed wait lies between the stage's previous
-            # action and the start of the action that waited, so busy and
-            # exposed time never overlap and the bubble is never negative.
-            counters.idle.assign_add(flat(span - busy - comm - reduce))
-            counters.comm.assign_add(flat(comm))
-            counters.reduce.assign_add(flat(reduce))
-            counters.bytes.assign_add(tf.cast(flat(per_device(3)), tf.int64))
-            counters.reduce_bytes.assign_add(tf.cast(flat(reduce_bytes), tf.int64))
-            counters.steps.assign_add(1)
-            m = schedule.num_microbatches
-            counters.calls.assign_add(2 * m * (k * v - 1) + 2 * k * (big_r - 1))
-            peak = flat(tf.stack(peak, axis=1))
-            counters.peak.assign(tf.maximum(counters.peak, peak))
-
-
-def _group_counters(
-    rows: tf.Tensor, begin: tf.Tensor, k: int, v: int, m: int
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """One replica group's exposed communication and peak in flight, per stage."""
-    # [stage, record, stage's chunk, micro-batch], then, for the timestamps
-    # of receiving and sending, per record the model's chunks in order:
-    # chunk v of stage s is chunk v * K + s.
-    records = tf.reshape(rows[:, SUMMARY_SCALARS:], [k, 8, v, m])
-    per_chunk = tf.reshape(tf.transpose(records, [1, 2, 0, 3]), [8, v * k, m])
-    arrived_f, arrived_b, ready_f, ready_b, free_f, free_b = tf.unstack(per_chunk[2:])
-    # A stage is free for its first action from the step's start.
-    free_f, free_b = tf.maximum(free_f, begin), tf.maximum(free_b, begin)
-    # Exposed communication, on the receiving chunk's stage: a forward on
-    # chunk c > 0 waits for chunk c - 1's activations, a backward on chunk
-    # c < K V - 1 for chunk c + 1's input gradient (always on another
-    # device). The stage waited from when it was free and the tensor was
-    # ready on the sender until the tensor arrived; a tensor that arrived
-    # before that made nobody wait, so max(0, .) is the definition, not a
-    # clamp of a timing error.
-    zero = tf.zeros([1], tf.float64)
-    forward = _exposed(arrived_f[1:], ready_f[:-1], free_f[1:])
-    backward = _exposed(arrived_b[:-1], ready_b[1:], free_b[:-1])
-    comm = tf.concat([zero, forward], 0) + tf.concat([backward, zero], 0)
-    comm = tf.reduce_sum(tf.reshape(comm, [v, k]), axis=0)  # per stage
-    # (Chunk, micro-batch) pairs in flight on a stage when one of its
-    # forwards ends: those whose forward has ended and whose backward has not.
-    forward_done = tf.reshape(records[:, 0], [k, v * m])
-    backward_done = tf.reshape(records[:, 1], [k, v * m])
-    at = forward_done[:, :, None]
-    live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
-    in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
-    return comm, tf.reduce_max(in_flight, 1)
-
-
-def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
-    """Per stage, the seconds spent waiting for tensors already produced."""
-    return tf.reduce_sum(tf.maximum(arrived - tf.maximum(ready, free), 0.0), axis=1)
-
 
 def _fractions(sizes: tf.Tensor) -> tf.Tensor:
     """Each micro-batch's share of the batch: its loss weight."""
     return tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32)
-
-
-def _sum_losses(losses: Sequence[Any]) -> tf.Tensor:
-    """The sum of the losses layers added in one call, as Keras adds them.
-
-    Keras casts a non-float loss to `floatx()` and sums each one's elements
-    (`Trainer._aggregate_additional_loss`); here every term is float32, the
-    dtype of the model's loss under mixed precision too.
-    """
-    return tf.add_n([tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in losses])
-
-
-def _apply_updates(
-    scope: keras.StatelessScope,
-    initial: dict[int, Any],
-    chunk: keras.Model,
-    model: keras.Model,
-    *,
-    layer_state: bool,
-) -> None:
-    """Assigns the state a chunk call updated in `scope`.
-
-    The model's metrics (Keras's loss tracker of each output, updated by the
-    last chunk's loss) are assigned from every call; the chunk's own layer
-    state (`BatchNormalization` statistics, seed generators) only from
-    replica 0's forward, where `layer_state` is `True`: a replica r > 0 runs
-    on a snapshot, and a recomputed forward replays one that already ran.
-
-    Args:
-        scope: The scope the chunk was called in.
-        initial: `scope.state_mapping` as it was before the call.
-        chunk: The chunk.
-        model: The whole model.
-        layer_state: Whether the chunk's layer state is assigned too.
-
-    Raises:
-        ValueError: If the call updated any other variable.
-    """
-    metrics = {id(v): v for v in model.metrics_variables}
-    layers = {id(v): v for v in chunk.variables}
-    for key, value in scope.state_mapping.items():
-        if value is initial.get(key):
-            continue
-        if key in metrics:
-            metrics[key].assign(value)
-        elif key in layers:
-            if layer_state:
-                layers[key].assign(value)
-        else:
-            raise ValueError(
-                f"PipelineStrategy: a layer of the chunk {chunk.name!r} assigned, "
-                "in its call, a variable that is neither one of the chunk's nor "
-                "a metric's; a stage may only update the state of its own layers."
-            )
 
 
 def _identity(t: Any) -> Any:

@@ -4,16 +4,21 @@
 clocks on each stage's device) and byte counts per stage, the timestamps of
 each action kept per model chunk (a stage holds several with the interleaved
 schedule), and `StageCounters` holds the cumulative per-device totals that
-`PipelineStrategy.communication_stats()` and `peak_in_flight()` read. With
+`PipelineStrategy.communication_stats()` and `peak_in_flight()` read;
+`StageCounters.add_step` turns a step's traces into busy time, exposed
+communication, bubble, bytes and peak micro-batches in flight. With
 stage replicas there is one `StepTrace` per replica group and one counter per
 (stage, replica) device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
+
+from tfpar.strategies.pipeline.schedules import Schedule
 
 # Scalars at the head of `StepTrace.summary`, before the per-action records.
 SUMMARY_SCALARS = 7
@@ -66,6 +71,89 @@ class StageCounters:
                 "peak",
             )
         }
+
+    def add_step(
+        self,
+        traces: list[StepTrace],
+        *,
+        schedule: Schedule,
+        group_schedules: Sequence[Schedule],
+        replicas: Sequence[Sequence[str]],
+    ) -> None:
+        """Adds one step's traces, one per replica group, inside the step.
+
+        Args:
+            traces: Replica group r's `StepTrace`, for each r.
+            schedule: The schedule of the whole pipeline (all M micro-batches).
+            group_schedules: Replica group r's schedule, for each r.
+            replicas: Per stage, its replicas' devices.
+        """
+        counters = self
+        k, v = schedule.num_stages, schedule.chunks_per_device
+        big_r = len(replicas[0])
+        groups = []
+        for r, trace in enumerate(traces):
+            summaries = []
+            for s in range(k):
+                with tf.device(replicas[s][r]):  # chunk s is stage s's first
+                    summaries.append(trace.summary(s))
+            groups.append(summaries)
+        with tf.device(counters.busy.device):
+            rows = [tf.stack(summaries) for summaries in groups]
+
+            def per_device(column: int) -> tf.Tensor:
+                return tf.stack([g[:, column] for g in rows], axis=1)  # [K, R]
+
+            ends, reduce_bytes = per_device(2), per_device(4)
+            reduce_a, reduce_b = per_device(5), per_device(6)
+            begin = tf.reduce_min(per_device(1))
+            # The step ends when the last stage's gradient totals exist (with
+            # replicas) or the last action ends.
+            end = tf.maximum(tf.reduce_max(ends), tf.reduce_max(reduce_a[:, 0]))
+            span = end - begin
+            comm, peak = zip(
+                *(
+                    _group_counters(g, begin, k, v, s.num_microbatches)
+                    for g, s in zip(rows, group_schedules, strict=True)
+                ),
+                strict=True,
+            )
+            comm = tf.stack(comm, axis=1)
+            busy = per_device(0)
+            if big_r > 1:
+                # Replica 0: from the last replica's gradients being ready to
+                # the stage's totals existing. Replica r > 0: its copy of the
+                # weights arriving after its first action's input (or the
+                # step's start). Both outside the actions and their waits
+                # for a neighbour, so the bubble stays disjoint.
+                gather = tf.maximum(
+                    reduce_a[:, :1] - tf.reduce_max(ends, 1)[:, None], 0
+                )
+                broadcast = tf.maximum(
+                    reduce_a[:, 1:] - tf.maximum(reduce_b[:, 1:], begin), 0.0
+                )
+                reduce = tf.concat([gather, broadcast], 1)
+            else:
+                reduce = tf.zeros_like(busy)
+
+            def flat(t: tf.Tensor) -> tf.Tensor:
+                return tf.reshape(t, [k * big_r])  # device s R + r
+
+            counters.busy.assign_add(flat(busy))
+            # The bubble: waiting for a neighbour still computing, or for the
+            # schedule. Each exposed wait lies between the stage's previous
+            # action and the start of the action that waited, so busy and
+            # exposed time never overlap and the bubble is never negative.
+            counters.idle.assign_add(flat(span - busy - comm - reduce))
+            counters.comm.assign_add(flat(comm))
+            counters.reduce.assign_add(flat(reduce))
+            counters.bytes.assign_add(tf.cast(flat(per_device(3)), tf.int64))
+            counters.reduce_bytes.assign_add(tf.cast(flat(reduce_bytes), tf.int64))
+            counters.steps.assign_add(1)
+            m = schedule.num_microbatches
+            counters.calls.assign_add(2 * m * (k * v - 1) + 2 * k * (big_r - 1))
+            peak = flat(tf.stack(peak, axis=1))
+            counters.peak.assign(tf.maximum(counters.peak, peak))
 
 
 class StepTrace:
@@ -131,3 +219,42 @@ def _per_action(num_chunks: int, num_microbatches: int) -> list[dict[str, list[A
 
 def _total(values: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
     return tf.add_n(values) if values else tf.constant(0, dtype)
+
+
+def _group_counters(
+    rows: tf.Tensor, begin: tf.Tensor, k: int, v: int, m: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """One replica group's exposed communication and peak in flight, per stage."""
+    # [stage, record, stage's chunk, micro-batch], then, for the timestamps
+    # of receiving and sending, per record the model's chunks in order:
+    # chunk v of stage s is chunk v * K + s.
+    records = tf.reshape(rows[:, SUMMARY_SCALARS:], [k, 8, v, m])
+    per_chunk = tf.reshape(tf.transpose(records, [1, 2, 0, 3]), [8, v * k, m])
+    arrived_f, arrived_b, ready_f, ready_b, free_f, free_b = tf.unstack(per_chunk[2:])
+    # A stage is free for its first action from the step's start.
+    free_f, free_b = tf.maximum(free_f, begin), tf.maximum(free_b, begin)
+    # Exposed communication, on the receiving chunk's stage: a forward on
+    # chunk c > 0 waits for chunk c - 1's activations, a backward on chunk
+    # c < K V - 1 for chunk c + 1's input gradient (always on another
+    # device). The stage waited from when it was free and the tensor was
+    # ready on the sender until the tensor arrived; a tensor that arrived
+    # before that made nobody wait, so max(0, .) is the definition, not a
+    # clamp of a timing error.
+    zero = tf.zeros([1], tf.float64)
+    forward = _exposed(arrived_f[1:], ready_f[:-1], free_f[1:])
+    backward = _exposed(arrived_b[:-1], ready_b[1:], free_b[:-1])
+    comm = tf.concat([zero, forward], 0) + tf.concat([backward, zero], 0)
+    comm = tf.reduce_sum(tf.reshape(comm, [v, k]), axis=0)  # per stage
+    # (Chunk, micro-batch) pairs in flight on a stage when one of its
+    # forwards ends: those whose forward has ended and whose backward has not.
+    forward_done = tf.reshape(records[:, 0], [k, v * m])
+    backward_done = tf.reshape(records[:, 1], [k, v * m])
+    at = forward_done[:, :, None]
+    live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
+    in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
+    return comm, tf.reduce_max(in_flight, 1)
+
+
+def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
+    """Per stage, the seconds spent waiting for tensors already produced."""
+    return tf.reduce_sum(tf.maximum(arrived - tf.maximum(ready, free), 0.0), axis=1)
