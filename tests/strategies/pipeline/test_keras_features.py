@@ -585,3 +585,76 @@ def test_a_loss_added_in_call_trains_on_any_stage(
     model = train(strategy, build, batch_size=BATCH, epochs=2)
     assert_same_training(reference, model)
     assert_same_inference(model, reference, batch_size=BATCH)
+
+
+@pytest.mark.parametrize(
+    ("reduction", "weighted"),
+    [("sum", False), ("sum", True), ("mean", False), ("mean_with_sample_weight", True)],
+)
+def test_each_loss_reduction_weighs_micro_batches_as_the_whole_batch(
+    reduction: str, weighted: bool
+) -> None:
+    # Three uneven micro-batches (4, 3, 3) of a batch of 10: a summed loss
+    # adds them, a mean weighs them by their examples, a mean over sample
+    # weights by their weights (before 2026-12-06 every loss was weighted as
+    # a mean, and reduction="sum" trained silently to other weights).
+    x, y = _x(), _y()
+    weights = np.linspace(0.2, 2.0, N).astype("float32") if weighted else None
+    histories, models = [], []
+    for strategy in (None, PipelineStrategy(DEVICES, num_microbatches=3)):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = mlp()
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.01),
+                loss=keras.losses.MeanSquaredError(reduction=reduction),
+            )
+        histories.append(
+            model.fit(
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=BATCH,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            ).history["loss"]
+        )
+        models.append(model)
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+    for got, want in zip(models[1].weights, models[0].weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=got.path)
+
+
+@pytest.mark.parametrize(
+    ("losses", "match"),
+    [
+        (
+            keras.losses.MeanSquaredError(reduction=None),
+            r"\('mean_squared_error', None\)",
+        ),
+        (
+            {"a": keras.losses.MeanSquaredError(reduction="sum"), "b": "mse"},
+            "must be the same for every compiled loss",
+        ),
+    ],
+    ids=["unreduced", "mixed"],
+)
+def test_a_loss_the_micro_batches_cannot_weigh_is_refused_by_name(
+    losses: object, match: str
+) -> None:
+    strategy = PipelineStrategy(DEVICES, num_microbatches=2, partition=["d1"])
+    with strategy.scope():
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(8, name="d0")(inputs)
+        h = keras.layers.Dense(8, name="d1")(h)
+        outputs = {
+            "a": keras.layers.Dense(2, name="a")(h),
+            "b": keras.layers.Dense(2, name="b")(h),
+        }
+        model = keras.Model(
+            inputs, outputs if isinstance(losses, dict) else outputs["a"]
+        )
+        model.compile(optimizer="sgd", loss=losses)
+    y = {"a": _y(), "b": _y()} if isinstance(losses, dict) else _y()
+    with pytest.raises(ValueError, match=match):
+        model.fit(_x(), y, batch_size=BATCH, epochs=1, verbose=0)

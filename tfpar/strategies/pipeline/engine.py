@@ -271,6 +271,11 @@ class PipelineEngine:
         weights = list(model.trainable_weights)
         with tf.device(self.devices[-1]):
             fraction = _fractions(sizes)
+            # Each micro-batch's weight in the batch's loss, as the compiled
+            # losses reduce over the batch.
+            weight = microbatch.loss_weights(
+                microbatch.loss_weighting(model), sizes, [p[2] for p in parts]
+            )
         inputs: dict[tuple[int, int], Any] = {}
         outputs: dict[tuple[int, int], Any] = {}
         tapes: dict[tuple[int, int], tf.GradientTape] = {}
@@ -289,13 +294,13 @@ class PipelineEngine:
         traces = []
 
         def loss_of(j: int, y_pred: Any) -> tf.Tensor:
-            # Micro-batch j's share of the whole batch's mean loss, then the
+            # Micro-batch j's part of the whole batch's loss, then the
             # optimizer's loss scaling (if any): the tensor to differentiate.
             x_j, y_j, w_j = parts[j]
             loss = model.compute_loss(
                 x=x_j, y=y_j, y_pred=y_pred, sample_weight=w_j, training=True
             )
-            losses[j] = loss * tf.cast(fraction[j], loss.dtype)
+            losses[j] = loss * tf.cast(weight[j], loss.dtype)
             return losses[j] if optimizer is None else optimizer.scale_loss(losses[j])
 
         # The losses layers of chunks before the last added in their calls,

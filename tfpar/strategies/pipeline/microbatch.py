@@ -4,7 +4,8 @@ A batch of B examples becomes M micro-batches whose sizes differ by at most
 one: the first `B % M` micro-batches get `B // M + 1` examples, the others
 `B // M`. A batch that does not divide evenly (the last batch of an epoch, say)
 is therefore handled, not rejected; each micro-batch's mean loss is weighted by
-its share of the batch, `n_j / B`, so the sum equals the whole batch's mean loss.
+its share of the batch, `n_j / B`, so the sum equals the whole batch's mean loss
+(a loss reduced otherwise is weighted as its reduction asks, `loss_weights`).
 
 Every tensor of a nested structure (inputs, targets, sample weights) is split
 along its first axis the same way. A batch smaller than M cannot give every
@@ -195,3 +196,104 @@ def check_batch_statistics(model: keras.Model, num_microbatches: int) -> None:
             "(LayerNormalization, GroupNormalization).",
             stacklevel=2,
         )
+
+
+# How a compiled loss's reduction weights each micro-batch's loss in the
+# batch's: by its share of the examples, by 1 (a sum), or by its share of
+# the sample weights.
+_WEIGHTING = {
+    "sum_over_batch_size": "examples",
+    "mean": "examples",
+    "sum": "one",
+    "mean_with_sample_weight": "sample_weights",
+}
+
+
+def loss_weighting(model: keras.Model) -> str:
+    """How each micro-batch's loss weighs in the batch's, from the compiled losses.
+
+    Keras reduces each output's loss over the batch as its `reduction` says;
+    the pipeline computes the loss per micro-batch, so the whole batch's loss
+    is a weighted sum: by the micro-batch's share of the examples for a mean
+    (`"sum_over_batch_size"`, the default, and `"mean"`), by 1 for
+    `"sum"`, and by its share of the sample weights for
+    `"mean_with_sample_weight"` (by its share of the examples without them).
+
+    Args:
+        model: The compiled model.
+
+    Returns:
+        `"examples"`, `"one"` or `"sample_weights"`.
+
+    Raises:
+        ValueError: For a loss without reduction (`reduction=None` or
+            `"none"`: per-example losses), or compiled losses whose
+            reductions weigh micro-batches differently (each named).
+
+    Example:
+
+    ```python
+    model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction="sum"))
+    loss_weighting(model)  # "one"
+    ```
+    """
+    reductions = [
+        (_loss_name(loss), getattr(loss, "reduction", "sum_over_batch_size"))
+        for loss in tree.flatten(model.loss)
+        if loss is not None
+    ]
+    unreduced = [(n, r) for n, r in reductions if r not in _WEIGHTING]
+    if unreduced:
+        raise ValueError(
+            "PipelineStrategy computes the loss per micro-batch and needs each "
+            "compiled loss reduced to a scalar. Received the loss(es) "
+            f"{unreduced} (name, reduction): use a reduction among "
+            f"{sorted(_WEIGHTING)}."
+        )
+    weightings = {_WEIGHTING[r] for _, r in reductions} or {"examples"}
+    if len(weightings) > 1:
+        raise ValueError(
+            "PipelineStrategy weighs each micro-batch's loss by how the loss "
+            "reduces over the batch, which must be the same for every compiled "
+            f"loss. Received {reductions} (name, reduction): use one reduction "
+            "for all, or the same kind ('sum_over_batch_size' and 'mean' "
+            "weigh alike)."
+        )
+    return weightings.pop()
+
+
+def loss_weights(
+    weighting: str, sizes: tf.Tensor, sample_weights: list[Any]
+) -> tf.Tensor:
+    """Each micro-batch's weight in the batch's loss (see `loss_weighting`).
+
+    Args:
+        weighting: What `loss_weighting` returned.
+        sizes: The micro-batch sizes, as `split` returned them.
+        sample_weights: Per micro-batch, its sample weights (or `None`).
+
+    Returns:
+        A float32 vector of M weights.
+
+    Raises:
+        ValueError: For `"sample_weights"` with a structure of sample weights
+            (one per output): Keras divides each output's loss by its own.
+    """
+    m = len(sample_weights)
+    if weighting == "one":
+        return tf.ones([m], tf.float32)
+    if weighting == "sample_weights" and sample_weights[0] is not None:
+        if len(tree.flatten(sample_weights[0])) > 1:
+            raise ValueError(
+                "PipelineStrategy cannot weigh micro-batches for a loss with "
+                "reduction='mean_with_sample_weight' given sample weights per "
+                "output (Keras divides each output's loss by its own weights' "
+                "sum). Pass one sample weight array, or another reduction."
+            )
+        sums = tf.stack([tf.reduce_sum(tf.cast(w, tf.float32)) for w in sample_weights])
+        return sums / tf.reduce_sum(sums)
+    return tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32)
+
+
+def _loss_name(loss: Any) -> str:
+    return loss if isinstance(loss, str) else getattr(loss, "name", repr(loss))
