@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
+import math
 import os
 import signal
 import statistics
@@ -187,8 +188,8 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
     )
     print(
         f"  {'strategy':17} {'step ms':>8} {'cost ms/step':>12} {'min, max':>18} "
-        f"{'cost %':>7} {'min, max %':>16} {'mean % ± se':>13} {'rounds':>6} "
-        f"{'fit s':>5}"
+        f"{'cost %':>7} {'95% CI %':>16} {'min, max %':>16} {'mean % ± se':>13} "
+        f"{'rounds':>6} {'fit s':>5}"
     )
     for r in results:
         if "error" in r:
@@ -196,10 +197,12 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
             continue
         b, off_ms = r["both"], r["off"]["step_ms"]
         mark = "*" if r["timing"] == "throughput" else ""
+        b["median_ci_percent"] = list(_median_ci(_costs(r)))
         print(
             f"  {r['strategy'] + mark:17} {off_ms:8.2f} "
             f"{b['cost_ms']:+12.3f} {_span(b['min_ms'], b['max_ms'], 3):>18} "
             f"{b['cost_percent']:+7.2f} "
+            f"{_span(*b['median_ci_percent'], 2):>16} "
             f"{_span(b['min_percent'], b['max_percent'], 2):>16} "
             f"{_mean_se(r)[0]:+6.2f} ± {_mean_se(r)[1]:4.2f} "
             f"{r['rounds']:6d} {r['steps_per_fit'] * off_ms / 1000.0:5.1f}"
@@ -209,30 +212,67 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
             "  * coordinator's wall time per step, from the first batch end until"
             " every scheduled step has run"
         )
-    done = [_mean_se(r) for r in results if "error" not in r]
-    if done:
-        # Two standard errors either side of the mean cost decide; rounds
-        # that scatter more than that leave the goal unresolved.
-        if len(done) == len(results) and all(m + 2 * se <= 1.0 for m, se in done):
-            verdict = "met"
-        elif any(m - 2 * se > 1.0 for m, se in done):
-            verdict = "NOT met"
-        else:
-            verdict = "not resolved: the rounds scatter more than the goal"
-        print(
-            "  goal, a mean cost of at most 1% under every strategy (mean + 2 "
-            f"standard errors): {verdict}"
+    done = [r for r in results if "error" not in r]
+    if not done:
+        return
+    complete = len(done) == len(results)
+    # The rounds' noise is heavy-tailed on a shared machine (most rounds
+    # within half a percent, a few fits stalled by 5 to 20%): the median
+    # cost's distribution-free 95% confidence interval decides.
+    cis = [r["both"]["median_ci_percent"] for r in done]
+    print(
+        "  goal, a median cost of at most 1% under every strategy (the upper "
+        "end of its 95% confidence interval, from the sign test): "
+        + _verdict(complete, [hi for _, hi in cis], [lo for lo, _ in cis])
+    )
+    means = [_mean_se(r) for r in done]
+    print(
+        "  the same for the mean cost (mean + 2 standard errors): "
+        + _verdict(
+            complete, [m + 2 * se for m, se in means], [m - 2 * se for m, se in means]
         )
+    )
 
 
-def _mean_se(result: dict[str, Any]) -> tuple[float, float]:
-    """The mean cost over rounds, in %, and its standard error."""
-    costs = [
+def _verdict(complete: bool, highs: list[float], lows: list[float]) -> str:
+    """Met if every upper bound is at most 1%; not met if a lower one is above."""
+    if complete and all(high <= 1.0 for high in highs):
+        return "met"
+    if any(low > 1.0 for low in lows):
+        return "NOT met"
+    return "not resolved: the rounds scatter more than the goal"
+
+
+def _costs(result: dict[str, Any]) -> list[float]:
+    """Each round's cost, in % of that round's step without callbacks."""
+    return [
         100.0 * (both - off) / off
         for both, off in zip(
             result["both"]["rounds_ms"], result["off"]["rounds_ms"], strict=True
         )
     ]
+
+
+def _median_ci(costs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median (the sign test).
+
+    The k-th smallest and k-th largest of n values bound the median with
+    probability 1 - 2 P(Binomial(n, 1/2) < k); k is the largest that keeps
+    this at least `level` (the whole range if none does, below 6 rounds).
+    """
+    ordered, n = sorted(costs), len(costs)
+    k = 1
+    while k < n // 2:
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+        if 1 - 2 * tail < level:
+            break
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def _mean_se(result: dict[str, Any]) -> tuple[float, float]:
+    """The mean cost over rounds, in %, and its standard error."""
+    costs = _costs(result)
     if len(costs) < 2:
         return statistics.fmean(costs), float("inf")
     return statistics.fmean(costs), statistics.stdev(costs) / len(costs) ** 0.5
