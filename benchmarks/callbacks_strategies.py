@@ -216,9 +216,8 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
     if not done:
         return
     complete = len(done) == len(results)
-    # The rounds' noise is heavy-tailed on a shared machine (most rounds
-    # within half a percent, a few fits stalled by 5 to 20%): the median
-    # cost's distribution-free 95% confidence interval decides.
+    # A few fits stalled by 5 to 20% on this shared machine dominate a mean;
+    # the median cost's distribution-free 95% confidence interval decides.
     cis = [r["both"]["median_ci_percent"] for r in done]
     print(
         "  goal, a median cost of at most 1% under every strategy (the upper "
