@@ -278,6 +278,14 @@ def loss_weights(
     Raises:
         ValueError: For `"sample_weights"` with a structure of sample weights
             (one per output): Keras divides each output's loss by its own.
+
+    Example:
+
+    ```python
+    parts, sizes = split(x, 3)  # a batch of 10: sizes [4, 3, 3]
+    loss_weights("examples", sizes, [None] * 3)  # [0.4, 0.3, 0.3]
+    loss_weights("one", sizes, [None] * 3)  # [1.0, 1.0, 1.0]
+    ```
     """
     m = len(sample_weights)
     if weighting == "one":
