@@ -22,6 +22,20 @@ def sum_added_losses(losses: Sequence[Any]) -> tf.Tensor:
     Keras casts a non-float loss to `floatx()` and sums each one's elements
     (`Trainer._aggregate_additional_loss`); here every term is float32, the
     dtype of the model's loss under mixed precision too.
+
+    Args:
+        losses: The losses collected by a `keras.StatelessScope`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    with keras.StatelessScope(collect_losses=True) as scope:
+        chunk(h, training=True)
+    added = sum_added_losses(scope.losses) if scope.losses else None
+    ```
     """
     return tf.add_n([tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in losses])
 
@@ -51,6 +65,16 @@ def apply_updates(
 
     Raises:
         ValueError: If the call updated any other variable.
+
+    Example:
+
+    ```python
+    scope = keras.StatelessScope(collect_losses=True)
+    initial = dict(scope.state_mapping)
+    with scope:
+        chunk(h, training=True)
+    apply_updates(scope, initial, chunk, model, layer_state=True)
+    ```
     """
     metrics = {id(v): v for v in model.metrics_variables}
     layers = {id(v): v for v in chunk.variables}

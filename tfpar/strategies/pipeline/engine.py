@@ -168,7 +168,7 @@ class PipelineEngine:
             # The losses layers added in their calls, each micro-batch's
             # weighted by its share of the batch: Keras's whole-batch value.
             with tf.device(self.devices[-1]):
-                fraction = _fractions(sizes)
+                fraction = microbatch.shares(sizes)
                 added = [
                     total * fraction[j]
                     for j, (_, sums) in enumerate(passes)
@@ -270,7 +270,7 @@ class PipelineEngine:
         k, big_r = schedule.num_stages, self.num_replicas
         weights = list(model.trainable_weights)
         with tf.device(self.devices[-1]):
-            fraction = _fractions(sizes)
+            fraction = microbatch.shares(sizes)
             # Each micro-batch's weight in the batch's loss, as the compiled
             # losses reduce over the batch.
             weight = microbatch.loss_weights(
@@ -641,11 +641,6 @@ class PipelineEngine:
         if tracker is not None:
             first = next(t for t in tree.flatten(x) if t is not None)
             tracker.update_state(loss, sample_weight=tf.shape(first)[0])
-
-
-def _fractions(sizes: tf.Tensor) -> tf.Tensor:
-    """Each micro-batch's share of the batch: its loss weight."""
-    return tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32)
 
 
 def _identity(t: Any) -> Any:

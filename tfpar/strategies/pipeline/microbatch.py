@@ -300,6 +300,24 @@ def loss_weights(
             )
         sums = tf.stack([tf.reduce_sum(tf.cast(w, tf.float32)) for w in sample_weights])
         return sums / tf.reduce_sum(sums)
+    return shares(sizes)
+
+
+def shares(sizes: tf.Tensor) -> tf.Tensor:
+    """Each micro-batch's share of the batch's examples, `n_j / B`.
+
+    Args:
+        sizes: The micro-batch sizes, as `split` returned them.
+
+    Returns:
+        A float32 vector of M shares summing to 1.
+
+    Example:
+
+    ```python
+    shares(tf.constant([4, 3, 3]))  # [0.4, 0.3, 0.3]
+    ```
+    """
     return tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32)
 
 

@@ -87,6 +87,14 @@ class StageCounters:
             schedule: The schedule of the whole pipeline (all M micro-batches).
             group_schedules: Replica group r's schedule, for each r.
             replicas: Per stage, its replicas' devices.
+
+        Example:
+
+        ```python
+        # At the end of a traced train step, after the last action:
+        counters.add_step(traces, schedule=schedule,
+                          group_schedules=group_schedules, replicas=replicas)
+        ```
         """
         counters = self
         k, v = schedule.num_stages, schedule.chunks_per_device
