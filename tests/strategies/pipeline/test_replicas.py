@@ -63,6 +63,37 @@ def test_one_stage_two_replicas_matches_single_device() -> None:
     } <= tags
 
 
+@pytest.mark.parametrize(
+    ("compression", "bucket_bytes"), [("bf16", None), ("fp16", 64), (None, 1 << 20)]
+)
+def test_replica_gradients_travel_compressed_or_packed(
+    compression: str | None, bucket_bytes: int | None
+) -> None:
+    reference = train(None, mlp, batch_size=10, epochs=2)
+    strategy = PipelineStrategy(
+        [[CPU0, CPU1]],
+        num_microbatches=2,
+        schedule="gpipe",
+        partition="params",
+        compression=compression,
+        bucket_bytes=bucket_bytes,
+    )
+    model = train(strategy, mlp, batch_size=10, epochs=2)
+    # 8 steps of the 218 weights (see above): replica 0's copies stay float32,
+    # replica 1's gradient sums travel in 2 bytes each when compressed.
+    sent = [d.reduce_bytes_sent for d in strategy.communication_stats().devices]
+    assert sent == [8 * 4 * 218, 8 * (2 if compression else 4) * 218]
+    if compression is None:
+        assert_same_weights(reference, model)  # packing is exact
+        return
+    # Rounded to 8 (bf16) or 11 (fp16) significant bits: close, not equal.
+    differences = [
+        np.abs(a.numpy() - b.numpy()).max()
+        for a, b in zip(model.weights, reference.weights, strict=True)
+    ]
+    assert 1e-6 < max(differences) < 2e-3, differences
+
+
 def regularized() -> keras.Model:
     """`mlp` with an L2 penalty on the first stage's kernel."""
     return mlp("d0", kernel_regularizer=keras.regularizers.L2(0.1))

@@ -1,9 +1,11 @@
-"""`on_nonfinite` of `tfpar.MirroredStrategy`: skip or stop on NaN or Inf gradients.
+"""`on_nonfinite` of tfpar's strategies: skip or stop on NaN or Inf gradients.
 
-The decision is taken on the reduced gradients, which every replica holds
-equal: each replica tests its own copy and all reach the same answer without
-another exchange. A replica's own gradients (before the reduction) only say
-who caused it, in the error of `"raise"`.
+The mirrored strategies decide on the reduced gradients, which every replica
+holds equal: each replica tests its own copy and all reach the same answer
+without another exchange. A replica's own gradients (before the reduction)
+only say who caused it, in the error of `"raise"`. A pipeline's stages hold
+different gradients, so their verdicts are combined into one (`apply_across`):
+the whole step is skipped, or stops, when any stage's gradients are not finite.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from typing import Any
 
 import tensorflow as tf
 
-_PREFIX = "tfpar.MirroredStrategy with on_nonfinite=raise: the all-reduced "
-
 
 class NonFinitePolicy:
     """Applies `on_nonfinite` to the outputs of one reduction (graph ops).
@@ -22,12 +22,34 @@ class NonFinitePolicy:
     Args:
         policy: `None` (no check), `"skip"` (zero gradients for the step) or
             `"raise"` (an `InvalidArgumentError` when the step runs).
-        devices: The replica devices, in replica order (named by `"raise"`).
+        devices: The replica devices, in replica order (named by `"raise"`),
+            or, for `apply_across`, one device per group.
+        owner: The strategy named by `"raise"`'s error. Defaults to
+            `"tfpar.MirroredStrategy"`.
+
+    Example:
+
+    ```python
+    policy = NonFinitePolicy("skip", ["/device:CPU:0", "/device:CPU:1"])
+    # Inside a traced step, on the all-reduced gradients of each replica:
+    outputs, skipped = policy.apply(inputs, outputs, devices)
+    ```
     """
 
-    def __init__(self, policy: str | None, devices: Sequence[str]) -> None:
+    def __init__(
+        self,
+        policy: str | None,
+        devices: Sequence[str],
+        owner: str = "tfpar.MirroredStrategy",
+    ) -> None:
         self._policy = policy
         self._devices = tuple(devices)
+        self._prefix = f"{owner} with on_nonfinite=raise: the "
+
+    @property
+    def policy(self) -> str | None:
+        """The policy: `None`, `"skip"` or `"raise"`."""
+        return self._policy
 
     def apply(
         self,
@@ -68,13 +90,58 @@ class NonFinitePolicy:
         with tf.control_dependencies([check]):
             return [[tf.identity(t) for t in out] for out in outputs], unchanged
 
+    def apply_across(
+        self, groups: Sequence[Sequence[Any]], verdict_device: str
+    ) -> tuple[list[list[Any]], Any]:
+        """Checks tensors that differ between groups, with one verdict for all.
+
+        Each group (a pipeline stage's gradients) is tested on its own device
+        (`devices[g]`); the verdicts are combined on `verdict_device`, and a
+        step is skipped, or stops, when any group holds a NaN or Inf: one
+        stage never updates while another skips.
+
+        Args:
+            groups: Per group, its tensors (dense or `IndexedSlices`).
+            verdict_device: Where the groups' verdicts are combined.
+
+        Returns:
+            The groups' tensors (zeroed on a skipped step, or depending on the
+            check), and a float64 scalar: 1.0 if the step is skipped, else 0.0.
+        """
+        unchanged = tf.constant(0.0, tf.float64)
+        if self._policy is None:
+            return [list(g) for g in groups], unchanged
+        flags = []
+        for tensors, device in zip(groups, self._devices, strict=True):
+            with tf.device(device):
+                flags.append(_all_finite(tensors))
+        with tf.device(verdict_device):
+            each = tf.stack(flags)
+            ok = tf.reduce_all(each)
+        if self._policy == "skip":
+            zeroed = [[_zero_unless(ok, t) for t in tensors] for tensors in groups]
+            return zeroed, 1.0 - tf.cast(ok, tf.float64)
+        with tf.device(verdict_device):
+            culprits = tf.strings.reduce_join(
+                tf.boolean_mask(tf.constant(self._devices), tf.logical_not(each)),
+                separator=", ",
+            )
+            check = tf.debugging.Assert(
+                ok,
+                [self._prefix + "gradients hold NaN or Inf on:", culprits],
+                name="tfpar_nonfinite_gradients",
+            )
+        with tf.control_dependencies([check]):
+            return [[_identity(t) for t in tensors] for tensors in groups], unchanged
+
     def _message(
         self, inputs: Sequence[Sequence[Any]], replica_id: int | None
     ) -> list[Any]:
         """The error's text; a replica context knows only its own gradients."""
         if replica_id is not None:
             return [
-                _PREFIX + f"gradients hold NaN or Inf. Replica {replica_id}'s "
+                self._prefix
+                + f"all-reduced gradients hold NaN or Inf. Replica {replica_id}'s "
                 "own gradients were finite:",
                 _all_finite(inputs[0]),
             ]
@@ -84,7 +151,8 @@ class NonFinitePolicy:
             separator=", ",
         )
         return [
-            _PREFIX + "gradients hold NaN or Inf. Replica(s) whose own gradients "
+            self._prefix
+            + "all-reduced gradients hold NaN or Inf. Replica(s) whose own gradients "
             "were not finite:",
             culprits,
         ]
@@ -92,8 +160,17 @@ class NonFinitePolicy:
 
 def _zero_unless(ok: Any, t: Any) -> Any:
     """`t` if `ok`, else zeros (`where`, since NaN * 0 is still NaN)."""
+    if isinstance(t, tf.IndexedSlices):
+        return tf.IndexedSlices(_zero_unless(ok, t.values), t.indices, t.dense_shape)
     with tf.device(t.device):
         return tf.where(ok, t, tf.zeros_like(t))
+
+
+def _identity(t: Any) -> Any:
+    """`t` behind the control dependencies in scope (dense or slices)."""
+    if isinstance(t, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.identity(t.values), t.indices, t.dense_shape)
+    return tf.identity(t)
 
 
 def _all_finite(tensors: Sequence[Any]) -> Any:

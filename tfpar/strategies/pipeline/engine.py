@@ -35,6 +35,8 @@ from keras import tree
 from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._variables import backing_variable
+from tfpar.strategies.mirrored.codec import Codec
+from tfpar.strategies.mirrored.nonfinite import NonFinitePolicy
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.call_state import apply_updates, sum_added_losses
 from tfpar.strategies.pipeline.partition import Partition
@@ -64,6 +66,10 @@ class PipelineEngine:
         replicas: Per stage, its replicas' devices, replica 0 (where the
             stage's variables live) first. Defaults to `None`: one replica,
             the chunk's device.
+        codec: How replicas r > 0 send their gradient sums to replica 0
+            (compression, buckets). Defaults to `None`: as they are.
+        nonfinite: The `on_nonfinite` policy, one device per stage (its
+            replica 0). Defaults to `None`: no check.
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class PipelineEngine:
         counters: StageCounters,
         clocks: list[list[UnorderedClock]],
         replicas: Sequence[Sequence[str]] | None = None,
+        codec: Codec | None = None,
+        nonfinite: NonFinitePolicy | None = None,
     ) -> None:
         self.model = model
         self.chunks = chunks
@@ -89,6 +97,8 @@ class PipelineEngine:
         k = schedule.num_stages
         self.replicas = [list(r) for r in replicas or [[d] for d in self.devices[:k]]]
         self.num_replicas = len(self.replicas[0])
+        self.codec = codec or Codec(None, None)
+        self.nonfinite = nonfinite
         # Replica group r runs micro-batches r, r + R, ...: its own schedule.
         m, big_r = schedule.num_microbatches, self.num_replicas
         self.group_schedules = [
@@ -282,6 +292,17 @@ class PipelineEngine:
         losses: dict[int, tf.Tensor] = {}
         targets: dict[int, tf.Tensor] = {}
         optimizer = model.optimizer
+        if self.nonfinite is not None and isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            raise ValueError(
+                "PipelineStrategy(on_nonfinite=...) cannot be combined with a "
+                "LossScaleOptimizer (mixed precision), which skips the steps "
+                "whose scaled gradients overflow and lowers its loss scale; "
+                "a check before it would hide the overflow from it. Received: "
+                f"on_nonfinite={self.nonfinite.policy!r} and optimizer="
+                f"{type(optimizer).__name__} (pass on_nonfinite=None)."
+            )
         grads_out: dict[tuple[int, int], Any] = {}
         # Per replica group, per weight, the sum of its gradients over the
         # group's micro-batches so far.
@@ -392,6 +413,7 @@ class PipelineEngine:
             gradients = self._reduce(weights, grads, traces)
         else:
             gradients = [grads[0].get(i) for i in range(len(weights))]
+        gradients = self._check_finite(weights, gradients)
         if model.optimizer is not None:
             # As the one replica, so that Keras's LossScaleOptimizer (mixed
             # precision) accepts the call; its all-reduce is the identity and
@@ -406,21 +428,30 @@ class PipelineEngine:
         )
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _reduce(
-        self, weights: list[Any], grads: list[dict[int, Any]], traces: list[StepTrace]
-    ) -> list[Any]:
-        """Sums every replica's weight gradients on the stage's replica 0.
-
-        Records, per stage, the bytes each replica r > 0 sent (its gradient
-        sums), the bytes replica 0 sent (the step's weight copies) and when
-        the stage's totals existed on replica 0.
-        """
-        k, big_r = len(self.replicas), self.num_replicas
+    def _stage_of(self, weights: list[Any]) -> dict[int, int]:
+        """The stage holding each trainable weight, by index in `weights`."""
+        k = len(self.replicas)
         index = {id(w): i for i, w in enumerate(weights)}
         stage_of: dict[int, int] = {}
         for c, chunk in enumerate(self.chunks):
             for w in chunk.trainable_weights:
                 stage_of.setdefault(index[id(w)], c % k)
+        return stage_of
+
+    def _reduce(
+        self, weights: list[Any], grads: list[dict[int, Any]], traces: list[StepTrace]
+    ) -> list[Any]:
+        """Sums every replica's weight gradients on the stage's replica 0.
+
+        Each replica r > 0 encodes its sums on its device (`codec`: cast down
+        and packed into buckets if asked), sends them to replica 0, where
+        they are decoded and added to replica 0's own. Records, per stage,
+        the bytes each replica r > 0 sent (its encoded sums), the bytes
+        replica 0 sent (the step's weight copies) and when the stage's
+        totals existed on replica 0.
+        """
+        k, big_r = len(self.replicas), self.num_replicas
+        stage_of = self._stage_of(weights)
         totals: list[Any] = [None] * len(weights)
         for s in range(k):
             mine = [i for i in range(len(weights)) if stage_of.get(i, 0) == s]
@@ -428,16 +459,26 @@ class PipelineEngine:
             if copies:
                 with tf.device(self.replicas[s][0]):
                     traces[0].reduce[s][0] = _num_bytes(copies)
+            received: list[dict[int, Any]] = [grads[0]]
             for r in range(1, big_r):
-                sent = [grads[r][i] for i in mine if i in grads[r]]
-                if sent:
-                    with tf.device(self.replicas[s][r]):
-                        traces[r].reduce[s][0] = _num_bytes(sent)
+                present = [i for i in mine if grads[r].get(i) is not None]
+                if not present:
+                    received.append({})
+                    continue
+                with tf.device(self.replicas[s][r]):
+                    encoded = self.codec.encode([grads[r][i] for i in present])
+                    traces[r].reduce[s][0] = _num_bytes(encoded.packed)
+                with tf.device(self.replicas[s][0]):
+                    # The transfer: each encoded bucket, read on replica 0.
+                    moved = [tf.identity(p) for p in encoded.packed]
+                    received.append(
+                        dict(zip(present, encoded.decode(moved), strict=True))
+                    )
             with tf.device(self.replicas[s][0]):
                 for i in mine:
-                    for r in range(big_r):
-                        if grads[r].get(i) is not None:
-                            totals[i] = _add_gradient(totals[i], grads[r][i])
+                    for sums in received:
+                        if sums.get(i) is not None:
+                            totals[i] = _add_gradient(totals[i], sums[i])
                 present = [
                     t.values if isinstance(t, tf.IndexedSlices) else t
                     for t in (totals[i] for i in mine)
@@ -447,6 +488,35 @@ class PipelineEngine:
                     with tf.control_dependencies(present):
                         traces[0].reduce[s][1] = self.clocks[s][0]()
         return totals
+
+    def _check_finite(self, weights: list[Any], gradients: list[Any]) -> list[Any]:
+        """Applies `on_nonfinite` to the step's gradients, every stage's together.
+
+        Each stage's gradients are tested on its replica 0, one verdict
+        decides for all; a skipped step is counted in `counters.skipped`.
+        """
+        if self.nonfinite is None:
+            return gradients
+        stage_of = self._stage_of(weights)
+        groups = [
+            [
+                i
+                for i, g in enumerate(gradients)
+                if g is not None and stage_of.get(i, 0) == s
+            ]
+            for s in range(len(self.replicas))
+        ]
+        checked, skipped = self.nonfinite.apply_across(
+            [[gradients[i] for i in group] for group in groups],
+            verdict_device=self.devices[-1],
+        )
+        out = list(gradients)
+        for group, tensors in zip(groups, checked, strict=True):
+            for i, t in zip(group, tensors, strict=True):
+                out[i] = t
+        with tf.device(self.counters.skipped.device):
+            self.counters.skipped.assign_add(tf.cast(skipped, tf.int64))
+        return out
 
     def _sent(
         self,

@@ -37,9 +37,21 @@ from keras import tree
 from tfpar._clocks import UnorderedClock
 from tfpar._compat import pipeline as compat
 from tfpar._datasets import DistributesWithoutAutotuning, without_autotune_thread
-from tfpar._validation import check_bool, check_instance, check_int
+from tfpar._validation import (
+    check_bool,
+    check_choice,
+    check_instance,
+    check_int,
+    value_error,
+)
 from tfpar._variables import backing_variable
 from tfpar.stats import CommunicationStats, DeviceCommunication
+from tfpar.strategies.mirrored.codec import Codec
+from tfpar.strategies.mirrored.nonfinite import NonFinitePolicy
+from tfpar.strategies.mirrored.options import (
+    COMPRESSION_CHOICES,
+    ON_NONFINITE_CHOICES,
+)
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.engine import PipelineEngine
 from tfpar.strategies.pipeline.host_input import HostDataset
@@ -83,6 +95,12 @@ class PipelineOptions:
             interleaved schedule. Defaults to `1`.
         replicas: Per stage, the canonical names of its R replicas, replica 0
             (`devices[s]`) first. Defaults to `()`: one replica per stage.
+        compression: `None`, `"fp16"` or `"bf16"`: the dtype in which replicas
+            r > 0 send their summed float gradients to replica 0 (R > 1 only).
+        bucket_bytes: `None` or the largest bucket, in bytes, into which
+            replicas r > 0 pack their dense gradients (R > 1 only).
+        on_nonfinite: `None`, `"skip"` or `"raise"`, decided once per step
+            for every stage.
     """
 
     devices: tuple[str, ...]
@@ -92,11 +110,29 @@ class PipelineOptions:
     recompute: bool
     chunks_per_device: int = 1
     replicas: tuple[tuple[str, ...], ...] = ()
+    compression: str | None = None
+    bucket_bytes: int | None = None
+    on_nonfinite: str | None = None
 
     def __post_init__(self) -> None:
         microbatch.validate_num_microbatches(self.num_microbatches)
+        check_choice("compression", self.compression, COMPRESSION_CHOICES)
+        check_int("bucket_bytes", self.bucket_bytes, minimum=1, allow_none=True)
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE_CHOICES)
         if not self.replicas:
             object.__setattr__(self, "replicas", tuple((d,) for d in self.devices))
+        for name in ("compression", "bucket_bytes"):
+            value = getattr(self, name)
+            if value is not None and self.num_replicas == 1:
+                # Nothing would be compressed or packed: refused, not ignored.
+                raise value_error(
+                    name,
+                    value,
+                    "None when `devices` gives one replica per stage (it "
+                    "applies to the gradients a stage's replicas r > 0 send "
+                    "to replica 0; pass `devices` as one list of replicas "
+                    "per stage)",
+                )
         if tuple(r[0] for r in self.replicas) != self.devices:
             raise ValueError(
                 "`replicas` must list each stage's devices with `devices[s]` "
@@ -186,13 +222,36 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             pipeline stages), keyword-only. Defaults to `None`: 2 with
             `schedule="interleaved"` (which needs V >= 2 and at least 2
             devices), else 1, the only value the other schedules accept.
+        compression: With replicas, `None` (default), `"fp16"` or `"bf16"`,
+            keyword-only: each replica r > 0 casts its summed float32/float64
+            weight gradients down on its device, sends them to the stage's
+            replica 0 and they are cast back there, halving the reduction's
+            gradient bytes (as `tfpar.MirroredStrategy`'s option, whose
+            code it reuses). Replica 0's own sums and the weights it sends
+            stay exact.
+        bucket_bytes: With replicas, `None` (default: one transfer per
+            gradient) or a positive int, keyword-only: each replica r > 0
+            packs its dense gradients of one dtype, in order, into buckets
+            of at most this many bytes, one transfer each (as
+            `tfpar.MirroredStrategy`'s option).
+        on_nonfinite: `None` (default: no check), `"skip"` or `"raise"`,
+            keyword-only: decided once per step on the gradients the
+            optimizer is about to apply, every stage's together. `"skip"`
+            applies zero gradients to every stage when any stage's hold a
+            NaN or Inf, and counts the step in `skipped_steps()`; `"raise"`
+            stops `fit` with an `InvalidArgumentError` naming the stages
+            (their replica 0 devices) whose gradients were not finite.
+            Refused with a `LossScaleOptimizer` (mixed precision), which
+            skips overflowing steps itself and lowers its loss scale.
 
     Raises:
         ValueError: For an unknown schedule or `partition` name,
             `num_microbatches < 1` (or < R), unknown, malformed or repeated
             devices, stages with different replica counts, a
             `partition` list of the wrong length, `chunks_per_device` not
-            fitting the schedule; when the model is first partitioned: more
+            fitting the schedule, `compression` or `bucket_bytes` without
+            replicas, a value of `compression` or `on_nonfinite` not
+            allowed; when the model is first partitioned: more
             stages (or chunks) than cut points, an unknown or invalid
             cut-point layer (the message names it).
         TypeError: For an argument of the wrong type (`partition=42`,
@@ -230,6 +289,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         recompute: bool = False,
         *,
         chunks_per_device: int | None = None,
+        compression: str | None = None,
+        bucket_bytes: int | None = None,
+        on_nonfinite: str | None = None,
     ) -> None:
         replicas = resolve_stage_devices(devices)
         names = [stage[0] for stage in replicas]
@@ -243,6 +305,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             chunks_per_device=check_chunks_per_device(
                 chunks_per_device, schedule=schedule, num_stages=len(names)
             ),
+            compression=compression,
+            bucket_bytes=bucket_bytes,
+            on_nonfinite=on_nonfinite,
         )
         self._schedule = get_schedule(
             schedule,
@@ -363,6 +428,22 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         """
         peak = self._counters.read()["peak"].reshape(len(self._options.devices), -1)
         return [int(v) for v in peak.max(axis=1)]
+
+    def skipped_steps(self) -> int:
+        """Returns how many steps `on_nonfinite="skip"` skipped so far.
+
+        Counted in the step, once per training step whose gradients held a
+        NaN or Inf on any stage (0 without `on_nonfinite="skip"`).
+
+        Example:
+
+        ```python
+        strategy = tfpar.PipelineStrategy(on_nonfinite="skip")
+        # ... model.fit(...) ...
+        strategy.skipped_steps()  # 0 while every gradient was finite
+        ```
+        """
+        return int(self._counters.skipped.numpy())
 
     def communication_stats(self) -> CommunicationStats:
         """Returns cumulative per-stage counters of the training steps so far.
@@ -593,6 +674,16 @@ class _PipelineExtended(compat.OneDeviceAdapter):
             counters=self._pipeline._counters,
             clocks=clocks,
             replicas=options.replicas,
+            codec=Codec(options.compression, options.bucket_bytes),
+            nonfinite=(
+                NonFinitePolicy(
+                    options.on_nonfinite,
+                    options.devices,
+                    owner="tfpar.PipelineStrategy",
+                )
+                if options.on_nonfinite is not None
+                else None
+            ),
         )
 
     def make_variable(self, next_creator: Any, **kwargs: Any) -> Any:

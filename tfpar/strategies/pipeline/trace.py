@@ -50,6 +50,8 @@ class StageCounters:
             tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_bytes"
         )
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # Training steps `on_nonfinite="skip"` zeroed.
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.peak = tf.Variable(
             tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_peak"
