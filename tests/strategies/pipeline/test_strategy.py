@@ -402,11 +402,23 @@ def test_save_and_load_without_tfpar(tmp_path: Path) -> None:
         ({"devices": ["/device:CPU:7"]}, ValueError, "do not exist"),
         ({"devices": "/device:CPU:0"}, TypeError, "devices="),
         ({"compression": "int8"}, ValueError, r"'bf16'\. Received: compression='int8'"),
-        ({"on_nonfinite": "ignore"}, ValueError, r"'skip', 'raise'\. Received: on_nonfinite='ignore'"),
+        (
+            {"on_nonfinite": "ignore"},
+            ValueError,
+            r"'skip', 'raise'\. Received: on_nonfinite='ignore'",
+        ),
         ({"bucket_bytes": 1.5}, TypeError, r"bucket_bytes=1\.5"),
         # Without replicas there is no gradient reduction to compress or pack.
-        ({"compression": "bf16"}, ValueError, r"one replica per stage.*Received: compression='bf16'"),
-        ({"bucket_bytes": 1024}, ValueError, r"one replica per stage.*Received: bucket_bytes=1024"),
+        (
+            {"compression": "bf16"},
+            ValueError,
+            r"one replica per stage.*Received: compression='bf16'",
+        ),
+        (
+            {"bucket_bytes": 1024},
+            ValueError,
+            r"one replica per stage.*Received: bucket_bytes=1024",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(
