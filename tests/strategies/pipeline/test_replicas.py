@@ -6,6 +6,7 @@ process with four, and on four `LocalCluster` workers.
 """
 
 import collections
+import contextlib
 
 import keras
 import numpy as np
@@ -92,6 +93,42 @@ def test_replica_gradients_travel_compressed_or_packed(
         for a, b in zip(model.weights, reference.weights, strict=True)
     ]
     assert 1e-6 < max(differences) < 2e-3, differences
+
+
+def embedded() -> keras.Model:
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((3,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, name="embed")(inputs)
+    h = keras.layers.Flatten(name="flat")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+
+
+@pytest.mark.parametrize("compression", [None, "bf16"])
+def test_sparse_gradients_travel_as_slices_beside_packed_ones(
+    compression: str | None,
+) -> None:
+    # The Embedding's gradient is `IndexedSlices`: its own bucket, never cast.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, size=(40, 3)).astype("int32")
+    y = rng.normal(size=(40, 2)).astype("float32")
+    strategy = PipelineStrategy(
+        [[CPU0, CPU1]],
+        num_microbatches=2,
+        partition="params",
+        compression=compression,
+        bucket_bytes=1 << 20,
+    )
+    models = []
+    for scope in (strategy.scope(), contextlib.nullcontext()):
+        with scope:
+            model = embedded()
+            model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        model.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    if compression is None:
+        assert_same_weights(models[1], models[0])
+    for a, b in zip(models[0].weights, models[1].weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3, err_msg=a.path)
 
 
 def regularized() -> keras.Model:
