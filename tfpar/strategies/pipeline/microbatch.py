@@ -26,7 +26,7 @@ import tensorflow as tf
 from keras import tree
 
 from tfpar._validation import check_int
-from tfpar.strategies.pipeline.partition import nested_layers
+from tfpar.strategies.pipeline.layer_graph import nested_layers
 
 
 def microbatch_sizes(batch_size: int, num_microbatches: int) -> list[int]:

@@ -14,7 +14,9 @@ the calls of a shared layer (one layer, whose weights live on one device).
 
 Each stage becomes a functional sub-model sharing the original layers, so it
 runs with Keras's own call logic (training flags, masks) and owns exactly its
-layers' variables. The original model is not modified.
+layers' variables. The original model is not modified. The graph itself
+(what crosses a cut, which cuts are refused, the sub-models) is
+`layer_graph.py`'s; this module chooses the cuts and tabulates them.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras import tree
 
-from tfpar._compat import pipeline as compat
 from tfpar._validation import check_int, check_sequence, value_error
 from tfpar.strategies.pipeline import cost as pipeline_cost
+from tfpar.strategies.pipeline.layer_graph import (
+    LayerGraph,
+    bytes_per_example,
+    check_graph_model,
+    model_layers,
+    one_or_list,
+)
 
 logger = logging.getLogger("tfpar")
 
@@ -185,41 +192,6 @@ def check_partition(partition: object) -> str | tuple[str, ...]:
     return check_sequence("partition", partition, str, _PARTITIONS)
 
 
-def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns the model's layers in topological order, without input layers."""
-    return [
-        layer
-        for layer in model.layers
-        if not isinstance(layer, keras.layers.InputLayer)
-    ]
-
-
-def nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns `model`'s layers, and those of the models nested in it, in order.
-
-    Args:
-        model: A Keras model.
-
-    Returns:
-        Each layer of `model.layers`, followed, for a nested model, by its
-        own layers (recursively).
-
-    Example:
-
-    ```python
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    outer = keras.Sequential([keras.Input((4,)), inner])
-    [layer.name for layer in nested_layers(outer)]  # [inner's name, "dense"]
-    ```
-    """
-    layers = []
-    for layer in model.layers:
-        layers.append(layer)
-        if isinstance(layer, keras.Model):
-            layers += nested_layers(layer)
-    return layers
-
-
 def valid_cut_points(model: keras.Model) -> list[str]:
     """Lists the layers before which `model` can be cut.
 
@@ -249,8 +221,8 @@ def valid_cut_points(model: keras.Model) -> list[str]:
     valid_cut_points(model)  # ['b', 'add', 'c']: before 'add', a and b cross
     ```
     """
-    _check_graph_model(model)
-    graph = _Graph(model)
+    check_graph_model(model)
+    graph = LayerGraph(model)
     return [graph.units[i].name for i in graph.cuts()]
 
 
@@ -298,8 +270,8 @@ def partition_model(
     """
     partition = check_partition(partition)
     check_int("sample_batch_size", sample_batch_size, minimum=1)
-    _check_graph_model(model)
-    graph = _Graph(model)
+    check_graph_model(model)
+    graph = LayerGraph(model)
     cuts = graph.cuts()
     num_stages = len(devices)
     if isinstance(partition, str):
@@ -342,221 +314,16 @@ def partition_model(
                 parameters=sum(layer.count_params() for layer in group),
                 cost=float(sum(costs[a:b])),
                 receives=tuple(graph.name(t) for t in received),
-                bytes_per_example=_bytes_per_example(received),
+                bytes_per_example=bytes_per_example(received),
             )
         )
         stage_models.append(graph.sub_model(a, b, f"{model.name}_stage_{s}"))
     return Partition(tuple(stages), source), stage_models
 
 
-def has_layer_graph(model: keras.Model) -> bool:
-    """Whether `model` is Sequential or functional (not subclassed)."""
-    return isinstance(model, keras.Sequential) or _is_functional(model)
-
-
-def _check_graph_model(model: keras.Model) -> None:
-    if not has_layer_graph(model):
-        raise TypeError(
-            "PipelineStrategy cuts Sequential and functional models along their "
-            f"layer graph. Received: a subclassed model of type "
-            f"{type(model).__name__} (build it with keras.Sequential or "
-            "keras.Model(inputs, outputs))."
-        )
-    if not model.built or not model.outputs:
-        raise ValueError(
-            f"Model {model.name!r} must be built before it is partitioned "
-            "(give it a keras.Input)."
-        )
-
-
-def _is_functional(model: keras.Model) -> bool:
-    try:
-        return bool(model.inputs) and bool(model.outputs)
-    except (AttributeError, ValueError):
-        return False
-
-
-def _outputs(model: keras.Model) -> Any:
-    # A functional model's `output` keeps the structure it was built with (a
-    # dict of outputs stays a dict in `predict`); Sequential has one output.
-    if isinstance(model, keras.Sequential):
-        return model.outputs[0]
-    return model.output
-
-
-def _one_or_list(tensors: list[Any]) -> Any:
-    # A single boundary tensor travels as itself (as in a Sequential model).
-    return tensors[0] if len(tensors) == 1 else tensors
-
-
-def _bytes_per_example(
-    tensors: list[keras.KerasTensor], *, unknown: int | None = None
-) -> int | None:
-    """Bytes of `tensors` per example, `None` if a dimension is unknown.
-
-    Args:
-        tensors: KerasTensors, batch dimension first.
-        unknown: Counts an unknown dimension as this size instead.
-    """
-    total = 0
-    for t in tensors:
-        size = tf.as_dtype(t.dtype).size
-        for d in t.shape[1:]:
-            if d is None:
-                if unknown is None:
-                    return None
-                d = unknown
-            size *= d
-        total += size
-    return total
-
-
-class _Graph:
-    """A model's layer calls, placed at the positions of its operations.
-
-    The layers are taken in model order (`model.layers`); an operation that
-    is not a layer (a Keras op applied to KerasTensors, or the comparison an
-    `Embedding(mask_zero=True)` computes its mask with) comes right after
-    the operation producing its latest input. A cut at position `i` puts
-    operations `[0, i)` before it, and every call of an operation runs in
-    the operation's stage.
-    """
-
-    def __init__(self, model: keras.Model) -> None:
-        self.model = model
-        outputs = tree.flatten(_outputs(model))
-        calls = compat.layer_calls(list(model.inputs), outputs)
-        # Sort keys: (position,) for a layer; a non-layer operation extends
-        # its latest input's key with its place in the walk.
-        order: dict[int, tuple[int, ...]] = {
-            id(layer): (p,) for p, layer in enumerate(model_layers(model))
-        }
-        made: dict[int, tuple[int, ...]] = {id(t): (-1,) for t in model.inputs}
-        ops: dict[int, Any] = {}
-        for n, call in enumerate(calls):
-            op = call.operation
-            if id(op) not in order:
-                latest = max((made[id(t)] for t in call.inputs), default=(-1,))
-                order[id(op)] = (*latest, n)
-            ops[id(op)] = op
-            made.update((id(t), order[id(op)]) for t in call.outputs)
-        self.units = sorted(ops.values(), key=lambda op: order[id(op)])
-        position = {id(op): p for p, op in enumerate(self.units)}
-        calls.sort(key=lambda call: position[id(call.operation)])  # stable
-        # Every tensor, model inputs first, each with the position of the
-        # operation producing it (-1 for an input), the last position
-        # needing it (len(units) for a model output), and its name.
-        self.tensors: list[keras.KerasTensor] = list(model.inputs)
-        self._produced = {id(t): -1 for t in model.inputs}
-        self._names = {id(t): t.name for t in model.inputs}
-        for call in calls:
-            for k, t in enumerate(call.outputs):
-                self.tensors.append(t)
-                self._produced[id(t)] = position[id(call.operation)]
-                indices = (call.node_index, k)
-                self._names[id(t)] = call.operation.name + (
-                    "" if indices == (0, 0) else f"[{indices[0]}][{indices[1]}]"
-                )
-        self._needed: dict[int, int] = {}
-        # (p, q, layer): a call of `layer`, at position p, needs a tensor
-        # produced at q > p (a shared layer's later call), so a cut in (p, q]
-        # would split its calls.
-        self._splits: list[tuple[int, int, str]] = []
-        for call in calls:
-            p = position[id(call.operation)]
-            for t in call.inputs:
-                self._needed[id(t)] = max(self._needed.get(id(t), -1), p)
-                if self._produced[id(t)] > p:
-                    self._splits.append((p, self._produced[id(t)], call.operation.name))
-        for t in outputs:
-            self._needed[id(t)] = len(self.units)
-
-    def boundary(self, i: int) -> list[keras.KerasTensor]:
-        """The tensors crossing a cut at position `i`, in a fixed order."""
-        return [
-            t
-            for t in self.tensors
-            if self._produced[id(t)] < i <= self._needed.get(id(t), -1)
-        ]
-
-    def name(self, tensor: keras.KerasTensor) -> str:
-        """The name of the layer (or model input) that produced `tensor`."""
-        return self._names[id(tensor)]
-
-    def names(self, positions: list[int]) -> list[str]:
-        """The names of the operations at `positions`."""
-        return [self.units[i].name for i in positions]
-
-    def cuts(self) -> list[int]:
-        """The positions of the layers before which the model can be cut."""
-        layers = [
-            i for i, u in enumerate(self.units) if isinstance(u, keras.layers.Layer)
-        ]
-        return [i for i in layers[1:] if self.refusal(i) is None]
-
-    def refusal(self, i: int) -> str | None:
-        """Why the model cannot be cut at position `i`, or `None` if it can."""
-        if not any(isinstance(u, keras.layers.Layer) for u in self.units[:i]):
-            return "it is the first layer (the first stage needs one)"
-        for p, q, layer in self._splits:
-            if p < i <= q:
-                return (
-                    f"the shared layer {layer!r} is called both before and after "
-                    "that point, and all calls of a layer run in one stage (its "
-                    "weights live on one device)"
-                )
-        for t in self.boundary(i):
-            if compat.keras_mask(t) is not None:
-                return (
-                    f"the output of {self.name(t)!r} carries a Keras mask "
-                    "(Embedding(mask_zero=True), Masking), which travels with the "
-                    "tensor inside Keras and cannot cross a stage boundary as "
-                    "data; cut after the layers that use the mask"
-                )
-        return None
-
-    def balance_bytes(self, i: int) -> float:
-        """Bytes per example crossing a cut at `i`, an unknown dimension as 1.
-
-        Only compared between cuts of one model, for balancing.
-        """
-        return float(_bytes_per_example(self.boundary(i), unknown=1) or 0)
-
-    def sub_model(self, a: int, b: int, name: str) -> keras.Model:
-        """A functional model of operations `[a, b)`, sharing their layers."""
-        model = self.model
-        inputs = (
-            _one_or_list(list(model.inputs))
-            if a == 0
-            else _one_or_list(self.boundary(a))
-        )
-        outputs = (
-            _outputs(model) if b == len(self.units) else _one_or_list(self.boundary(b))
-        )
-        flat_in, flat_out = tree.flatten(inputs), tree.flatten(outputs)
-        received = {id(t) for t in flat_in}
-        if not any(id(t) in received for t in flat_out):
-            return keras.Model(inputs, outputs, name=name)
-        # Tensors passing through. Keras re-creates intermediate inputs as new
-        # `keras.Input`s, and an output that is one of the original tensors is
-        # then "not connected": build the computed part first, then a model
-        # over its new inputs, which may be returned as they are.
-        computed = [t for t in flat_out if id(t) not in received]
-        inner = keras.Model(flat_in, computed)
-        new = {
-            id(t): u
-            for t, u in zip(
-                [*flat_in, *computed], [*inner.inputs, *inner.outputs], strict=True
-            )
-        }
-        return keras.Model(
-            tree.map_structure(lambda t: new[id(t)], inputs),
-            tree.map_structure(lambda t: new[id(t)], outputs),
-            name=name,
-        )
-
-
-def _explicit_cuts(graph: _Graph, cuts: list[int], partition: list[str]) -> list[int]:
+def _explicit_cuts(
+    graph: LayerGraph, cuts: list[int], partition: list[str]
+) -> list[int]:
     model = graph.model
     valid = graph.names(cuts)
     layers = {
@@ -589,7 +356,7 @@ def _explicit_cuts(graph: _Graph, cuts: list[int], partition: list[str]) -> list
 
 
 def _layer_costs(
-    graph: _Graph,
+    graph: LayerGraph,
     cuts: list[int],
     batch_size: int,
     method: str,
@@ -614,7 +381,7 @@ def _layer_costs(
     if method == "params" or any(d is None for shape in shapes for d in shape):
         return params, "parameters"
     bounds = [0, *cuts, len(graph.units)]
-    specs: Any = _one_or_list(
+    specs: Any = one_or_list(
         [tf.TensorSpec((batch_size, *t.shape[1:]), t.dtype) for t in model.inputs]
     )
     segments, inputs, flops = [], [], []
@@ -626,7 +393,7 @@ def _layer_costs(
         inputs.append(specs)
         flops.append(float(pipeline_cost.count_flops(traced)))
         outputs = tf.nest.flatten(traced.structured_outputs)
-        specs = _one_or_list([tf.TensorSpec(t.shape, t.dtype) for t in outputs])
+        specs = one_or_list([tf.TensorSpec(t.shape, t.dtype) for t in outputs])
     totals, source = flops, "flops"
     if method == "auto":
         try:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 
 from tfpar.devices import resolve_devices
-from tfpar.strategies.pipeline.partition import nested_layers
+from tfpar.strategies.pipeline.layer_graph import nested_layers
 
 # Replica r's seed generators draw from their seed plus r times this (odd,
 # large) offset, so replicas never reuse replica 0's Dropout masks.

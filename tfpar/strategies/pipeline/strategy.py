@@ -55,11 +55,11 @@ from tfpar.strategies.mirrored.options import (
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.engine import PipelineEngine
 from tfpar.strategies.pipeline.host_input import HostDataset
+from tfpar.strategies.pipeline.layer_graph import has_layer_graph
 from tfpar.strategies.pipeline.memory import StageMemory, stage_memory
 from tfpar.strategies.pipeline.partition import (
     Partition,
     check_partition,
-    has_layer_graph,
     partition_model,
     valid_cut_points,
 )
