@@ -10,8 +10,10 @@ Two parts, each in its own process (TensorFlow configures devices once):
   on two workers against the same micro-batches on one worker (target >= 0.85
   of the bound K*M/(M+K-1)), and against the unsplit batch on one worker.
 - `hybrid` (not in `all`): a `LocalCluster` of 4 workers pinned two per core,
-  K=2 stages x R=2 replicas against K=2 x R=1 on the same model. The machine
-  has 2 cores, so this is an overhead figure, not a speedup.
+  K=2 stages x R=2 replicas (1F1B, GPipe, and 1F1B with the replicas'
+  gradients sent in bf16, `compression="bf16"`) against K=2 x R=1 on the
+  same model. The machine has 2 cores, so this is an overhead figure, not a
+  speedup.
 
 Configurations are timed side by side in alternating rounds, from the start
 of each `fit`'s second call of the train function to the start of its last
@@ -25,7 +27,8 @@ measured bubble (idle / (busy + idle) from
 stage to the last, when every stage waits for the coordinator; the
 unsplit and one-device rows include their own such time), and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
-planned) for 1F1B, GPipe and interleaved 1F1B (2 chunks per device; its peak
+planned), the bytes of the replicas' gradient reduction per step (`reduce
+MB`, counted: `reduce_bytes_sent` summed over devices) for 1F1B, GPipe and interleaved 1F1B (2 chunks per device; its peak
 counts (micro-batch, chunk) pairs, each half a stage's activations), and the
 CPU time per step of this process (the
 `fit` loop, input pipeline and, for the cluster, the coordinator, which shares
@@ -108,6 +111,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             configs = [
                 ("pipeline K=2 x R=2 1f1b", hybrid, m, "1f1b"),
                 ("pipeline K=2 x R=2 gpipe", hybrid, m, "gpipe"),
+                ("pipeline K=2 x R=2 1f1b bf16", hybrid, m, "1f1b"),
                 *configs[:2],
                 *configs[3:],
             ]
@@ -117,7 +121,10 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
         runs = []
         for name, devs, microbatches, schedule in configs:
             strategy = PipelineStrategy(
-                devs, num_microbatches=microbatches, schedule=schedule
+                devs,
+                num_microbatches=microbatches,
+                schedule=schedule,
+                compression="bf16" if name.endswith("bf16") else None,
             )
             with strategy.scope():
                 model = build_model(width, depth)
@@ -156,6 +163,9 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             reduce = sum(d.reduce_seconds for s in stats[name] for d in s.devices)
             span = busy + exposed + reduce + idle  # per stage, the step's span
             measured_steps = sum(s.steps for s in stats[name])
+            reduce_bytes = sum(
+                d.reduce_bytes_sent for s in stats[name] for d in s.devices
+            )
             devices_counted = len(stats[name][0].devices)
             span_ms = 1000 * span / devices_counted / max(measured_steps, 1)
             devs = _devs(configs, name)
@@ -183,6 +193,7 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     # Busy time summed over stages: compared across configs,
                     # it shows what splitting the model adds to the work.
                     "busy_ms_per_step": 1000 * busy / max(measured_steps, 1),
+                    "reduce_mb_per_step": reduce_bytes / 1e6 / max(measured_steps, 1),
                     "bubble_planned": planned.bubble_fraction(),
                     "peak_in_flight_planned": planned.peak_in_flight(),
                     "peak_in_flight_measured": max(strategies[name].peak_in_flight()),
@@ -259,7 +270,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     header = f"{'config':32} {'step ms':>8} {'vs same M':>9} {'vs unsplit':>10} "
     header += f"{'busy ms':>8} {'bubble':>7} {'planned':>7} {'peak':>5} {'planned':>7} "
-    header += f"{'host CPU':>8} {'between':>7}"
+    header += f"{'host CPU':>8} {'between':>7} {'reduce MB':>9}"
     print(header)
     for row in result["rows"]:
         print(
@@ -268,7 +279,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['busy_ms_per_step']:8.1f} "
             f"{row['bubble_measured']:7.2f} {row['bubble_planned']:7.2f} "
             f"{row['peak_in_flight_measured']:5d} {row['peak_in_flight_planned']:7d} "
-            f"{row['host_cpu_ms']:8.1f} {row['between_steps_ms']:7.1f}"
+            f"{row['host_cpu_ms']:8.1f} {row['between_steps_ms']:7.1f} "
+            f"{row['reduce_mb_per_step']:9.2f}"
         )
 
 
