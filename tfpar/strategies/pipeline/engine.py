@@ -19,7 +19,10 @@ With R replicas per stage (`replicas.py`), replica group r runs micro-batches
 j with `j % R == r` in its own schedule; replicas r > 0 run each chunk on a
 copy of its variables read at the step's start (`keras.StatelessScope`, own
 seed states), and after the last backward their summed weight gradients are
-added to replica 0's beside the variables (`_reduce`), measured apart.
+added to replica 0's beside the variables (`_reduce`), measured apart; they
+travel through the mirrored strategies' `Codec` (compression, buckets).
+`on_nonfinite` is decided on the gradients about to be applied, one verdict
+for every stage (`_check_finite`).
 """
 
 from __future__ import annotations
