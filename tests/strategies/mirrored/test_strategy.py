@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 from tfpar import MirroredStrategy
 
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -315,37 +315,49 @@ def test_on_nonfinite_raise_stops_fit_naming_the_replicas() -> None:
     assert "/device:CPU:0" in culprits and "CPU:1" not in culprits, culprits
 
 
-@pytest.mark.parametrize("stock", [True, False])
-def test_loss_scaling_misses_one_replicas_overflow_which_skip_catches(
-    stock: bool,
-) -> None:
+def test_loss_scaling_misses_one_replicas_overflow_which_skip_catches() -> None:
     # Keras 3.15's LossScaleOptimizer tests replica 0's own gradients before
     # the all-reduce ("each replica computed the same `finite` value"): when
     # only replica 1's half overflows, it applies the infinite sum. The stock
     # strategy is the reference; if Keras fixes this, docs/mirrored.md's
-    # Faults section must say so.
-    x = np.ones((16, 8), "float32")
-    x[8:] = 1e30  # replica 1's half of the one batch
-    y = np.zeros((16, 1), "float32")
-    strategy = (
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        if stock
-        else MirroredStrategy(on_nonfinite="skip")
+    # Faults section must say so. In a child: a collective that another
+    # strategy of this process used first would abort the process's
+    # collective executor, which every later test needs.
+    result = run_python(
+        """
+        import json
+        import tfpar
+        tfpar.simulate_devices(2)
+        import keras, numpy as np, tensorflow as tf
+
+        x = np.ones((16, 8), "float32")
+        x[8:] = 1e30  # replica 1's half of the one batch
+        y = np.zeros((16, 1), "float32")
+        results = {}
+        for name, strategy in [
+            ("stock", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+            ("skip", tfpar.MirroredStrategy(on_nonfinite="skip")),
+        ]:
+            keras.utils.set_random_seed(1)
+            with strategy.scope():
+                model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+                model.compile(
+                    optimizer=keras.optimizers.LossScaleOptimizer(
+                        keras.optimizers.SGD(1e-3), initial_scale=2.0
+                    ),
+                    loss="mse",
+                )
+            model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+            results[name] = {
+                "finite": all(bool(np.isfinite(w).all()) for w in model.get_weights()),
+                "skipped": getattr(strategy, "skipped_steps", lambda: None)(),
+            }
+        print("RESULT", json.dumps(results))
+        """
     )
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
-        model.compile(
-            optimizer=keras.optimizers.LossScaleOptimizer(
-                keras.optimizers.SGD(1e-3), initial_scale=2.0
-            ),
-            loss="mse",
-        )
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    finite = all(np.isfinite(w).all() for w in model.get_weights())
-    assert finite is not stock
-    if not stock:
-        assert strategy.skipped_steps() == 1
+    results = tagged_json(result.stdout, "RESULT")
+    assert results["stock"]["finite"] is False, results
+    assert results["skip"] == {"finite": True, "skipped": 1}, results
 
 
 def test_custom_training_loop_with_strategy_run() -> None:
