@@ -107,6 +107,18 @@ class NonFinitePolicy:
         Returns:
             The groups' tensors (zeroed on a skipped step, or depending on the
             check), and a float64 scalar: 1.0 if the step is skipped, else 0.0.
+
+        Example:
+
+        ```python
+        policy = NonFinitePolicy(
+            "skip", ["/device:CPU:0", "/device:CPU:1"], owner="tfpar.PipelineStrategy"
+        )
+        # Inside a traced step, stage s's gradients on devices[s]:
+        checked, skipped = policy.apply_across(
+            [stage_0_grads, stage_1_grads], verdict_device="/device:CPU:1"
+        )
+        ```
         """
         unchanged = tf.constant(0.0, tf.float64)
         if self._policy is None:

@@ -20,7 +20,21 @@ from tfpar._compat import pipeline as compat
 
 
 def model_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns the model's layers in topological order, without input layers."""
+    """Returns the model's layers in topological order, without input layers.
+
+    Args:
+        model: A Sequential or functional model.
+
+    Returns:
+        `model.layers` without its `keras.layers.InputLayer`s.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    [layer.name for layer in model_layers(model)]  # ["dense"]
+    ```
+    """
     return [
         layer
         for layer in model.layers

@@ -435,6 +435,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         Counted in the step, once per training step whose gradients held a
         NaN or Inf on any stage (0 without `on_nonfinite="skip"`).
 
+        Returns:
+            The count over every `fit` of this strategy so far.
+
         Example:
 
         ```python
