@@ -119,10 +119,12 @@ def test_parameter_server_example_shards_learns_and_saves(tmp_path):
 @pytest.mark.parametrize(
     ("args", "last_line"),
     [
-        pytest.param(["mirrored.py"], "Test accuracy: ", id="mirrored"),
-        pytest.param(["pipeline.py"], "predictions match = True", id="pipeline"),
+        pytest.param(["mirrored.py", "--synthetic"], "Test accuracy: ", id="mirrored"),
         pytest.param(
-            ["pipeline.py", "--cluster"],
+            ["pipeline.py", "--synthetic"], "predictions match = True", id="pipeline"
+        ),
+        pytest.param(
+            ["pipeline.py", "--synthetic", "--cluster"],
             "predictions match = True",
             marks=pytest.mark.cluster,
             id="pipeline-cluster",
