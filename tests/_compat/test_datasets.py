@@ -46,6 +46,37 @@ def test_per_device_iterators_are_rebuilt_without_autotuning() -> None:
         ]
 
 
+def test_a_replica_on_its_host_reads_through_one_plain_iterator() -> None:
+    # reads_in_place: the input workers' layout, and that TensorFlow's
+    # per-replica mode without copies, set after the dataset is built, yields
+    # the stock batches (a partial last one too) eagerly and inside a
+    # tf.function, as Keras reads them.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    dataset = tf.data.Dataset.range(10).batch(4)
+    two_devices = tf.distribute.MirroredStrategy(DEVICES)
+    assert not _compat.reads_in_place(
+        two_devices.experimental_distribute_dataset(dataset)
+    )
+    in_place = _compat.without_device_autotune(
+        strategy.experimental_distribute_dataset(dataset)
+    )
+    assert _compat.reads_in_place(in_place)
+    iterator = iter(in_place)
+    (worker_iterator,) = iterator._iterators
+    assert type(worker_iterator._iterator).__name__ == "OwnedIterator"
+
+    @tf.function
+    def next_doubled(iterator: Any) -> Any:
+        return strategy.run(lambda x: 2 * x, args=(next(iterator),))
+
+    stock = [
+        b.numpy().tolist() for b in strategy.experimental_distribute_dataset(dataset)
+    ]
+    got = [next(iterator).numpy().tolist()]
+    got += [(next_doubled(iterator) // 2).numpy().tolist() for _ in range(2)]
+    assert got == stock == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 @pytest.mark.parametrize("user_choice", [None, True])
 def test_tfpar_strategies_distribute_without_autotuning(
     user_choice: bool | None,

@@ -15,6 +15,16 @@ one plain iterator, `pipeline/host_input.py`):
   to wake (`tfpar/_datasets.py` has the measurements). No option of the
   distributed dataset reaches those iterators; each is built again, before
   its first element, over the same per-device dataset with autotuning off.
+- `DistributedDataset._input_workers` and `_options` (`reads_in_place`): a
+  worker whose one replica device is its host (a CPU worker) has nothing to
+  copy, yet TensorFlow's per-worker input mode builds a
+  `MultiDeviceIterator` for it at every epoch, which traces its per-device
+  functions again: about 50 ms each (`docs/multi_worker.md`, Performance).
+  Such a dataset is given the options of TensorFlow's own per-replica mode
+  without copies (`distribute_datasets_from_function`'s), under which its
+  per-worker iterator is one plain tf.data iterator. The public method
+  refuses those options, so they are set after the dataset is built; its
+  sharding and rebatching are done by then and do not read them.
 
 And of the Keras calls that distribute them, for `tfpar/_keras_build.py`:
 
@@ -36,6 +46,13 @@ from tensorflow.python.distribute import input_lib as _input_lib
 
 # Keras's adapters that build their tf.data pipeline from tensors, not Python.
 _TENSOR_ADAPTERS = (ArrayDataAdapter, TFDatasetAdapter)
+
+
+# TensorFlow's options for a replica reading where its dataset lives.
+_IN_PLACE = tf.distribute.InputOptions(
+    experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
+    experimental_fetch_to_device=False,
+)
 
 
 class _DistributedDatasetWithoutDeviceAutotune(_input_lib.DistributedDataset):
@@ -88,8 +105,10 @@ def without_device_autotune(distributed: Any) -> Any:
 
     Returns:
         `distributed`, whose iterators, made in eager mode, copy elements to
-        the devices through iterators that do not autotune; anything but a
-        stock `DistributedDataset` is returned unchanged.
+        the devices through iterators that do not autotune, or, where its
+        one replica device is its host (`reads_in_place`), read through one
+        plain iterator; anything but a stock `DistributedDataset` is
+        returned unchanged.
 
     Example:
 
@@ -104,7 +123,34 @@ def without_device_autotune(distributed: Any) -> Any:
     if type(distributed) is _input_lib.DistributedDataset:
         # The object was made for this call alone: no one else holds it.
         distributed.__class__ = _DistributedDatasetWithoutDeviceAutotune
+        if reads_in_place(distributed):
+            distributed._options = _IN_PLACE
     return distributed
+
+
+def reads_in_place(distributed: Any) -> bool:
+    """Whether a stock distributed dataset's one replica device is its host.
+
+    Args:
+        distributed: A stock `DistributedDataset`.
+
+    Returns:
+        `True` if one worker reads it, for one replica on that worker's host
+        device: a plain tf.data iterator then feeds the replica, with nothing
+        to copy.
+    """
+    workers = distributed._input_workers
+    if workers.num_workers != 1:
+        return False
+    devices = workers.compute_devices_for_worker(0)
+    return len(devices) == 1 and _canonical(devices[0]) == _canonical(
+        workers.worker_devices[0]
+    )
+
+
+def _canonical(device: str) -> str:
+    """`device` in one spelling (`/cpu:0` and `/device:CPU:0` alike)."""
+    return tf.DeviceSpec.from_string(device).to_string()
 
 
 def fed_from_python(epoch_iterator: Any) -> bool:
