@@ -3,7 +3,9 @@
 Every worker runs this same script; `tfpar launch` starts them on this
 machine with the `TF_CONFIG` of each (on several machines, set `TF_CONFIG`
 yourself, see docs/multi_worker.md). The data are scikit-learn's handwritten
-digits, which ship inside the package. Worker 0 (the chief) writes the
+digits, which ship inside the package (`pip install "tfpar[examples]"`), or,
+with `--synthetic`, random 8x8 images of 10 classes, each a noisy copy of its
+class's pattern. Worker 0 (the chief) writes the
 TensorBoard logs and the saved model; the other workers write theirs to a
 temporary folder, as TensorFlow's convention asks, since every worker must
 run the same callbacks.
@@ -28,11 +30,22 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 8x8 digits of scikit-learn, scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
+def load_data(synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """1,797 8x8 images and their labels, 0 to 9."""
+    if synthetic:
+        rng = np.random.default_rng(0)
+        patterns = rng.uniform(size=(10, 8, 8, 1))
+        y = rng.integers(0, 10, size=1797)
+        x = patterns[y] + rng.normal(scale=0.3, size=(1797, 8, 8, 1))
+        return x.astype("float32"), y
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit(
+            "The digits ship with scikit-learn: pip install 'tfpar[examples]', "
+            "or pass --synthetic."
+        ) from None
+    digits = load_digits()
     return (digits.images / 16.0).astype("float32")[..., None], digits.target
 
 
@@ -41,13 +54,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--logdir", default="runs/multi_worker")
+    parser.add_argument("--synthetic", action="store_true", help="random images")
     args = parser.parse_args()
 
     resolver = strategy.cluster_resolver
     chief = resolver.task_type == "worker" and resolver.task_id == 0
     out = args.logdir if chief else tempfile.mkdtemp(prefix="tfpar-worker-")
 
-    x, y = load_digits()
+    x, y = load_data(args.synthetic)
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

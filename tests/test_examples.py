@@ -144,7 +144,7 @@ def test_multi_worker_example_runs_under_tfpar_launch(tmp_path):
     launch = [sys.executable, "-m", "tfpar", "launch", "--workers", "2", "--"]
     script = [sys.executable, str(ROOT / "examples" / "multi_worker.py")]
     proc = subprocess.run(
-        [*launch, *script, "--epochs", "2", "--logdir", str(tmp_path)],
+        [*launch, *script, "--synthetic", "--epochs", "2", "--logdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=240,
