@@ -11,8 +11,8 @@ in `RootDataset::Iterator::~Iterator` waiting for that thread.
 A distributed dataset has two such iterators per worker: the one over the
 dataset itself, and one per replica device that TensorFlow builds over a
 dataset of its own to copy elements to the device. The strategies turn
-autotuning off on both (`DistributesWithoutAutotuning`; `PipelineStrategy`,
-whose one replica is on the host, reads through the first alone):
+autotuning off on both (`DistributesWithoutAutotuning`; measured before a
+CPU worker's one replica read through the first alone, below):
 
 - 2 `tfpar.MultiWorkerMirroredStrategy` workers pinned one core each, MLP
   128-1024-1024-2, global batch 8192, 3 epochs of 8 steps after a warm-up:
@@ -26,6 +26,10 @@ whose one replica is on the host, reads through the first alone):
   (M=4) with autotuning (one-off scripts, one run each);
   `benchmarks/epoch_boundaries.py` measures them without, beside the stock
   strategy.
+
+A worker whose one replica is on its host, where the batches are made (a
+CPU worker of the multi-worker strategy, and `PipelineStrategy`), has
+nothing to copy: it reads through the first iterator alone.
 
 With autotuning off, values left to `tf.data.AUTOTUNE` are tf.data's
 defaults, not tuned; a dataset whose options set `autotune.enabled` keeps
@@ -148,7 +152,9 @@ class DistributesWithoutAutotuning:
 
         Returns:
             The stock distributed dataset, whose per-device iterators do not
-            autotune.
+            autotune; where its one replica device is the host that makes
+            the batches (a CPU worker), it reads through one plain tf.data
+            iterator instead, with nothing to copy.
         """
         distributed = super().experimental_distribute_dataset(  # type: ignore[misc]
             dataset, options
