@@ -57,10 +57,12 @@ def test_a_replica_on_its_host_reads_through_one_plain_iterator() -> None:
     assert not _compat.reads_in_place(
         two_devices.experimental_distribute_dataset(dataset)
     )
+    options = tf.distribute.InputOptions(experimental_per_replica_buffer_size=3)
     in_place = _compat.without_device_autotune(
-        strategy.experimental_distribute_dataset(dataset)
+        strategy.experimental_distribute_dataset(dataset, options)
     )
     assert _compat.reads_in_place(in_place)
+    assert in_place._options.experimental_per_replica_buffer_size == 3
     iterator = iter(in_place)
     (worker_iterator,) = iterator._iterators
     assert type(worker_iterator._iterator).__name__ == "OwnedIterator"

@@ -48,13 +48,6 @@ from tensorflow.python.distribute import input_lib as _input_lib
 _TENSOR_ADAPTERS = (ArrayDataAdapter, TFDatasetAdapter)
 
 
-# TensorFlow's options for a replica reading where its dataset lives.
-_IN_PLACE = tf.distribute.InputOptions(
-    experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
-    experimental_fetch_to_device=False,
-)
-
-
 class _DistributedDatasetWithoutDeviceAutotune(_input_lib.DistributedDataset):
     """A stock distributed dataset whose per-device iterators do not autotune."""
 
@@ -124,7 +117,13 @@ def without_device_autotune(distributed: Any) -> Any:
         # The object was made for this call alone: no one else holds it.
         distributed.__class__ = _DistributedDatasetWithoutDeviceAutotune
         if reads_in_place(distributed):
-            distributed._options = _IN_PLACE
+            # TensorFlow's mode for a replica reading where its dataset lives;
+            # the user's other options stand.
+            options = distributed._options or tf.distribute.InputOptions()
+            distributed._options = options._replace(
+                experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
+                experimental_fetch_to_device=False,
+            )
     return distributed
 
 
