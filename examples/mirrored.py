@@ -19,8 +19,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
-import numpy as np
 import tensorflow as tf
+from digits import load_digits
 
 import tfpar
 from tfpar import MirroredStrategy
@@ -28,24 +28,7 @@ from tfpar import MirroredStrategy
 
 def load_data(synthetic: bool) -> tuple[tuple, tuple, int]:
     """Returns `(x_train, y_train), (x_test, y_test), num_classes`."""
-    if synthetic:
-        rng = np.random.default_rng(0)
-        patterns = rng.uniform(size=(10, 8, 8, 1))
-        y = rng.integers(0, 10, size=1797).astype("int32")
-        x = (patterns[y] + rng.normal(scale=0.3, size=(1797, 8, 8, 1))).astype(
-            "float32"
-        )
-    else:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise SystemExit(
-                "The digits ship with scikit-learn: pip install 'tfpar[examples]', "
-                "or pass --synthetic."
-            ) from None
-        digits = load_digits()
-        x = (digits.images / 16.0).astype("float32")[..., None]
-        y = digits.target.astype("int32")
+    x, y = load_digits(synthetic)
     return (x[:1500], y[:1500]), (x[1500:], y[1500:]), 10
 
 

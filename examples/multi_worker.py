@@ -27,26 +27,7 @@ import tfpar
 strategy = tfpar.MultiWorkerMirroredStrategy()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def load_data(synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
-    """1,797 8x8 images and their labels, 0 to 9."""
-    if synthetic:
-        rng = np.random.default_rng(0)
-        patterns = rng.uniform(size=(10, 8, 8, 1))
-        y = rng.integers(0, 10, size=1797)
-        x = patterns[y] + rng.normal(scale=0.3, size=(1797, 8, 8, 1))
-        return x.astype("float32"), y
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SystemExit(
-            "The digits ship with scikit-learn: pip install 'tfpar[examples]', "
-            "or pass --synthetic."
-        ) from None
-    digits = load_digits()
-    return (digits.images / 16.0).astype("float32")[..., None], digits.target
+from digits import load_digits  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +42,7 @@ def main() -> None:
     chief = resolver.task_type == "worker" and resolver.task_id == 0
     out = args.logdir if chief else tempfile.mkdtemp(prefix="tfpar-worker-")
 
-    x, y = load_data(args.synthetic)
+    x, y = load_digits(args.synthetic)
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

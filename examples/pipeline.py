@@ -19,27 +19,6 @@ import tempfile
 from pathlib import Path
 
 
-def load_data(synthetic: bool) -> tuple:
-    """Returns `(x, y)`: 1797 examples of 64 features, labels 0 to 9."""
-    import numpy as np
-
-    if synthetic:
-        rng = np.random.default_rng(0)
-        patterns = rng.uniform(size=(10, 64))
-        y = rng.integers(0, 10, size=1797).astype("int32")
-        x = patterns[y] + rng.normal(scale=0.3, size=(1797, 64))
-        return x.astype("float32"), y
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SystemExit(
-            "The digits ship with scikit-learn: pip install 'tfpar[examples]', "
-            "or pass --synthetic."
-        ) from None
-    x, y = load_digits(return_X_y=True)
-    return (x / 16.0).astype("float32"), y
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, default=2, help="devices (stages)")
@@ -64,11 +43,13 @@ def main() -> None:
 
     import keras
     import numpy as np
+    from digits import load_digits
 
     from tfpar import PipelineStrategy
 
     try:
-        x, y = load_data(args.synthetic)
+        x, y = load_digits(args.synthetic)
+        x = x.reshape(len(x), -1)  # 64 features
         strategy = PipelineStrategy(
             devices,
             num_microbatches=args.microbatches,
