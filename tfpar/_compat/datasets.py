@@ -148,8 +148,14 @@ def reads_in_place(distributed: Any) -> bool:
 
 
 def _canonical(device: str) -> str:
-    """`device` in one spelling (`/cpu:0` and `/device:CPU:0` alike)."""
-    return tf.DeviceSpec.from_string(device).to_string()
+    """`device` in one spelling (`/cpu:0` and `/device:CPU:0` alike).
+
+    TensorFlow names a worker's host without its replica
+    (`/job:worker/task:0/device:CPU:0`) and its compute devices with it
+    (`/job:worker/replica:0/task:0/...`): a missing replica is replica 0.
+    """
+    spec = tf.DeviceSpec.from_string(device)
+    return spec.replace(replica=spec.replica or 0).to_string()
 
 
 def fed_from_python(epoch_iterator: Any) -> bool:

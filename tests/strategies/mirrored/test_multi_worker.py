@@ -31,6 +31,10 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(512, 8)).astype("float32")
 y = (x @ rng.normal(size=(8, 1)) + 0.1).astype("float32")
 results = {"replicas": strategy.num_replicas_in_sync}
+# One replica on the worker's CPU reads through one plain iterator.
+from tfpar._compat.datasets import reads_in_place
+batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+results["in_place"] = reads_in_place(strategy.experimental_distribute_dataset(batches))
 
 def build(optimizer):
     keras.utils.set_random_seed(1)
@@ -98,6 +102,7 @@ def run_fit(options: str = "", simulated: int = 0) -> list[dict]:
 def test_two_workers_hold_the_weights_of_one_process_on_the_global_batch():
     first, second = run_fit()
     assert first["replicas"] == second["replicas"] == 2
+    assert first["in_place"] and second["in_place"]
     for name in ("sgd_momentum", "adam"):
         a, b = first[name], second[name]
         # Every worker applied the same updates: identical weights.
@@ -144,6 +149,8 @@ def test_two_workers_hold_the_weights_of_one_process_on_the_global_batch():
 def test_two_workers_of_two_simulated_devices_compress_and_still_match():
     first, second = run_fit('compression="bf16", bucket_bytes=1024', simulated=2)
     assert first["replicas"] == second["replicas"] == 4
+    # Two devices per worker: copied to each through TensorFlow's iterator.
+    assert not first["in_place"] and not second["in_place"]
     for name in ("sgd_momentum", "adam"):
         a, b = first[name], second[name]
         assert a["weights"] == b["weights"], name
