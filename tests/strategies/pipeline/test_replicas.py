@@ -95,6 +95,57 @@ def test_replica_gradients_travel_compressed_or_packed(
     assert 1e-6 < max(differences) < 2e-3, differences
 
 
+@pytest.mark.parametrize(
+    ("compression", "bucket_bytes", "dtype"),
+    [
+        (None, None, "float32"),
+        (None, 1 << 20, "float32"),
+        ("bf16", 1 << 20, "bfloat16"),
+    ],
+)
+def test_replica_gradients_cross_as_one_tensor_per_bucket(
+    compression: str | None, bucket_bytes: int | None, dtype: str
+) -> None:
+    # Read from the step's graph, not from tfpar's counters: the tensors
+    # made on replica 1 that replica 0 reads, besides its loss (a scalar)
+    # and its predictions (5 rows of 2 per micro-batch of 10 split in 2).
+    strategy = PipelineStrategy(
+        [[CPU0, CPU1]],
+        num_microbatches=2,
+        schedule="gpipe",
+        partition="params",
+        compression=compression,
+        bucket_bytes=bucket_bytes,
+    )
+    model = train(strategy, mlp, batch_size=10, epochs=1)  # builds the optimizer
+
+    @tf.function
+    def step(x: tf.Tensor, y: tf.Tensor) -> None:
+        strategy.run(model.train_step, args=((x, y),))
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec((10, 6)), tf.TensorSpec((10, 2))
+    ).graph
+    crossing = [
+        t
+        for op in graph.get_operations()
+        if op.device.endswith(CPU0)
+        for t in op.inputs
+        if t.op.device.endswith(CPU1)
+        and t.dtype in (tf.float32, tf.bfloat16)
+        and t.shape.rank
+        and t.shape.as_list() != [5, 2]
+    ]
+    sizes = [w.shape for w in model.trainable_weights]
+    if bucket_bytes is None:  # one tensor per weight's gradient
+        expected = sorted(list(shape) for shape in sizes)
+    else:  # the 218 gradients (6*8+8 + 2*(8*8+8) + 8*2+2) fit one bucket
+        expected = [[sum(int(np.prod(shape)) for shape in sizes)]]
+        assert expected == [[218]]
+    assert sorted(t.shape.as_list() for t in crossing) == expected
+    assert {t.dtype.name for t in crossing} == {dtype}
+
+
 def embedded() -> keras.Model:
     keras.utils.set_random_seed(7)
     inputs = keras.Input((3,), dtype="int32")
