@@ -7,6 +7,7 @@ process with four, and on four `LocalCluster` workers.
 
 import collections
 import contextlib
+from typing import Any
 
 import keras
 import numpy as np
@@ -64,6 +65,17 @@ def test_one_stage_two_replicas_matches_single_device() -> None:
     } <= tags
 
 
+def two_replicas(**options: Any) -> PipelineStrategy:
+    """One stage with two replicas, M=2, GPipe, and `options`."""
+    return PipelineStrategy(
+        [[CPU0, CPU1]],
+        num_microbatches=2,
+        schedule="gpipe",
+        partition="params",
+        **options,
+    )
+
+
 @pytest.mark.parametrize(
     ("compression", "bucket_bytes"), [("bf16", None), ("fp16", 64), (None, 1 << 20)]
 )
@@ -71,14 +83,7 @@ def test_replica_gradients_travel_compressed_or_packed(
     compression: str | None, bucket_bytes: int | None
 ) -> None:
     reference = train(None, mlp, batch_size=10, epochs=2)
-    strategy = PipelineStrategy(
-        [[CPU0, CPU1]],
-        num_microbatches=2,
-        schedule="gpipe",
-        partition="params",
-        compression=compression,
-        bucket_bytes=bucket_bytes,
-    )
+    strategy = two_replicas(compression=compression, bucket_bytes=bucket_bytes)
     model = train(strategy, mlp, batch_size=10, epochs=2)
     # 8 steps of the 218 weights (see above): replica 0's copies stay float32,
     # replica 1's gradient sums travel in 2 bytes each when compressed.
@@ -109,14 +114,7 @@ def test_replica_gradients_cross_as_one_tensor_per_bucket(
     # Read from the step's graph, not from tfpar's counters: the tensors
     # made on replica 1 that replica 0 reads, besides its loss (a scalar)
     # and its predictions (5 rows of 2 per micro-batch of 10 split in 2).
-    strategy = PipelineStrategy(
-        [[CPU0, CPU1]],
-        num_microbatches=2,
-        schedule="gpipe",
-        partition="params",
-        compression=compression,
-        bucket_bytes=bucket_bytes,
-    )
+    strategy = two_replicas(compression=compression, bucket_bytes=bucket_bytes)
     model = train(strategy, mlp, batch_size=10, epochs=1)  # builds the optimizer
 
     @tf.function
