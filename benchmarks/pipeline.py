@@ -40,8 +40,15 @@ batch 512), `deep` (16 x 512, batch 512; the default) or `large` (8 x 1024,
 batch 512). `--steps-per-execution N` sets Keras's
 `steps_per_execution` for every configuration alike.
 
+`--runs N` repeats the whole benchmark N times, each part in a new process
+(a new cluster), and ends with the series: per configuration the smallest,
+median and largest ratio over the runs, and, for the cluster, whether 1F1B
+reached the target and the interleaved schedule's measured bubble was below
+1F1B's in every run (issue #15's goals).
+
 Usage: python benchmarks/pipeline.py [--quick] [--part logical|cluster|hybrid|all]
-[--model small|medium|deep|large] [--steps-per-execution N] [--out FILE.json]
+[--model small|medium|deep|large] [--steps-per-execution N] [--runs N]
+[--out FILE.json]
 """
 
 from __future__ import annotations
@@ -284,6 +291,51 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+def print_series(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Prints and returns each part's series: ratios and bubbles run by run.
+
+    For the cluster part, also whether issue #15's goals held in every run:
+    1F1B at or above the target against the same micro-batches on one
+    worker, and the interleaved schedule's measured bubble below 1F1B's.
+    """
+    summary: dict[str, Any] = {}
+    for index, first in enumerate(runs[0]):
+        part = first["part"]
+        rows = [
+            {row["config"]: row for row in results[index]["rows"]} for results in runs
+        ]
+        print(f"\n[{part}] series of {len(runs)} runs: ratio vs same micro-batches")
+        configs: dict[str, Any] = {}
+        for config in rows[0]:
+            ratios = [r[config]["speedup_vs_same_microbatches"] for r in rows]
+            bubbles = [r[config]["bubble_measured"] for r in rows]
+            configs[config] = {"ratios": ratios, "bubbles": bubbles}
+            print(
+                f"  {config:32} min {min(ratios):.3f} median "
+                f"{statistics.median(ratios):.3f} max {max(ratios):.3f}   "
+                + " ".join(f"{x:.3f}" for x in ratios)
+            )
+        summary[part] = {"configs": configs}
+        one_f, interleaved = "pipeline K=2 1f1b", "pipeline K=2 interleaved V=2"
+        if part == "cluster" and one_f in configs and interleaved in configs:
+            reached = sum(x >= first["target"] for x in configs[one_f]["ratios"])
+            lower = sum(
+                a < b
+                for a, b in zip(
+                    configs[interleaved]["bubbles"],
+                    configs[one_f]["bubbles"],
+                    strict=True,
+                )
+            )
+            print(
+                f"  1F1B >= {first['target']:.2f}: {reached} of {len(runs)} runs; "
+                f"interleaved bubble below 1F1B's: {lower} of {len(runs)} runs"
+            )
+            summary[part]["1f1b_reached_target"] = reached
+            summary[part]["interleaved_bubble_lower"] = lower
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -302,6 +354,9 @@ def main() -> None:
         default=1,
         help="Keras steps_per_execution, the same for every configuration",
     )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="runs in the series (default: 1)"
+    )
     parser.add_argument("--out", default="pipeline_benchmark.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,17 +369,27 @@ def main() -> None:
         faulthandler.enable()
         print(json.dumps(run_part(args.part, args.quick, size, spe)))
         return
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     parts = ["logical", "cluster"] if args.part == "all" else [args.part]
-    results = []
-    for part in parts:
-        command = [sys.executable, __file__, "--child", "--part", part]
-        command += ["--model", size, "--steps-per-execution", str(spe)]
-        command += ["--quick"] if args.quick else []
-        result = child_result(command, name=part, out=args.out)
-        print_table(result)
-        results.append(result)
+    runs = []
+    for run in range(args.runs):
+        results = []
+        for part in parts:
+            if args.runs > 1:
+                print(f"\nrun {run + 1}/{args.runs}", end="")
+            command = [sys.executable, __file__, "--child", "--part", part]
+            command += ["--model", size, "--steps-per-execution", str(spe)]
+            command += ["--quick"] if args.quick else []
+            result = child_result(command, name=part, out=args.out)
+            print_table(result)
+            results.append(result)
+        runs.append(results)
+    output: Any = runs[0]
+    if args.runs > 1:
+        output = {"runs": runs, "series": print_series(runs)}
     with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(output, f, indent=2)
     print(f"\nwrote {args.out}")
 
 
