@@ -5,10 +5,10 @@ machine with the `TF_CONFIG` of each (on several machines, set `TF_CONFIG`
 yourself, see docs/multi_worker.md). The data are scikit-learn's handwritten
 digits, which ship inside the package (`pip install "tfpar[examples]"`), or,
 with `--synthetic`, random 8x8 images of 10 classes, each a noisy copy of its
-class's pattern. Worker 0 (the chief) writes the
-TensorBoard logs and the saved model; the other workers write theirs to a
-temporary folder, as TensorFlow's convention asks, since every worker must
-run the same callbacks.
+class's pattern. Worker 0 (the chief) writes the TensorBoard logs and the
+saved model; the other workers write theirs to a temporary folder, as
+TensorFlow's convention asks, since every worker must run the same
+callbacks.
 
     tfpar launch --workers 2 -- python examples/multi_worker.py --epochs 3
 """
