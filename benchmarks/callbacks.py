@@ -45,14 +45,17 @@ child process (or 2-worker job), with steps of about 10 ms, in alternating
 rounds of two `fit` calls of 5 s (`--fit-seconds`), 20 rounds
 (`--strategy-rounds`). A child that fails or outlasts its time limit is
 killed with everything it started, reported with the end of its stderr (the
-whole of it in `{--out}.{strategy}.stderr`), and the others still run. By
-default (`--section all`) all three sections run, the strategies last.
+whole of it in `{--out}.{strategy}.stderr`), and the others still run. With
+`--noise-floor`, each round also times a second `fit` without callbacks:
+what two identical fits differ by on this machine, printed beside the cost.
+By default (`--section all`) all three sections run, the strategies last.
 
 Usage:
 
     python benchmarks/callbacks.py --out callbacks.json   # all, about 25 minutes
     python benchmarks/callbacks.py --section models       # about 6 minutes
     python benchmarks/callbacks.py --section strategies --out strategies.json
+    python benchmarks/callbacks.py --section strategies --noise-floor
     python benchmarks/callbacks.py --quick --out /tmp/callbacks.json
 """
 
@@ -155,7 +158,7 @@ def make_callbacks(
         return [CommunicationTime(log_dir, **every)]
     if config == "both":
         return [DeviceUtilization(log_dir), CommunicationTime(log_dir)]
-    return []
+    return []  # "off", and "again" (a second run without callbacks)
 
 
 def rounds_ms(
@@ -344,6 +347,12 @@ def main() -> None:
         help="rounds per strategy (default 20; 2 with --quick)",
     )
     parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="under each strategy, also time a second fit without callbacks "
+        "per round (the machine's own scatter; 1.5x the time)",
+    )
+    parser.add_argument(
         "--fit-seconds",
         type=float,
         default=None,
@@ -364,7 +373,9 @@ def main() -> None:
         fit_seconds = args.fit_seconds or (1.0 if args.quick else 5.0)
         if rounds < 1 or fit_seconds <= 0:
             parser.error("--strategy-rounds and --fit-seconds must be positive")
-        output["strategies"] = run_strategies(strategies, rounds, fit_seconds, args.out)
+        output["strategies"] = run_strategies(
+            strategies, rounds, fit_seconds, args.out, args.noise_floor
+        )
         report_strategies(output["strategies"])
     if args.out:
         with open(args.out, "w") as f:

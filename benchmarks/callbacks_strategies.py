@@ -29,6 +29,12 @@ only schedules a step, so the time is the coordinator's throughput
 (`callbacks.ThroughputTimer`): from the first batch end until every
 scheduled step has run, per step.
 A round's cost is "both" minus "off", in ms per step and in % of "off".
+
+With `--noise-floor`, each round also times a second `fit` without
+callbacks ("again", in the same rotation): "again" minus "off" is what the
+machine alone makes of two identical fits. Its median and the median's 95 %
+confidence interval are printed beside the cost's, so a run shows whether its
+rounds could resolve a cost of 1 % at all.
 """
 
 from __future__ import annotations
@@ -82,8 +88,9 @@ def _strategy(kind: str, stack: contextlib.ExitStack) -> Any:
     return tfpar.PipelineStrategy(num_microbatches=2, partition=PIPELINE_CUT)
 
 
-def child(kind: str, rounds: int, steps: int) -> dict[str, Any]:
-    """Times off and both callbacks in alternating rounds under `kind`."""
+def child(kind: str, rounds: int, steps: int, noise_floor: bool) -> dict[str, Any]:
+    """Times off and both callbacks in alternating rounds under `kind`, and,
+    with `noise_floor`, a second fit without callbacks in each round."""
     with contextlib.ExitStack() as stack:
         strategy = _strategy(kind, stack)
         import callbacks  # TensorFlow and Keras, after the strategy
@@ -98,8 +105,9 @@ def child(kind: str, rounds: int, steps: int) -> dict[str, Any]:
         timer = callbacks.ThroughputTimer() if throughput else callbacks.StepTimer()
         # `every_steps` is for the per-source configurations: "both" keeps
         # the callbacks' defaults.
+        configs = ("off", "both", "again") if noise_floor else ("off", "both")
         result = callbacks.rounds_ms(
-            model, data, ("off", "both"), rounds, steps, every_steps=1, timer=timer
+            model, data, configs, rounds, steps, every_steps=1, timer=timer
         )
         task = strategy.cluster_resolver.task_id if kind == "multi_worker" else 0
     return {
@@ -117,7 +125,12 @@ def child(kind: str, rounds: int, steps: int) -> dict[str, Any]:
 
 
 def run_part(
-    kind: str, rounds: int, steps: int, timeout: float, out: str | None
+    kind: str,
+    rounds: int,
+    steps: int,
+    timeout: float,
+    out: str | None,
+    noise_floor: bool,
 ) -> dict[str, Any]:
     """Runs `kind` in its child process(es); returns its result or its failure.
 
@@ -126,6 +139,7 @@ def run_part(
     (`tfpar launch` and `LocalCluster` give them a parent-death signal).
     """
     command = [sys.executable, SCRIPT, kind, str(rounds), str(steps)]
+    command += ["noise-floor"] if noise_floor else []
     if kind == "multi_worker":
         launch = [sys.executable, "-m", "tfpar", "launch", "--workers", "2"]
         command = [*launch, "--pin-cores", "--", *command]
@@ -167,15 +181,20 @@ def run_part(
 
 
 def run_strategies(
-    kinds: list[str], rounds: int, fit_seconds: float, out: str | None
+    kinds: list[str],
+    rounds: int,
+    fit_seconds: float,
+    out: str | None,
+    noise_floor: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs every strategy's part in turn; a failed part does not stop the rest."""
     results = []
+    fits = 3 if noise_floor else 2
     for kind in kinds:
         steps = max(10, round(1000.0 * fit_seconds / STEP_MS))
-        timeout = SETUP_SECONDS + 3 * (rounds + 1) * 2 * fit_seconds
-        print(f"{kind}: {rounds} rounds of 2 fits of {steps} steps", flush=True)
-        results.append(run_part(kind, rounds, steps, timeout, out))
+        timeout = SETUP_SECONDS + 3 * (rounds + 1) * fits * fit_seconds
+        print(f"{kind}: {rounds} rounds of {fits} fits of {steps} steps", flush=True)
+        results.append(run_part(kind, rounds, steps, timeout, out, noise_floor))
     return results
 
 
@@ -207,6 +226,21 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
             f"{_mean_se(r)[0]:+6.2f} ± {_mean_se(r)[1]:4.2f} "
             f"{r['rounds']:6d} {r['steps_per_fit'] * off_ms / 1000.0:5.1f}"
         )
+    floors = [r for r in results if "again" in r]
+    if floors:
+        print(
+            "\n  noise floor: a second fit without callbacks against the first, "
+            "in the same rounds"
+        )
+        print(f"  {'strategy':17} {'median %':>8} {'95% CI %':>16} {'min, max %':>16}")
+    for r in floors:
+        a = r["again"]
+        a["median_ci_percent"] = list(_median_ci(_costs(r, "again")))
+        print(
+            f"  {r['strategy']:17} {a['cost_percent']:+8.2f} "
+            f"{_span(*a['median_ci_percent'], 2):>16} "
+            f"{_span(a['min_percent'], a['max_percent'], 2):>16}"
+        )
     if any(r.get("timing") == "throughput" for r in results):
         print(
             "  * coordinator's wall time per step, from the first batch end until"
@@ -231,6 +265,17 @@ def report_strategies(results: list[dict[str, Any]]) -> None:
             complete, [m + 2 * se for m, se in means], [m - 2 * se for m, se in means]
         )
     )
+    if floors:
+        # Two fits without callbacks differ by nothing but the machine: an
+        # interval of theirs reaching past 1% says these rounds are too few
+        # (or the machine too noisy) to decide the goal either way.
+        widest = max(
+            max(abs(x) for x in r["again"]["median_ci_percent"]) for r in floors
+        )
+        print(
+            "  the noise floor's 95% confidence intervals reach "
+            f"{widest:.2f}% (at most 1% is needed to resolve the goal)"
+        )
 
 
 def _verdict(complete: bool, highs: list[float], lows: list[float]) -> str:
@@ -242,12 +287,13 @@ def _verdict(complete: bool, highs: list[float], lows: list[float]) -> str:
     return "not resolved: the rounds scatter more than the goal"
 
 
-def _costs(result: dict[str, Any]) -> list[float]:
-    """Each round's cost, in % of that round's step without callbacks."""
+def _costs(result: dict[str, Any], config: str = "both") -> list[float]:
+    """Each round's cost of `config`, in % of that round's step without
+    callbacks."""
     return [
-        100.0 * (both - off) / off
-        for both, off in zip(
-            result["both"]["rounds_ms"], result["off"]["rounds_ms"], strict=True
+        100.0 * (on - off) / off
+        for on, off in zip(
+            result[config]["rounds_ms"], result["off"]["rounds_ms"], strict=True
         )
     ]
 
@@ -283,9 +329,10 @@ def _span(low: float, high: float, digits: int) -> str:
 
 def main() -> None:
     kind, rounds, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    noise_floor = sys.argv[4:] == ["noise-floor"]
     # A crash in TensorFlow's native code then leaves the Python stacks.
     faulthandler.enable()
-    print("RESULT " + json.dumps(child(kind, rounds, steps)), flush=True)
+    print("RESULT " + json.dumps(child(kind, rounds, steps, noise_floor)), flush=True)
 
 
 if __name__ == "__main__":
