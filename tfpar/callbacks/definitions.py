@@ -156,6 +156,21 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
     ),
     (
         r"comm/device/.+/wait_ms",
+        "pipeline",
+        "Measured: per step, how long this stage replica waited at its "
+        "stage's gradient reduction for the last replica: from the end of its "
+        "own last action to the end of the last one among the stage's "
+        "replicas (a part of its bubble).",
+    ),
+    (
+        r"comm/device/.+/slowest_fraction",
+        "pipeline",
+        "Counted: the share of steps at which the others waited for this "
+        "device: its replica group ended last, and of that group's devices "
+        "its busy time most exceeded its stage's other replicas'.",
+    ),
+    (
+        r"comm/device/.+/wait_ms",
         None,
         "Measured: per step, how long this replica waited at the gradient "
         "synchronization for the slowest replica: the longest interval from "

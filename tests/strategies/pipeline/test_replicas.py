@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tests._models import mlp
-from tests._subprocess import run_python
+from tests._subprocess import run_python, tagged_json
 from tests.strategies.pipeline._fitting import (
     RTOL,
     assert_same_inference,
@@ -367,6 +367,73 @@ print("OK")
 def test_two_stages_two_replicas_match_single_device_and_count() -> None:
     proc = run_python(_FOUR_DEVICES, timeout=300)
     assert "OK" in proc.stdout
+
+
+# Stage 1's replica 1 (CPU:3) sleeps 30 ms in every forward; nothing else
+# is slow. Its replica group ends last at both stages, and the others wait.
+_ONE_SLOW_DEVICE = """
+import json, logging, time
+import keras, numpy as np, tensorflow as tf, tfpar
+tfpar.simulate_devices(4)
+from tfpar import PipelineStrategy
+
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("tfpar").addHandler(handler)
+
+
+class SleepsOn(keras.layers.Layer):
+    def __init__(self, device, **kwargs):
+        super().__init__(**kwargs)
+        self.device = device
+
+    def call(self, x):
+        if not tf.identity(x).device.endswith(self.device):
+            return x
+        slept = tf.py_function(lambda: time.sleep(0.03) or 0.0, [], tf.float32)
+        with tf.control_dependencies([slept]):
+            return tf.identity(x)
+
+
+D = [f"/device:CPU:{i}" for i in range(4)]
+strategy = PipelineStrategy([[D[0], D[1]], [D[2], D[3]]], num_microbatches=4,
+                            partition=["d2"])
+with strategy.scope():
+    model = keras.Sequential([keras.Input((6,)),
+                              keras.layers.Dense(8, activation="relu", name="d0"),
+                              keras.layers.Dense(8, activation="relu", name="d1"),
+                              keras.layers.Dense(8, activation="relu", name="d2"),
+                              SleepsOn("CPU:3", name="slow"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="sgd", loss="mse")
+x = np.random.default_rng(0).normal(size=(80, 6)).astype("float32")
+model.fit(x, x[:, :1], batch_size=10, epochs=3, verbose=0, callbacks=[
+    tfpar.callbacks.CommunicationTime(__LOG_DIR__, every_steps=6,
+                                      every_seconds=None)])
+stats = strategy.communication_stats()
+print("RESULT " + json.dumps({
+    "warnings": warnings, "steps": stats.steps, "counters": stats.counters,
+    "wait": [d.wait_seconds for d in stats.devices],
+    "slowest": [d.slowest_steps for d in stats.devices]}), flush=True)
+"""
+
+
+def test_the_device_a_slow_replica_group_waits_for_is_named(tmp_path) -> None:
+    code = _ONE_SLOW_DEVICE.replace("__LOG_DIR__", repr(str(tmp_path)))
+    result = tagged_json(run_python(code, timeout=240).stdout, "RESULT")
+    assert {"wait_seconds", "slowest_steps"} <= set(result["counters"])
+    # Devices stage-major: CPU:0, CPU:1 (stage 0), CPU:2, CPU:3 (stage 1).
+    # Only CPU:3 sleeps, though its group's stage 0 (CPU:1) ends late too.
+    assert result["slowest"] == [0, 0, 0, result["steps"]], result
+    wait = result["wait"]
+    # Each step CPU:3 sleeps 2 x 30 ms (its group runs micro-batches 1, 3):
+    # both group 0 devices wait most of that, group 1's do not wait.
+    assert min(wait[0], wait[2]) > 0.03 * result["steps"], wait
+    assert max(wait[1], wait[3]) < 0.2 * min(wait[0], wait[2]), wait
+    named = [w for w in result["warnings"] if "is a straggler" in w]
+    assert len(named) == 1, result["warnings"]
+    assert named[0].startswith("tfpar CommunicationTime: CPU:3 is a straggler")
 
 
 def test_replicas_on_cluster_workers_match() -> None:

@@ -506,6 +506,14 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
               sizes: on replica 0, the copies of the stage's variables (and
               seed states) it sent to the other replicas; on replica r > 0,
               its summed weight gradients.
+            - `wait_seconds` (R > 1 only): the time from the end of the
+              device's last action of a step (its summed gradients ready)
+              to the end of the last one among its stage's replicas: its
+              wait at the stage's reduction, a part of `idle_seconds`.
+            - `slowest_steps` (R > 1 only): steps at which the others waited
+              for this device. The replica group that ends last ends last at
+              every stage; of its devices, the one whose busy time most
+              exceeds its stage's other replicas' mean counts the step.
 
             The totals: `comm_seconds` is the mean over devices of their
             exposed communication time (plus `reduce_seconds`), so
@@ -528,6 +536,8 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
                 bytes_sent=int(values["bytes"][i]),
                 reduce_seconds=float(values["reduce"][i]),
                 reduce_bytes_sent=int(values["reduce_bytes"][i]),
+                wait_seconds=float(values["wait"][i]),
+                slowest_steps=int(values["slowest"][i]),
             )
             for i, device in enumerate(names)
         )
@@ -539,7 +549,12 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
             "bytes_sent",
         )
         if self._options.num_replicas > 1:
-            counters += ("reduce_seconds", "reduce_bytes_sent")
+            counters += (
+                "reduce_seconds",
+                "reduce_bytes_sent",
+                "wait_seconds",
+                "slowest_steps",
+            )
         return CommunicationStats(
             kind="pipeline",
             steps=int(values["steps"]),

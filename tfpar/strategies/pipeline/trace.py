@@ -56,6 +56,12 @@ class StageCounters:
         self.peak = tf.Variable(
             tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_peak"
         )
+        # With replicas: each replica's wait at its stage's reduction for the
+        # last replica, and the steps at which it was the one waited for.
+        self.wait = tf.Variable(zeros, trainable=False, name="pipeline_wait")
+        self.slowest = tf.Variable(
+            tf.zeros([num_devices], tf.int64), trainable=False, name="pipeline_slowest"
+        )
 
     def read(self) -> dict[str, Any]:
         """Returns the counters as numpy values."""
@@ -71,6 +77,8 @@ class StageCounters:
                 "steps",
                 "calls",
                 "peak",
+                "wait",
+                "slowest",
             )
         }
 
@@ -143,6 +151,9 @@ class StageCounters:
                     reduce_a[:, 1:] - tf.maximum(reduce_b[:, 1:], begin), 0.0
                 )
                 reduce = tf.concat([gather, broadcast], 1)
+                wait, slowest = _waits(ends, busy)
+                counters.wait.assign_add(tf.reshape(wait, [k * big_r]))
+                counters.slowest.assign_add(tf.reshape(slowest, [k * big_r]))
             else:
                 reduce = tf.zeros_like(busy)
 
@@ -263,6 +274,31 @@ def _group_counters(
     live = (forward_done[:, None, :] <= at) & (backward_done[:, None, :] > at)
     in_flight = tf.reduce_sum(tf.cast(live, tf.int64), axis=2)
     return comm, tf.reduce_max(in_flight, 1)
+
+
+def _waits(ends: tf.Tensor, busy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Who waited at each stage's reduction, and which device they waited for.
+
+    A stage's reduction waits for its last replica's summed gradients, ready
+    when that replica's last action ends. So each replica waits from its own
+    last end to the stage's latest (`ends` and `busy` are `[K, R]`: per stage,
+    per replica). A slow device makes its whole replica group late (earlier
+    stages wait for its backwards, later ones for its forwards), so several
+    stages' late replicas are one group's; of them, the device whose busy
+    time most exceeds the mean of its stage's other replicas' made the group
+    late, and it alone counts the step as the one waited for.
+
+    Returns:
+        The waits, `[K, R]` seconds, and a `[K, R]` int64 one-hot of the
+        device waited for.
+    """
+    k, big_r = ends.shape[0], ends.shape[1]
+    wait = tf.reduce_max(ends, 1, keepdims=True) - ends
+    late = tf.one_hot(tf.argmax(ends, 1), big_r, dtype=busy.dtype)
+    late_busy = tf.reduce_sum(busy * late, 1)
+    others_busy = (tf.reduce_sum(busy, 1) - late_busy) / (big_r - 1)
+    culprit = tf.one_hot(tf.argmax(late_busy - others_busy), k, dtype=busy.dtype)
+    return wait, tf.cast(culprit[:, None] * late, tf.int64)
 
 
 def _exposed(arrived: tf.Tensor, ready: tf.Tensor, free: tf.Tensor) -> tf.Tensor:
