@@ -166,8 +166,8 @@ _DEFINITIONS: tuple[tuple[str, str | None, str], ...] = (
         r"comm/device/.+/slowest_fraction",
         "pipeline",
         "Counted: the share of steps at which the others waited for this "
-        "device: its replica group ended last, and of that group's devices "
-        "its busy time most exceeded its stage's other replicas'.",
+        "device: it was the last of its stage's replicas, and of the stages' "
+        "last replicas its busy time most exceeded its stage's others'.",
     ),
     (
         r"comm/device/.+/wait_ms",

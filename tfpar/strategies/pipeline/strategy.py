@@ -511,8 +511,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
               to the end of the last one among its stage's replicas: its
               wait at the stage's reduction, a part of `idle_seconds`.
             - `slowest_steps` (R > 1 only): steps at which the others waited
-              for this device. The replica group that ends last ends last at
-              every stage; of its devices, the one whose busy time most
+              for this device. A slow device makes its whole replica group
+              late, so several stages' last replicas are one group's; of
+              the stages' last replicas, the one whose busy time most
               exceeds its stage's other replicas' mean counts the step.
 
             The totals: `comm_seconds` is the mean over devices of their
