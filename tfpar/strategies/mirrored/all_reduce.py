@@ -333,7 +333,9 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             copies = [r.values if _is_distributed(r) else (r,) for r in reduced]
             # A reduction onto one device has one copy, which every replica waits for.
             ends = self._timestamps(
-                [[c[min(i, len(c) - 1)] for c in copies] for i in range(n)], devices
+                [[c[min(i, len(c) - 1)] for c in copies] for i in range(n)],
+                devices,
+                after=starts,
             )
             logical = sum(byte_size(t) for t in replicas[0])
             skipped = tf.constant(0.0, tf.float64)
@@ -405,7 +407,7 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
             results = [r[:-1] for r in results]
         decoded = [e.decode(r[::-1]) for e, r in zip(encoded, results, strict=True)]
         outputs, skipped = self._nonfinite.apply(replicas, decoded, devices, replica_id)
-        ends = self._timestamps(outputs, devices)
+        ends = self._timestamps(outputs, devices, after=starts)
         if starts:
             for i, began, arrived in zip(local, begun, starts, strict=True):
                 if began is not None:
@@ -427,11 +429,22 @@ class MeasuredAllReduce(compat.CrossDeviceOpsHooks):
         return outputs, reduction
 
     def _timestamps(
-        self, replicas: list[list[Any]], devices: Sequence[str]
+        self,
+        replicas: list[list[Any]],
+        devices: Sequence[str],
+        after: Sequence[Any] = (),
     ) -> list[Any]:
-        """Per replica, a host timestamp once its tensors exist (if measuring)."""
+        """Per replica, a host timestamp once its tensors exist (if measuring).
+
+        With `after` (the replicas' start timestamps), each is also taken
+        after the replica's start was: a start timestamp op that happens to
+        run late, once the outputs already exist, would otherwise make the
+        interval negative (seen once in CI on a loaded machine).
+        """
         if not self._options.measure:
             return []
+        if after:
+            replicas = [[*t, a] for t, a in zip(replicas, after, strict=True)]
         return [
             self._clocks.after(tensors, device)
             for tensors, device in zip(replicas, devices, strict=True)
