@@ -5,7 +5,8 @@ docs/compatibility.md. The mirrored and pipeline strategies run in this
 process on its 2 simulated devices, one strategy object for all their cells,
 so a failed fit must leave it usable for the next cell. The parameter-server
 and multi-worker strategies run every cell in one child (one cluster), whose
-verdicts the first of their cells collects.
+verdicts the first of their cells collects; those children start with
+the module's first cell and run beside the in-process cells.
 
 With `TFPAR_COMPAT_RESULTS` set, each verdict is appended to that file (JSON
 lines) and the page is not checked: `docs/scripts/compatibility.py` does
@@ -14,18 +15,20 @@ this to regenerate the page.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import tfpar
-from tests._subprocess import kill_all, start_workers
+from tests._subprocess import free_ports, kill_all
 from tests.compatibility import table
 from tests.compatibility.cells import CELL_TAG, STRATEGIES, SYNCHRONOUS, judge
 from tests.compatibility.features import FEATURES, FEATURES_BY_NAME, Context
@@ -52,49 +55,96 @@ def _parse(stdout: str) -> dict[str, dict[str, Any]]:
     return verdicts
 
 
-def _run_children(name: str) -> tuple[list[dict[str, dict[str, Any]]], str]:
-    """Every cell of `name` in its child (or its workers): verdicts and output."""
+@dataclasses.dataclass
+class _Children:
+    """The child processes of one strategy's cells, writing to files."""
+
+    procs: list[subprocess.Popen[str]]
+    outputs: list[tuple[pathlib.Path, pathlib.Path]]
+    deadline: float
+
+
+def _start_children(name: str, folder: pathlib.Path) -> _Children:
+    """Starts every cell of `name` in its child (or its workers), at once.
+
+    Their output goes to files, not pipes, so a child never blocks on a full
+    pipe while the in-process cells run beside it.
+    """
     code = f"from tests.compatibility.cells import main; main({name!r})"
-    env = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     count = 2 if name == "multi_worker" else 1
-    if count > 1:
-        procs, _ = start_workers(code, count, env=env)
-    else:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", code],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, **env},
-            )
-        ]
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    outputs = []
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]}
+    children = _Children([], [], time.monotonic() + CHILD_TIMEOUT)
     try:
-        for proc in procs:
-            try:
-                out, err = proc.communicate(
-                    timeout=max(1.0, deadline - time.monotonic())
+        for index in range(count):
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            if count > 1:
+                task = {"type": "worker", "index": index}
+                env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": task})
+            out, err = folder / f"{name}-{index}.out", folder / f"{name}-{index}.err"
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                children.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", code],
+                        stdout=stdout,
+                        stderr=stderr,
+                        text=True,
+                        env=env,
+                    )
                 )
+            children.outputs.append((out, err))
+    except BaseException:
+        kill_all(children.procs)
+        raise
+    return children
+
+
+def _collect(children: _Children) -> tuple[list[dict[str, dict[str, Any]]], str]:
+    """Waits for the children (until their deadline): verdicts and output."""
+    log = []
+    try:
+        for i, (proc, (_, err)) in enumerate(
+            zip(children.procs, children.outputs, strict=True)
+        ):
+            try:
+                proc.wait(timeout=max(1.0, children.deadline - time.monotonic()))
+                ended = f"exited with {proc.returncode}"
             except subprocess.TimeoutExpired:
+                ended = f"killed after {CHILD_TIMEOUT:.0f} s"
                 proc.kill()
-                out, err = proc.communicate()
-                err += f"\n(killed after {CHILD_TIMEOUT:.0f} s)"
-            outputs.append((out, err, proc.returncode))
+                proc.wait()
+            log.append(f"--- child {i} {ended}\n{err.read_text()[-3000:]}")
     finally:
-        kill_all(procs)
-    log = "\n".join(
-        f"--- child {i} exited with {code}\n{err[-3000:]}"
-        for i, (_, err, code) in enumerate(outputs)
-    )
-    return [_parse(out) for out, _, _ in outputs], log
+        kill_all(children.procs)
+    return [_parse(out.read_text()) for out, _ in children.outputs], "\n".join(log)
 
 
 @pytest.fixture(scope="module")
-def strategies() -> dict[str, Any]:
-    """Strategy objects and child verdicts, each made once, on first use."""
-    return {}
+def strategies(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Strategy objects and child verdicts, each made once.
+
+    The children of the selected cells start with the module's first cell,
+    so their clusters train while the in-process cells run (each side mostly
+    waits: on process start-up and loopback round trips, or on small fits).
+    """
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.path == request.path and hasattr(item, "callspec")
+    }
+    folder = tmp_path_factory.mktemp("children")
+    cache: dict[str, Any] = {
+        name: _start_children(name, folder)
+        for name in ("parameter_server", "multi_worker")
+        if name in selected
+    }
+    try:
+        yield cache
+    finally:
+        for value in cache.values():
+            if isinstance(value, _Children):
+                kill_all(value.procs)
 
 
 def _verdict(name: str, feature: str, cache: dict[str, Any], tmp: str) -> Any:
@@ -103,8 +153,8 @@ def _verdict(name: str, feature: str, cache: dict[str, Any], tmp: str) -> Any:
             cache[name] = _in_process(name)
         ctx = Context(cache[name], True, tmp)
         return judge(FEATURES_BY_NAME[feature], name, ctx)
-    if name not in cache:
-        cache[name] = _run_children(name)
+    if isinstance(cache[name], _Children):
+        cache[name] = _collect(cache[name])
     per_child, log = cache[name]
     verdicts = [v.get(feature) for v in per_child]
     if any(v is None for v in verdicts):
