@@ -42,6 +42,9 @@ class DeviceCommunication:
             apart from `comm_seconds`.
         reduce_bytes_sent: Bytes the device sent for that reduction (summed
             gradients, or weight copies), apart from `bytes_sent`.
+        replica_group: For a pipeline stage's replica, its replica group (the
+            devices, one per stage, that run the same micro-batches), which
+            waits and is late as one; `None` where each replica is its own.
     """
 
     device: str
@@ -55,6 +58,7 @@ class DeviceCommunication:
     in_process: bool = True
     reduce_seconds: float = 0.0
     reduce_bytes_sent: int = 0
+    replica_group: int | None = None
 
     def since(self, earlier: DeviceCommunication) -> DeviceCommunication:
         """Returns the counters accumulated after `earlier` was taken."""
@@ -70,6 +74,7 @@ class DeviceCommunication:
             in_process=self.in_process,
             reduce_seconds=self.reduce_seconds - earlier.reduce_seconds,
             reduce_bytes_sent=self.reduce_bytes_sent - earlier.reduce_bytes_sent,
+            replica_group=self.replica_group,
         )
 
 

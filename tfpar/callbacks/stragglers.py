@@ -24,7 +24,10 @@ class Straggler:
         device: Its canonical device name.
         slowest_share: Share of the sample's synchronizations at which it was
             the slowest replica.
-        others_wait_ms: Per step, the other replicas' mean wait for it.
+        others_wait_ms: Per step, the mean wait for it of the replicas that
+            waited: every other one, or, among a pipeline's stage replicas,
+            those of the other replica groups (its own group is late with
+            it).
         step_ms: The sample's mean step time.
 
     Example:
@@ -57,8 +60,9 @@ class StragglerDetector:
 
     A replica is named when, in `samples` consecutive samples of at least
     `min_steps` synchronizations each, it was the slowest at `share` or more
-    of them and the other replicas' mean wait was at least `margin` of the
-    step time. Each replica is named once, until `reset`.
+    of them and the mean wait for it of the replicas that waited
+    (`Straggler.others_wait_ms`) was at least `margin` of the step time.
+    Each replica is named once, until `reset`.
 
     Args:
         share: Least share of synchronizations it must be the slowest at.
@@ -109,7 +113,16 @@ class StragglerDetector:
         if len(delta.devices) < 2 or syncs < self.min_steps:
             return None
         slowest = max(delta.devices, key=lambda d: d.slowest_steps)
-        others = [d for d in delta.devices if d is not slowest]
+        # A pipeline's replica group is late as one: its own devices did not
+        # wait for it.
+        others = [
+            d
+            for d in delta.devices
+            if d is not slowest
+            and (d.replica_group is None or d.replica_group != slowest.replica_group)
+        ]
+        if not others:
+            return None
         share = slowest.slowest_steps / syncs
         waited_ms = 1000.0 * sum(d.wait_seconds for d in others) / len(others) / syncs
         if share < self.share or waited_ms < self.margin * step_ms:

@@ -7,6 +7,7 @@ process with four, and on four `LocalCluster` workers.
 
 import collections
 import contextlib
+import re
 from typing import Any
 
 import keras
@@ -434,6 +435,10 @@ def test_the_device_a_slow_replica_group_waits_for_is_named(tmp_path) -> None:
     named = [w for w in result["warnings"] if "is a straggler" in w]
     assert len(named) == 1, result["warnings"]
     assert named[0].startswith("tfpar CommunicationTime: CPU:3 is a straggler")
+    # The other group waited for the 2 x 30 ms of sleep: its devices' wait,
+    # not diluted by the late group's own devices (which waited for nobody).
+    waited = re.search(r"waited ([0-9.]+) ms per step", named[0])
+    assert waited and float(waited.group(1)) > 0.8 * 60, named[0]
 
 
 def test_replicas_on_cluster_workers_match() -> None:

@@ -516,6 +516,9 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
               the stages' last replicas, the one whose busy time most
               exceeds its stage's other replicas' mean counts the step.
 
+            With R > 1, each device's `replica_group` is its replica index r:
+            the group that runs micro-batches j with `j % R == r`.
+
             The totals: `comm_seconds` is the mean over devices of their
             exposed communication time (plus `reduce_seconds`), so
             `comm_seconds / steps` is the exposed communication of an
@@ -528,6 +531,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
         """
         values = self._counters.read()
         names = [d for stage in self._options.replicas for d in stage]
+        big_r = self._options.num_replicas
         devices = tuple(
             DeviceCommunication(
                 device=device,
@@ -539,6 +543,7 @@ class PipelineStrategy(DistributesWithoutAutotuning, tf.distribute.Strategy):
                 reduce_bytes_sent=int(values["reduce_bytes"][i]),
                 wait_seconds=float(values["wait"][i]),
                 slowest_steps=int(values["slowest"][i]),
+                replica_group=i % big_r if big_r > 1 else None,
             )
             for i, device in enumerate(names)
         )
