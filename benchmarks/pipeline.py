@@ -25,7 +25,9 @@ measured bubble (idle / (busy + idle) from
 `communication_stats()`) next to the planned one, the time between steps
 (`between`: a step's wall time less its span from the first action of any
 stage to the last, when every stage waits for the coordinator; the
-unsplit and one-device rows include their own such time), and the peak of
+unsplit and one-device rows include their own such time; per round, the
+counters read at the timed interval's two ends so that both count the same
+steps, then the median over rounds), and the peak of
 micro-batches in flight on a stage (measured with `peak_in_flight()`, and
 planned), the bytes of the replicas' gradient reduction per step (`reduce
 MB`, counted: `reduce_bytes_sent` summed over devices) for 1F1B, GPipe and interleaved 1F1B (2 chunks per device; its peak
@@ -140,19 +142,18 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             runs.append(
                 {"name": name, "model": model, "strategy": strategy, "t": [], "cpu": []}
             )
+        # Per configuration and round, the counters over the timed steps.
         stats: dict[str, Any] = {}
         for _ in range(rounds):
             for run in runs:
-                before = run["strategy"].communication_stats()
-                timer = _step_timer()
+                timer = _step_timer(run["strategy"].communication_stats, steps // spe)
                 run["model"].fit(
                     x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer]
                 )
                 wall, cpu_seconds = timer.per_step(spe)
                 run["t"].append(wall)
                 run["cpu"].append(cpu_seconds)
-                delta = run["strategy"].communication_stats().since(before)
-                stats.setdefault(run["name"], []).append(delta)
+                stats.setdefault(run["name"], []).append(timer.counted())
         base = {r["name"]: statistics.median(r["t"]) for r in runs}
         cpu = {r["name"]: statistics.median(r["cpu"]) for r in runs}
         strategies = {r["name"]: r["strategy"] for r in runs}
@@ -162,19 +163,21 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
         one = base["same micro-batches, 1 device"]
         unsplit = base["unsplit batch, 1 device"]
         rows = []
+        walls = {r["name"]: r["t"] for r in runs}
         for name, _, _, schedule in configs:
             busy = sum(d.busy_seconds for s in stats[name] for d in s.devices)
             idle = sum(d.idle_seconds for s in stats[name] for d in s.devices)
-            exposed = sum(d.comm_seconds for s in stats[name] for d in s.devices)
-            # With replicas, a stage's time also holds the gradient reduction.
-            reduce = sum(d.reduce_seconds for s in stats[name] for d in s.devices)
-            span = busy + exposed + reduce + idle  # per stage, the step's span
+            span = sum(_span_seconds(s) for s in stats[name])
             measured_steps = sum(s.steps for s in stats[name])
             reduce_bytes = sum(
                 d.reduce_bytes_sent for s in stats[name] for d in s.devices
             )
-            devices_counted = len(stats[name][0].devices)
-            span_ms = 1000 * span / devices_counted / max(measured_steps, 1)
+            # Per round, over the same timed steps: a step's span (one
+            # stage's, all alike) and its wall time less that span.
+            spans = [
+                _span_seconds(s) / len(s.devices) / max(s.steps, 1) for s in stats[name]
+            ]
+            between = [t - sp for t, sp in zip(walls[name], spans, strict=True)]
             devs = _devs(configs, name)
             # With R replicas per stage, group 0 runs ceil(M / R) micro-batches.
             replicas = len(devs[0]) if isinstance(devs[0], list) else 1
@@ -194,9 +197,10 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
                     "bubble_measured": idle / span if span else 0.0,
                     # Between steps: the step's wall time less the span from
                     # its first action to its last (all stages alike), where
-                    # every device waits for the coordinator.
-                    "span_ms": span_ms,
-                    "between_steps_ms": 1000 * base[name] - span_ms,
+                    # every device waits for the coordinator; medians over
+                    # the rounds.
+                    "span_ms": 1000 * statistics.median(spans),
+                    "between_steps_ms": 1000 * statistics.median(between),
                     # Busy time summed over stages: compared across configs,
                     # it shows what splitting the model adds to the work.
                     "busy_ms_per_step": 1000 * busy / max(measured_steps, 1),
@@ -229,22 +233,44 @@ def run_part(part: str, quick: bool, size: str, spe: int) -> dict[str, Any]:
             cluster.stop()
 
 
-def _step_timer() -> Any:
+def _span_seconds(delta: Any) -> float:
+    """Busy, exposed communication, reduction and idle time over all devices:
+    each device's share of the steps' spans, from first action to last."""
+    return sum(
+        d.busy_seconds + d.comm_seconds + d.reduce_seconds + d.idle_seconds
+        for d in delta.devices
+    )
+
+
+def _step_timer(stats: Any, calls: int) -> Any:
     """A callback timing `fit`'s steady state: from the start of its second
-    call of the train function to the start of its last, so that Keras's
-    per-`fit` set-up (data adapter, iterator, first call) and tear-down are not
-    counted. It marks batch *begins*: a callback with `on_train_batch_end`
-    would make Keras convert every step's logs to numbers (a fetch from the
-    last stage per step, which `fit` with `verbose=0` does not do)."""
+    call of the train function to the start of its last (of `calls`), so that
+    Keras's per-`fit` set-up (data adapter, iterator, first call) and
+    tear-down are not counted. It marks batch *begins*: a callback with
+    `on_train_batch_end` would make Keras convert every step's logs to
+    numbers (a fetch from the last stage per step, which `fit` with
+    `verbose=0` does not do). It reads the strategy's counters (`stats`)
+    just before its first mark and just after its last, outside the timed
+    interval, so that they count the same steps."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
             self.marks: list[tuple[float, float]] = []
+            self.window: list[Any] = []
 
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            if len(self.marks) == 1:
+                self.window.append(stats())
             self.marks.append((time.perf_counter(), time.process_time()))
+            if len(self.marks) == calls:
+                self.window.append(stats())
+
+        def counted(self) -> Any:
+            """The counters over the timed steps."""
+            before, after = self.window
+            return after.since(before)
 
         def per_step(self, steps_per_execution: int) -> tuple[float, float]:
             """Wall and CPU seconds per step, between the marks of the second
