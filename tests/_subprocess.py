@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -115,19 +116,42 @@ def run_workers(
     return results
 
 
+def popen_python(
+    code: str, env: dict[str, str], output: pathlib.Path | None = None
+) -> subprocess.Popen[str]:
+    """Starts `code` with this interpreter in `env` and returns at once.
+
+    Its stdout and stderr are piped, or, with `output`, written to
+    `output.out` and `output.err`: a child whose output is read only after
+    it ends then never stalls on a full pipe.
+    """
+    args = [sys.executable, "-c", textwrap.dedent(code)]
+    if output is None:
+        return subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+    with (
+        open(output.with_suffix(".out"), "w") as out,
+        open(output.with_suffix(".err"), "w") as err,
+    ):
+        return subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env)
+
+
 def start_workers(
     code: str,
     num_workers: int,
     *,
     env: dict[str, str] | None = None,
     worker_env: list[dict[str, str]] | None = None,
+    output: pathlib.Path | None = None,
 ) -> tuple[list[subprocess.Popen[str]], dict[str, list[str]]]:
     """Starts `code` in `num_workers` processes, each with its own `TF_CONFIG`.
 
     As `run_workers`, but returns at once: the started processes (stdout and
     stderr piped) and the cluster, for tests that stop or kill a worker. The
     caller must end every process (`kill_all` in a `finally`). `worker_env`
-    adds variables to one worker each.
+    adds variables to one worker each. With `output`, worker i writes to
+    `<output>-<i>.out` and `.err` instead of pipes (`popen_python`).
     """
     ports = free_ports(num_workers)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -142,15 +166,8 @@ def start_workers(
                 **(env or {}),
                 **(worker_env[index] if worker_env else {}),
             }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", textwrap.dedent(code)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=child_env,
-                )
-            )
+            own = output.with_name(f"{output.name}-{index}") if output else None
+            procs.append(popen_python(code, child_env, own))
     except BaseException:
         kill_all(procs)
         raise

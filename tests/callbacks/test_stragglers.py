@@ -53,6 +53,28 @@ def test_a_replica_slowest_sample_after_sample_is_named_once():
     assert detector.update(persistent, step_ms=100.0) is not None  # a new fit
 
 
+def test_a_pipeline_replica_group_is_waited_for_by_the_other_groups_only():
+    # Two stages x two replicas, groups 0 and 1. Group 1's stage 1 device is
+    # slowest at all 10 steps; group 0's two devices waited 0.6 s (60 ms a
+    # step), group 1's stage 0 device, late with it, waited 0.
+    devices = [
+        DeviceCommunication(
+            f"/device:CPU:{i}", wait_seconds=w, slowest_steps=n, replica_group=g
+        )
+        for i, (w, n, g) in enumerate(
+            [(0.6, 0, 0), (0.0, 0, 1), (0.6, 0, 0), (0.0, 10, 1)]
+        )
+    ]
+    delta = CommunicationStats(kind="pipeline", steps=10, devices=tuple(devices))
+    detector = StragglerDetector()
+    detector.update(delta, step_ms=100.0)
+    found = detector.update(delta, step_ms=100.0)
+    assert found is not None and found.device == "/device:CPU:3"
+    # The mean over the other group's two devices, not over all three others
+    # (40 ms).
+    assert found.others_wait_ms == pytest.approx(60.0)
+
+
 @pytest.mark.parametrize(
     "samples",
     [

@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 
 import tfpar
-from tests._subprocess import free_ports, kill_all
+from tests._subprocess import kill_all, popen_python, start_workers
 from tests.compatibility import table
 from tests.compatibility.cells import CELL_TAG, STRATEGIES, SYNCHRONOUS, judge
 from tests.compatibility.features import FEATURES, FEATURES_BY_NAME, Context
@@ -71,31 +70,16 @@ def _start_children(name: str, folder: pathlib.Path) -> _Children:
     pipe while the in-process cells run beside it.
     """
     code = f"from tests.compatibility.cells import main; main({name!r})"
-    count = 2 if name == "multi_worker" else 1
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]}
-    children = _Children([], [], time.monotonic() + CHILD_TIMEOUT)
-    try:
-        for index in range(count):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-            if count > 1:
-                task = {"type": "worker", "index": index}
-                env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": task})
-            out, err = folder / f"{name}-{index}.out", folder / f"{name}-{index}.err"
-            with open(out, "w") as stdout, open(err, "w") as stderr:
-                children.procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-c", code],
-                        stdout=stdout,
-                        stderr=stderr,
-                        text=True,
-                        env=env,
-                    )
-                )
-            children.outputs.append((out, err))
-    except BaseException:
-        kill_all(children.procs)
-        raise
-    return children
+    env = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    if name == "multi_worker":
+        procs, _ = start_workers(code, 2, env=env, output=folder / name)
+        names = [f"{name}-{i}" for i in range(2)]
+    else:
+        procs = [popen_python(code, {**os.environ, **env}, folder / name)]
+        names = [name]
+    outputs = [(folder / f"{n}.out", folder / f"{n}.err") for n in names]
+    return _Children(procs, outputs, deadline)
 
 
 def _collect(children: _Children) -> tuple[list[dict[str, dict[str, Any]]], str]:
